@@ -1,0 +1,56 @@
+"""Shared fixtures: tiny models built in-process (no network, no downloads)."""
+
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import common  # noqa: E402
+import toy  # noqa: E402
+
+WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "background", "large", "small"]
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd15")
+    toy.tiny_sd15_pipeline(WORDS).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sdxl")
+    toy.tiny_sdxl_pipeline(WORDS).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_refiner_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-qwen")
+    processor = toy.tiny_qwen_processor(WORDS)
+    toy.tiny_qwen_model(processor).save_pretrained(folder)
+    processor.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def sd15(tiny_sd15_dir):
+    return common.load_backbone(str(tiny_sd15_dir))
+
+
+@pytest.fixture
+def sdxl(tiny_sdxl_dir):
+    return common.load_backbone(str(tiny_sdxl_dir))
+
+
+@pytest.fixture
+def refiner(tiny_refiner_dir):
+    torch.manual_seed(0)
+    return common.load_refiner(str(tiny_refiner_dir), max_new_tokens=12)
