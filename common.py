@@ -568,11 +568,15 @@ def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, **kwargs
 
 
 # -----------------------------------------------------------------------------
+# prompt sources (text file, Pick-a-Pic captions, toy prompts)
+
+
+# -----------------------------------------------------------------------------
 # rewards
 
 
 # -----------------------------------------------------------------------------
-# latent reward model
+# latent reward model and preference data
 
 
 # -----------------------------------------------------------------------------
@@ -598,3 +602,37 @@ def save_checkpoint(path, state):
 
 def load_checkpoint(path):
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@dataclass
+class Distributed:
+    rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self):
+        return self.rank == 0
+
+
+def setup_distributed(device="auto"):
+    """Plain DDP under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set); a single process otherwise.
+
+    nccl on GPUs (one per process), gloo on CPU."""
+    if "RANK" not in os.environ:
+        return Distributed(0, 1, pick_device(device))
+    import torch.distributed as dist
+
+    local_rank = int(os.environ["LOCAL_RANK"])
+    use_cuda = torch.cuda.is_available() and device != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return Distributed(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
+
+
+def cleanup_distributed(dist_info):
+    if dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        dist.destroy_process_group()
