@@ -86,8 +86,9 @@ BACKBONES = {
     "sd15": BackboneSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", 50, 7.5, 512, "madebyollin/taesd"),
     "sdxl": BackboneSpec("stabilityai/stable-diffusion-xl-base-1.0", 50, 5.0, 1024, "madebyollin/taesdxl"),
     "sdxl-turbo": BackboneSpec("stabilityai/sdxl-turbo", 4, 0.0, 512, "madebyollin/taesdxl"),
-    "toy": BackboneSpec(str(TOY_DIR / "toy-sd15"), 20, 4.0, 32),
-    "toy-sdxl": BackboneSpec(str(TOY_DIR / "toy-sdxl"), 20, 4.0, 32),
+    # toy backbones: folders built by toy.py; their defaults are in their promptloop.json
+    "toy": BackboneSpec(str(TOY_DIR / "toy-sd15"), 20, 4.0),
+    "toy-sdxl": BackboneSpec(str(TOY_DIR / "toy-sdxl"), 20, 4.0),
 }
 
 # Aligned UNets to put over a base backbone (the paper's composition experiment):
@@ -121,9 +122,11 @@ def backbone_spec(name):
     """Alias -> spec; a local folder gets defaults from its `promptloop.json` or its pipeline class."""
     if name in BACKBONES:
         spec = BACKBONES[name]
-        if name.startswith("toy") and not Path(spec.source).is_dir():
+        if not name.startswith("toy"):
+            return spec
+        if not Path(spec.source).is_dir():
             raise UserError(f"toy backbone '{name}' not built: run `python toy.py` (looked in {spec.source})")
-        return spec
+        name = spec.source  # a local folder: defaults come from its promptloop.json
     if not _looks_like_path(name) and "/" not in name:
         raise UserError(f"unknown backbone '{name}': use one of {', '.join(BACKBONES)}, a hub id or a diffusers folder")
     if _looks_like_path(name):
