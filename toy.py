@@ -32,6 +32,8 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+from common import TOY_COLOURS, TOY_SHAPES, TOY_SIZES, TOY_WORDS, toy_caption
+
 # -----------------------------------------------------------------------------
 # tiny tokenizers: byte-level BPE alphabets, plus whole words for a small vocabulary
 
@@ -209,3 +211,62 @@ def tiny_sdxl_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), 
         text_encoder_2=_tiny_text_encoder(tokenizer, hidden_2, projection=hidden_2, seed=seed + 1),
         tokenizer=tokenizer, tokenizer_2=tiny_clip_tokenizer(words), unet=unet, scheduler=_scheduler(),
     )
+
+
+# -----------------------------------------------------------------------------
+# toy data set: procedural images of the toy grammar (see common.py, "toy world")
+
+
+def draw_toy_image(shape, colour, size, background, image_size=32, offset=(0.0, 0.0), supersample=4):
+    """One toy image, (3, H, W) in [0, 1]: `shape` of `colour` and `size` on `background`.
+
+    Drawn at `supersample` x resolution and average-pooled, so edges are anti-aliased.
+    offset: (dx, dy) shift of the centre, as a fraction of the image side."""
+    n = image_size * supersample
+    coords = (torch.arange(n, dtype=torch.float32) + 0.5) / n - 0.5  # pixel centres in [-0.5, 0.5]
+    y, x = torch.meshgrid(coords - offset[1], coords - offset[0], indexing="ij")
+    r = TOY_SIZES[size]
+    if shape == "circle":
+        inside = x**2 + y**2 <= r**2
+    elif shape == "square":
+        inside = (x.abs() <= r * 0.9) & (y.abs() <= r * 0.9)  # same visual weight as the circle
+    elif shape == "triangle":  # pointing up, base = height = 2r
+        inside = (y >= -r) & (y <= r) & (x.abs() <= (y + r) / 2)
+    else:
+        raise ValueError(f"unknown toy shape '{shape}'")
+    fg = torch.tensor(TOY_COLOURS[colour]).view(3, 1, 1)
+    bg = torch.tensor(TOY_COLOURS[background]).view(3, 1, 1)
+    image = torch.where(inside, fg, bg)  # (3, n, n)
+    return torch.nn.functional.avg_pool2d(image[None], supersample)[0]
+
+
+def sample_toy_attributes(rng):
+    """Random full attributes (shape, colour, size, background), colour != background."""
+    colours = list(TOY_COLOURS)
+    colour = rng.choice(colours)
+    background = rng.choice([c for c in colours if c != colour])
+    return dict(shape=rng.choice(TOY_SHAPES), colour=colour, size=rng.choice(list(TOY_SIZES)), background=background)
+
+
+def random_caption(attributes, rng, p_full=0.4):
+    """Caption of `attributes`: the full one with probability p_full, else each of size, colour,
+    background left out with probability 1/2 (the shape is always named)."""
+    if rng.random() < p_full:
+        return toy_caption(**attributes)
+    kept = {k: v for k, v in attributes.items() if k == "shape" or rng.random() < 0.5}
+    return toy_caption(**kept)
+
+
+def toy_dataset(n, seed=0, image_size=32, p_full=0.4):
+    """n procedural (image, caption, attributes): images (n, 3, H, W) in [0, 1], deterministic from seed."""
+    import random
+
+    rng = random.Random(seed)
+    images, captions, attributes = [], [], []
+    for _ in range(n):
+        attrs = sample_toy_attributes(rng)
+        offset = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
+        images.append(draw_toy_image(**attrs, image_size=image_size, offset=offset))
+        captions.append(random_caption(attrs, rng, p_full))
+        attributes.append(attrs)
+    return torch.stack(images), captions, attributes

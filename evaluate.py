@@ -1,0 +1,552 @@
+"""
+Rewards across backbones, baseline vs refined: the tables behind the paper's claims.
+
+    python evaluate.py --backbones toy,toy-sdxl --refiner ADAPTER_DIR --rewards toy-aesthetic,toy-faithful \\
+        --prompts toy --seeds 0,1 --out out/eval                                    # toy world, CPU
+    python evaluate.py --backbones sd15,sdxl,sdxl-turbo --refiner ADAPTER_DIR \\
+        --rewards imagereward,hpsv2,aesthetic --prompts yuvalkirstain/pickapic_v2 --limit 500 --seeds 0
+    python evaluate.py --backbones sd15 --unet dpo-sd15 --refiner ADAPTER_DIR ...  # composition with Diffusion-DPO
+    python evaluate.py --backbones sd15 --refiner none ...                         # baseline only
+
+For every backbone, every (seed, prompt) is sampled twice from the *same* initial noise (one
+torch.Generator per image, seeded by seed and prompt index): once with the plain pipeline
+(the baseline, bit-identical to stock diffusers) and once with the refiner rewriting the prompt
+at K steps. Each image is generated once and scored by every reward. Per backbone x reward:
+
+    mean with a 95% confidence interval (Student's t) for baseline and refined,
+    the paired difference refined - baseline (same seed, same prompt) with its t interval,
+    the win rate of refined over baseline (ties count half),
+    seconds per image of both runs (timed side by side, batch by batch) and their ratio.
+
+Writes to --out: results.md (the table a person reads), results.csv, results.json (all of it,
+plus every image's scores so any number can be recomputed), results.png (reward by backbone,
+baseline vs refined, with the intervals) and samples.png (a few prompts, baseline vs refined).
+
+With --lrm and --preference-data it also reports the latent reward model's preference accuracy
+per noise bucket next to the pixel rewards' accuracy on the same pairs.
+
+Statistics, said plainly: an image is the unit; the intervals treat the prompts x seeds images
+of a cell as independent draws (seeds of one prompt are not quite independent, so with few
+prompts the intervals are somewhat optimistic). Left out on purpose: multiple-comparison
+correction across the table, human preference studies.
+"""
+
+import csv
+import json
+import math
+import shlex
+import sys
+import textwrap
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
+
+import common
+
+
+@dataclass
+class Config:
+    backbones: str = field(default="toy,toy-sdxl", metadata={"help": "comma-separated: sd15 | sdxl | sdxl-turbo | toy | toy-sdxl | hub id | diffusers folder"})
+    refiner: str = field(default="toy-refiner", metadata={"help": "qwen2.5-vl-3b | toy-refiner | hub id | folder (model or PEFT adapter) | none (baseline only)"})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder put over --refiner (e.g. from train_refiner.py)"})
+    rewards: str = field(default="toy-aesthetic,toy-faithful", metadata={"help": "comma-separated reward specs from the registry; write a composite with '+' between its terms, e.g. imagereward:1+vlm:0.5"})
+    prompts: str = field(default="toy", metadata={"help": "prompt source: text file (one per line) | toy | Pick-a-Pic hub id or parquet"})
+    split: str = field(default="test", metadata={"help": "split of the prompt source (hub data sets and the toy prompts)"})
+    limit: int = field(default=16, metadata={"help": "number of prompts (0 = all)"})
+    seeds: str = field(default="0,1", metadata={"help": "comma-separated seeds; every prompt is sampled once per seed"})
+    refine_steps: int = field(default=5, metadata={"help": "K: number of refinements, evenly spaced (capped at steps-1)"})
+    steps: int | None = field(default=None, metadata={"help": "N sampling steps (default: each backbone's own)"})
+    guidance: float | None = field(default=None, metadata={"help": "CFG scale (default: each backbone's own)"})
+    size: int | None = field(default=None, metadata={"help": "image side in pixels (default: each backbone's own)"})
+    unet: str | None = field(default=None, metadata={"help": "aligned UNet put over every backbone: dpo-sd15 | dpo-sdxl | hub id | folder"})
+    lora: str | None = field(default=None, metadata={"help": "diffusers LoRA (folder or hub id) loaded on every backbone"})
+    preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
+    blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey preview (the no-feedback ablation)"})
+    temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
+    batch_size: int = field(default=8, metadata={"help": "prompts per pipeline call"})
+    confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
+    sheet_prompts: int = field(default=4, metadata={"help": "prompts shown in samples.png (first seed)"})
+    lrm: str | None = field(default=None, metadata={"help": "latent reward model folder: report its preference accuracy per noise bucket"})
+    preference_data: str | None = field(default=None, metadata={"help": "preference pairs (Pick-a-Pic v2 schema: hub id or parquet) for --lrm"})
+    preference_split: str = field(default="test", metadata={"help": "split of --preference-data"})
+    preference_limit: int = field(default=256, metadata={"help": "number of preference pairs (0 = all)"})
+    seed: int = field(default=0, metadata={"help": "seed of the prompt selection"})
+    out: str = field(default="out/eval", metadata={"help": "output folder"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+
+
+def split_list(text, flag):
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    if not items:
+        raise common.UserError(f"{flag} needs at least one entry")
+    if len(set(items)) != len(items):
+        raise common.UserError(f"{flag} lists an entry twice: {text}")
+    return items
+
+
+def reward_specs(text):
+    """'a,b:1+c:0.5' -> {'a': 'a', 'b:1+c:0.5': 'b:1,c:0.5'}: label -> registry spec."""
+    return {label: label.replace("+", ",") for label in split_list(text, "--rewards")}
+
+
+def parse_seeds(text):
+    try:
+        return [int(s) for s in split_list(text, "--seeds")]
+    except ValueError:
+        raise common.UserError(f"--seeds must be comma-separated integers, got '{text}'") from None
+
+
+def check(config):
+    if config.refine_steps < 0:
+        raise common.UserError(f"--refine-steps must be >= 0, got {config.refine_steps}")
+    if config.steps is not None and config.steps < 1:
+        raise common.UserError(f"--steps must be >= 1, got {config.steps}")
+    if config.batch_size < 1:
+        raise common.UserError(f"--batch-size must be >= 1, got {config.batch_size}")
+    if config.limit < 0:
+        raise common.UserError(f"--limit must be >= 0, got {config.limit}")
+    if config.temperature < 0:
+        raise common.UserError(f"--temperature must be >= 0, got {config.temperature}")
+    if not 0 < config.confidence < 1:
+        raise common.UserError(f"--confidence must be in (0, 1), got {config.confidence}")
+    if config.preview_decoder not in common.PreviewDecoder.KINDS:
+        raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
+    if (config.lrm is None) != (config.preference_data is None):
+        raise common.UserError("--lrm and --preference-data go together")
+    parse_seeds(config.seeds)
+    reward_specs(config.rewards)
+    for name in split_list(config.backbones, "--backbones"):
+        common.backbone_spec(name)  # unknown alias / missing folder -> UserError before any loading
+
+
+# -----------------------------------------------------------------------------
+# statistics (imported by the tests)
+
+
+def t_quantile(p, df):
+    """Quantile of Student's t with `df` degrees of freedom, e.g. t_quantile(0.975, 4) = 2.776.
+
+    Bisection on the CDF; the CDF is 1/2 + the integral of the density from 0 (Simpson's rule),
+    which keeps the project free of scipy for one number."""
+    if not 0 < p < 1 or df <= 0:
+        raise ValueError(f"t_quantile needs 0 < p < 1 and df > 0, got p={p}, df={df}")
+    if p < 0.5:
+        return -t_quantile(1 - p, df)
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+
+    def cdf(x):
+        grid = np.linspace(0.0, x, 2001)  # an even number of intervals for Simpson
+        density = np.exp(log_norm - (df + 1) / 2 * np.log1p(grid**2 / df))
+        weights = np.ones_like(grid)
+        weights[1:-1:2], weights[2:-1:2] = 4, 2
+        return 0.5 + (x / 2000 / 3) * float(weights @ density)
+
+    low, high = 0.0, 1.0
+    while cdf(high) < p:  # bracket the quantile
+        low, high = high, high * 2
+    for _ in range(60):
+        mid = (low + high) / 2
+        low, high = (mid, high) if cdf(mid) < p else (low, mid)
+    return (low + high) / 2
+
+
+@dataclass
+class Interval:
+    mean: float
+    low: float
+    high: float
+    n: int
+
+
+def mean_ci(values, confidence=0.95):
+    """Mean and its two-sided t interval: mean +- t_{(1+c)/2, n-1} * s / sqrt(n), s the sample
+    std (n-1). Fewer than two values -> the interval is NaN (nothing to say about the spread)."""
+    x = np.asarray(values, dtype=np.float64)
+    n = len(x)
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if n < 2:
+        return Interval(mean, math.nan, math.nan, n)
+    half = t_quantile((1 + confidence) / 2, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+    return Interval(mean, mean - half, mean + half, n)
+
+
+def paired_difference(refined, baseline, confidence=0.95):
+    """Mean of refined - baseline over pairs that share seed and prompt, with its t interval.
+
+    Pairing removes the spread between prompts and noises, so the interval of the difference is
+    much narrower than the two separate intervals suggest."""
+    refined, baseline = np.asarray(refined, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if refined.shape != baseline.shape:
+        raise ValueError(f"paired scores need equal shapes, got {refined.shape} and {baseline.shape}")
+    return mean_ci(refined - baseline, confidence)
+
+
+def win_rate(refined, baseline):
+    """Fraction of pairs where refined scores above baseline; a tie counts half."""
+    refined, baseline = np.asarray(refined, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    if refined.shape != baseline.shape:
+        raise ValueError(f"paired scores need equal shapes, got {refined.shape} and {baseline.shape}")
+    if refined.size == 0:
+        return math.nan
+    return float(((refined > baseline) + 0.5 * (refined == baseline)).mean())
+
+
+def finite_pairs(refined, baseline):
+    """Drop pairs where either score is NaN/inf (reported, never averaged): (refined, baseline, dropped)."""
+    refined, baseline = np.asarray(refined, dtype=np.float64), np.asarray(baseline, dtype=np.float64)
+    keep = np.isfinite(refined) & np.isfinite(baseline)
+    return refined[keep], baseline[keep], int((~keep).sum())
+
+
+# -----------------------------------------------------------------------------
+# generation and scoring
+
+
+def image_generators(seed, indices):
+    """One CPU generator per image, seeded by (seed, prompt index): an image's initial noise does not
+    depend on the batch it lands in, and the baseline and the refined run start from the same noise."""
+    return [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i) for i in indices]
+
+
+def score_images(rewards, sample, user_prompts):
+    """Every reward on one batch: {label: (B,) float64 numpy}."""
+    answers = sample.refiner_outputs[-1].answers if sample.refiner_outputs else None
+    scores = {}
+    for label, reward in rewards.items():
+        values = reward(sample.images, user_prompts, refined_prompts=sample.final_prompts, answers=answers, latents=sample.latents)
+        values = torch.as_tensor(values).detach().float().cpu().reshape(-1)
+        if len(values) != len(user_prompts):
+            raise RuntimeError(f"reward '{label}' returned {len(values)} scores for {len(user_prompts)} images")
+        scores[label] = values.double().numpy()
+    return scores
+
+
+def evaluate_backbone(backbone, refiner, rewards, prompts, seeds, config, sheet_prompts=0):
+    """Sample every (seed, prompt) as baseline and (if a refiner is given) refined, score each image
+    with every reward. Returns (records: one dict per (seed, prompt), seconds per arm, refiner fallbacks,
+    refinement count, sheet: the first seed's first `sheet_prompts` images per arm)."""
+    arms = {"baseline": None} | ({"refined": refiner} if refiner is not None else {})
+    sample_kwargs = dict(
+        refine_steps=config.refine_steps, num_steps=config.steps, guidance=config.guidance, size=config.size,
+        preview_decoder=config.preview_decoder, blank_preview=config.blank_preview,
+    )
+    # warm-up on one prompt, two steps, so that one-time costs (lazy init, allocator) are not timed
+    for arm_refiner in arms.values():
+        common.refined_sample(backbone, prompts[:1], arm_refiner, **(sample_kwargs | {"num_steps": 2}), generator=image_generators(0, [0]))
+
+    records, seconds, fallbacks, refinements = [], {arm: 0.0 for arm in arms}, 0, 0
+    sheet = {arm: [] for arm in arms} | {"final_prompts": []}
+    batches = [(seed, start) for seed in seeds for start in range(0, len(prompts), config.batch_size)]
+    for seed, start in tqdm(batches, desc=backbone.name, leave=False):
+        indices = list(range(start, min(start + config.batch_size, len(prompts))))
+        user_prompts = [prompts[i] for i in indices]
+        samples, scores = {}, {}
+        for arm, arm_refiner in arms.items():  # side by side, batch by batch: shared machine load hits both
+            torch.manual_seed(seed * 1_000_003 + start)  # the refiner samples with the global generator
+            t0 = time.perf_counter()
+            samples[arm] = common.refined_sample(backbone, user_prompts, arm_refiner, generator=image_generators(seed, indices), **sample_kwargs)
+            seconds[arm] += time.perf_counter() - t0
+            scores[arm] = score_images(rewards, samples[arm], user_prompts)
+        refined = samples.get("refined")
+        if refined is not None:
+            fallbacks += sum(int(o.fallback.sum()) for o in refined.refiner_outputs)
+            refinements += len(refined.refiner_outputs) * len(indices)
+        for b, i in enumerate(indices):
+            records.append({
+                "backbone": backbone.name, "seed": seed, "prompt_index": i, "prompt": prompts[i],
+                "refined_prompt": refined.final_prompts[b] if refined is not None else None,
+                "scores": {arm: {label: float(scores[arm][label][b]) for label in rewards} for arm in arms},
+            })
+        if seed == seeds[0]:
+            take = [b for b, i in enumerate(indices) if i < sheet_prompts]
+            for arm in arms:
+                sheet[arm] += [samples[arm].images[b] for b in take]
+            sheet["final_prompts"] += [refined.final_prompts[b] if refined is not None else prompts[indices[b]] for b in take]
+        line = " | ".join(f"{label} " + " ".join(f"{arm[:4]} {np.mean(scores[arm][label]):.3f}" for arm in arms) for label in rewards)
+        tqdm.write(f"{backbone.name} seed {seed} prompts {start:04d}-{indices[-1]:04d} | {line}")
+    return records, seconds, fallbacks, refinements, sheet
+
+
+def summarize(records, reward_labels, backbone_labels, timing, confidence):
+    """One row per backbone x reward: the numbers of the table."""
+    rows = []
+    for backbone in backbone_labels:
+        mine = [r for r in records if r["backbone"] == backbone]
+        has_refined = any("refined" in r["scores"] for r in mine)
+        t = timing[backbone]
+        n_images = len(mine)
+        base_s = t["seconds"]["baseline"] / n_images
+        refined_s = t["seconds"]["refined"] / n_images if has_refined else math.nan
+        for label in reward_labels:
+            base = np.array([r["scores"]["baseline"][label] for r in mine])
+            row = {"backbone": backbone, "reward": label}
+            if has_refined:
+                refined = np.array([r["scores"]["refined"][label] for r in mine])
+                refined, base, dropped = finite_pairs(refined, base)
+                b, r_, d = mean_ci(base, confidence), mean_ci(refined, confidence), paired_difference(refined, base, confidence)
+                win = win_rate(refined, base)
+            else:
+                dropped = int((~np.isfinite(base)).sum())
+                b = mean_ci(base[np.isfinite(base)], confidence)
+                r_ = d = Interval(math.nan, math.nan, math.nan, 0)
+                win = math.nan
+            row.update(
+                n=b.n, nonfinite_dropped=dropped,
+                baseline_mean=b.mean, baseline_low=b.low, baseline_high=b.high,
+                refined_mean=r_.mean, refined_low=r_.low, refined_high=r_.high,
+                diff_mean=d.mean, diff_low=d.low, diff_high=d.high, win_rate=win,
+                baseline_s_per_image=base_s, refined_s_per_image=refined_s, overhead=refined_s / base_s,
+                fallback_rate=t["fallbacks"] / t["refinements"] if t["refinements"] else math.nan,
+            )
+            rows.append(row)
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# reports: markdown, csv, json, plot, sample sheet
+
+
+def _num(x, digits=3):
+    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
+
+
+def _interval(mean, low, high):
+    if not math.isfinite(mean):
+        return "–"
+    return f"{mean:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{mean:.3f}"
+
+
+def markdown_table(rows, confidence):
+    pct = f"{confidence:.0%}"
+    lines = [
+        f"| backbone | reward | n | baseline ({pct} CI) | refined ({pct} CI) | refined − baseline ({pct} CI) | win rate | s/img baseline | s/img refined | overhead |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['backbone']} | {r['reward']} | {r['n']} | {_interval(r['baseline_mean'], r['baseline_low'], r['baseline_high'])} "
+            f"| {_interval(r['refined_mean'], r['refined_low'], r['refined_high'])} | {_interval(r['diff_mean'], r['diff_low'], r['diff_high'])} "
+            f"| {_num(r['win_rate'], 2)} | {_num(r['baseline_s_per_image'])} | {_num(r['refined_s_per_image'])} | {_num(r['overhead'], 2)}× |"
+        )
+    return "\n".join(lines)
+
+
+def write_markdown(path, rows, meta, lrm_rows=None):
+    config = meta["config"]
+    notes = [
+        f"- refiner: `{config['refiner']}`" + (f" + adapter `{config['adapter']}`" if config["adapter"] else "")
+        + f", K = {config['refine_steps']} refinements, preview decoder `{config['preview_decoder']}`"
+        + (", blank previews" if config["blank_preview"] else "") + f", temperature {config['temperature']}",
+        f"- prompts: `{config['prompts']}` (split {config['split']}), {meta['num_prompts']} prompts × seeds {meta['seeds']}",
+        f"- intervals: Student's t, {config['confidence']:.0%}, an image is the unit; the difference is paired (same seed, same prompt, same initial noise)",
+        "- win rate: share of pairs where the refined image scores higher (ties count half)",
+        "- seconds per image: pipeline calls (refiner included), timed side by side batch by batch; overhead = refined / baseline",
+    ]
+    for backbone, t in meta["timing"].items():
+        if t["refinements"]:
+            notes.append(f"- `{backbone}`: {t['fallbacks']} of {t['refinements']} refiner answers unusable (current prompt kept), refinements before steps {t['schedule']}")
+    dropped = sum(r["nonfinite_dropped"] for r in rows)
+    if dropped:
+        notes.append(f"- {dropped} non-finite scores dropped (with their pair)")
+    text = [
+        "# Evaluation: baseline vs refined", "",
+        markdown_table(rows, config["confidence"]), "",
+        *notes, "",
+        "Reproduce:", "", "```", meta["command"], "```", "",
+    ]
+    if lrm_rows:
+        text += ["## Preference accuracy on held-out pairs", "", lrm_table(lrm_rows), ""]
+    Path(path).write_text("\n".join(text))
+
+
+CSV_FIELDS = [
+    "backbone", "reward", "n", "baseline_mean", "baseline_low", "baseline_high", "refined_mean", "refined_low",
+    "refined_high", "diff_mean", "diff_low", "diff_high", "win_rate", "baseline_s_per_image", "refined_s_per_image",
+    "overhead", "fallback_rate", "nonfinite_dropped",
+]
+
+
+def write_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: row[k] for k in CSV_FIELDS})
+
+
+def _json_safe(value):
+    """NaN is not JSON: write null."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def plot_rewards(path, rows, backbone_labels, reward_labels, confidence):
+    """One panel per reward (scales differ), bars per backbone: baseline vs refined, CI error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panel_width = max(3.5, 1.0 + 1.3 * len(backbone_labels))
+    fig, axes = plt.subplots(1, len(reward_labels), figsize=(panel_width * len(reward_labels), 3.6), squeeze=False)
+    x = np.arange(len(backbone_labels))
+    for ax, label in zip(axes[0], reward_labels):
+        by_backbone = {r["backbone"]: r for r in rows if r["reward"] == label}
+        for offset, arm, color in ((-0.2, "baseline", "#9aa5b1"), (0.2, "refined", "#2f6fdf")):
+            means = np.array([by_backbone[b][f"{arm}_mean"] for b in backbone_labels], dtype=float)
+            if not np.isfinite(means).any():
+                continue
+            lows = np.array([by_backbone[b][f"{arm}_low"] for b in backbone_labels], dtype=float)
+            highs = np.array([by_backbone[b][f"{arm}_high"] for b in backbone_labels], dtype=float)
+            errors = np.nan_to_num(np.stack([means - lows, highs - means]))
+            ax.bar(x + offset, means, 0.4, yerr=errors, capsize=4, color=color, label=arm)
+        ax.set_xticks(x, backbone_labels, rotation=15)
+        ax.set_title(label)
+        ax.grid(axis="y", alpha=0.3)
+        # bars of rewards with a large offset hide differences: zoom on the range of the intervals
+        spans = [by_backbone[b][k] for b in backbone_labels for k in ("baseline_low", "baseline_high", "refined_low", "refined_high", "baseline_mean", "refined_mean")]
+        spans = [s for s in spans if s is not None and math.isfinite(s)]
+        if spans and min(spans) > 0 and (max(spans) - min(spans)) < 0.5 * max(spans):
+            margin = 0.15 * (max(spans) - min(spans) + 1e-9)
+            ax.set_ylim(min(spans) - margin, max(spans) + margin)
+    axes[0][0].set_ylabel(f"mean reward ({confidence:.0%} CI)")
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+CELL = 160  # px: toy images are upscaled so that a person can see them
+
+
+def _font(size):
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
+def sample_sheet(sheets, prompts, title):
+    """Rows = prompts, columns = backbone x (baseline, refined); the user prompt over each row,
+    the final refined prompt under each refined image."""
+    font, line_height, chars = _font(12), 15, CELL // 7
+    columns = [(backbone, arm) for backbone, sheet in sheets.items() for arm in ("baseline", "refined") if arm in sheet]
+    rows = min(len(sheet["baseline"]) for sheet in sheets.values())
+    caption_lines = 5
+    row_height = line_height * 2 + CELL + line_height * (caption_lines + 1)
+    image = Image.new("RGB", (CELL * len(columns), 24 + line_height + rows * row_height), "white")
+    draw = ImageDraw.Draw(image)
+    draw.text((4, 4), title, fill="black", font=font)
+    for c, (backbone, arm) in enumerate(columns):
+        draw.text((c * CELL + 4, 24), f"{backbone}: {arm}", fill="gray", font=font)
+    for b in range(rows):
+        top = 24 + line_height + b * row_height
+        draw.text((4, top + 2), textwrap.shorten(f"user prompt: {prompts[b]}", CELL * len(columns) // 7), fill="black", font=font)
+        for c, (backbone, arm) in enumerate(columns):
+            tile = common.to_pil(sheets[backbone][arm][b].unsqueeze(0))[0].resize((CELL, CELL), Image.NEAREST)
+            image.paste(tile, (c * CELL, top + line_height * 2))
+            if arm == "refined":
+                lines = textwrap.wrap("-> " + sheets[backbone]["final_prompts"][b], chars)[:caption_lines]
+                for j, line in enumerate(lines):
+                    draw.text((c * CELL + 4, top + line_height * 2 + CELL + 2 + line_height * j), line, fill="black", font=font)
+    return image
+
+
+# -----------------------------------------------------------------------------
+# optional: preference accuracy of the latent reward model per noise bucket
+
+
+def preference_accuracy(config, rewards, device, dtype):
+    """Rows {scorer, bucket, accuracy, n} for the LRM (per noise bucket) and the pixel rewards on
+    the same pairs (pixel rewards see clean images: one row, bucket 'clean')."""
+    if not hasattr(common, "lrm_preference_accuracy"):
+        raise common.UserError("this version of common.py has no latent reward model evaluation (lrm_preference_accuracy)")
+    return common.lrm_preference_accuracy(
+        config.lrm, config.preference_data, split=config.preference_split, limit=config.preference_limit,
+        rewards=rewards, device=device, dtype=dtype, seed=config.seed,
+    )
+
+
+def lrm_table(rows):
+    lines = ["| scorer | noise bucket | accuracy | pairs |", "|---|---|---|---|"]
+    lines += [f"| {r['scorer']} | {r['bucket']} | {_num(r['accuracy'])} | {r['n']} |" for r in rows]
+    return "\n".join(lines)
+
+
+# -----------------------------------------------------------------------------
+
+
+def main():
+    config = common.parse_config(Config)
+    check(config)
+    device = common.pick_device(config.device)
+    dtype = common.pick_dtype(config.dtype, device)
+    seeds = parse_seeds(config.seeds)
+    specs = reward_specs(config.rewards)
+    backbone_names = split_list(config.backbones, "--backbones")
+    prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)
+    prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
+    if not prompts:
+        raise common.UserError(f"no prompts in '{config.prompts}'")
+    # every reward is built (and every spec checked) before the first image is drawn
+    rewards = {label: common.build_reward(spec, device, dtype) for label, spec in specs.items()}
+    refiner = common.load_refiner(
+        config.refiner, adapter=config.adapter, device=device, dtype=dtype,
+        temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
+    )
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    variant = "".join(f"+{kind}:{Path(value).name or value}" for kind, value in (("unet", config.unet), ("lora", config.lora)) if value)
+    print(f"{len(prompts)} prompts x {len(seeds)} seeds on {', '.join(backbone_names)}{variant}; rewards {', '.join(specs)}; refiner {config.refiner}")
+
+    records, timing, sheets, labels = [], {}, {}, []
+    for name in backbone_names:
+        backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora)
+        backbone.name = label = name + variant
+        labels.append(label)
+        mine, seconds, fallbacks, refinements, sheet = evaluate_backbone(
+            backbone, refiner, rewards, prompts, seeds, config, sheet_prompts=config.sheet_prompts
+        )
+        num_steps = config.steps or backbone.spec.steps
+        schedule = common.refinement_schedule(num_steps, config.refine_steps) if refiner is not None else []
+        records += mine
+        timing[label] = {"seconds": seconds, "images": len(mine), "fallbacks": fallbacks, "refinements": refinements,
+                         "steps": num_steps, "schedule": schedule}
+        sheets[label] = sheet
+        del backbone
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    rows = summarize(records, list(specs), labels, timing, config.confidence)
+    lrm_rows = preference_accuracy(config, rewards, device, dtype) if config.lrm else None
+    meta = {
+        "config": asdict(config), "command": shlex.join(["python", "evaluate.py", *sys.argv[1:]]),
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""), "num_prompts": len(prompts), "seeds": seeds,
+        "timing": timing,
+    }
+    write_markdown(out / "results.md", rows, meta, lrm_rows)
+    write_csv(out / "results.csv", rows)
+    (out / "results.json").write_text(json.dumps(_json_safe(meta | {"rows": rows, "lrm_accuracy": lrm_rows, "images": records}), indent=1))
+    plot_rewards(out / "results.png", rows, labels, list(specs), config.confidence)
+    title = f"baseline vs refined ({config.refiner}), seed {seeds[0]}, same initial noise per column pair"
+    sample_sheet(sheets, prompts, title).save(out / "samples.png")
+
+    print(markdown_table(rows, config.confidence))
+    print(f"-> {out}/results.md, results.csv, results.json, results.png, samples.png")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,61 @@
+"""sample.py as a user runs it: outputs on disk, and bad input -> one line, non-zero exit, no traceback."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_sample(*args):
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+    return subprocess.run([sys.executable, str(REPO / "sample.py"), *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_sample_writes_images_and_trajectory(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
+    out = tmp_path / "out"
+    proc = run_sample("--backbone", str(tiny_sd15_dir), "--refiner", str(tiny_refiner_dir), "--prompt", "a red circle",
+                      "--prompt", "a square", "a triangle", "--steps", "6", "--refine-steps", "2",
+                      "--preview-decoder", "linear", "--seed", "3", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "trajectory.json").read_text())
+    assert record["schedule"] == [2, 4] and record["seed"] == 3
+    assert [item["user_prompt"] for item in record["items"]] == ["a red circle", "a square", "a triangle"]
+    for item in record["items"]:
+        assert Image.open(out / item["image"]).size == (32, 32)
+        assert len(item["refinements"]) == 2
+        assert all(r["fallback"] for r in item["refinements"])  # a random refiner never answers in format
+    assert record["fallbacks"] == 6
+    picture = Image.open(out / "trajectory.png")
+    assert picture.width >= 3 * 192 and picture.height >= 3 * 192  # 3 rows, 2 previews + final
+
+
+def test_sample_without_refiner_sdxl(tiny_sdxl_dir, tmp_path):
+    proc = run_sample("--backbone", str(tiny_sdxl_dir), "--refiner", "none", "--prompt", "a circle", "--steps", "3", "--out", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "trajectory.json").read_text())
+    assert record["schedule"] == [] and not (tmp_path / "trajectory.png").exists()
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--prompt", ""], "non-empty --prompt"),
+        ([], "non-empty --prompt"),
+        (["--prompt", "a cat", "--backbone", "sd16"], "unknown backbone"),
+        (["--prompt", "a cat", "--backbone", "./no/such/folder"], "not found"),
+        (["--prompt", "a cat", "--refine-steps", "-1"], "--refine-steps"),
+        (["--prompt", "a cat", "--preview-decoder", "jpeg"], "--preview-decoder"),
+    ],
+)
+def test_bad_input_is_one_clear_line(args, message):
+    proc = run_sample(*args)
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
+    assert lines and message in lines[-1] and lines[-1].startswith("error:")

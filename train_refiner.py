@@ -1,0 +1,590 @@
+"""
+train_refiner.py: GRPO + LoRA on the MLLM refiner with sparse step-wise refinement (PromptLoop).
+
+The diffusion model is never changed: the policy is the refiner (Qwen2.5-VL + a LoRA adapter on
+its language model) that rewrites the prompt at K evenly spaced denoising steps after looking at
+the denoised estimate; a terminal image reward trains it with GRPO.
+
+Run:
+    # the toy world (CPU, minutes)
+    python train_refiner.py --backbone toy --refiner toy-refiner --reward toy-aesthetic \
+        --prompts toy --monitor-rewards toy-faithful --steps 40 --out runs/toy
+    # the real defaults (GPU): SD1.5 + Qwen2.5-VL-3B, Pick-a-Pic v2 prompts, ImageReward
+    python train_refiner.py --reward imagereward --out runs/imagereward
+    # several GPUs: each rank rolls out its own prompts, gradients are all-reduced
+    torchrun --nproc_per_node=8 train_refiner.py --reward imagereward:1,length:0.1 --out runs/ir
+    # an interrupted run continues from OUT/checkpoint.pt
+    python train_refiner.py ... --out runs/toy --resume
+The adapter is saved in --out (adapter_config.json + adapter_model.safetensors), so
+`python sample.py --refiner runs/toy` loads it over its base refiner.
+
+One step (per rank):
+  1. rollout   B prompts x G trajectories in ONE refined_sample call over B*G rows (a group
+               shares its initial noise: common random numbers); K refinements, each one batched
+               refiner.generate call, sampled with temperature
+  2. reward    terminal reward r (B*G,) from the registry (--reward SPEC, composites included)
+  3. advantage A = (r - mean_group) / (std_group + eps), the same for every token of a trajectory
+  4. log-probs old (adapter on) and reference (adapter off, peft's disable_adapter: no second
+               copy of the model), teacher-forced, no gradient
+  5. update    inner epochs x minibatches of trajectories; token-level loss
+               -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta k3(pi_theta, pi_ref), all tokens of
+               all K actions of a trajectory; gradients all-reduced, clipped, AdamW on LoRA only
+
+Simplifications on purpose: constant learning rate; the loss is the mean over all tokens of the
+minibatch (DAPO / TRL "bnpo" aggregation) rather than a per-sequence mean; a trajectory's K actions
+share one terminal reward (no per-step credit assignment); the held-out monitor runs on rank 0.
+"""
+
+import json
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import common
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    backbone: str = field(default="sd15", metadata={"help": "diffusion backbone: alias (sd15, sdxl, sdxl-turbo, toy, toy-sdxl), hub id or diffusers folder"})
+    refiner: str = field(default="qwen2.5-vl-3b", metadata={"help": "base refiner (MLLM): alias (qwen2.5-vl-3b, toy-refiner), hub id or folder"})
+    reward: str = field(default="imagereward", metadata={"help": "training reward: a name or a weighted sum, e.g. imagereward:1,length:0.1"})
+    monitor_rewards: str = field(default="", metadata={"help": "other rewards scored on held-out prompts (comma-separated names), so reward hacking shows as a divergence"})
+    prompts: str = field(default="pickapic", metadata={"help": "training prompts: toy, a text file, a parquet file/folder (Pick-a-Pic schema) or a hub id"})
+    heldout_prompts: str = field(default="", metadata={"help": "held-out prompts (same kinds); empty = the 'test' split of --prompts (for a text file: prompts held out of it)"})
+    max_prompts: int = field(default=0, metadata={"help": "use at most this many training prompts (0 = all)"})
+    steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch + its update each)"})
+    prompts_per_step: int = field(default=4, metadata={"help": "B: prompts per step on each rank"})
+    group_size: int = field(default=4, metadata={"help": "G: trajectories per prompt (a GRPO group)"})
+    shared_noise: bool = field(default=True, metadata={"help": "a group shares its initial noise (common random numbers); --no-shared-noise draws one per trajectory"})
+    refine_steps: int = field(default=2, metadata={"help": "K: refinements per trajectory in training (the paper: 2 in training, 5 at inference)"})
+    sampling_steps: int = field(default=0, metadata={"help": "denoising steps (0 = the backbone's default)"})
+    guidance: float = field(default=-1.0, metadata={"help": "CFG scale (negative = the backbone's default)"})
+    size: int = field(default=0, metadata={"help": "image side in pixels (0 = the backbone's default)"})
+    preview_decoder: str = field(default="vae", metadata={"help": "how the refiner sees x0_hat: vae, taesd or linear"})
+    blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey image instead of x0_hat (the no-visual-feedback ablation)"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy (also used in its log-probs)"})
+    max_new_tokens: int = field(default=64, metadata={"help": "longest refiner answer in tokens"})
+    lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
+    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
+    learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
+    clip_epsilon: float = field(default=0.2, metadata={"help": "eps of the clipped surrogate: rho is clipped to [1-eps, 1+eps]"})
+    kl_coef: float = field(default=0.04, metadata={"help": "beta: weight of the k3 KL to the adapter-disabled base"})
+    advantage_eps: float = field(default=1e-4, metadata={"help": "eps in (r - mean) / (std + eps)"})
+    inner_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch (PPO epochs)"})
+    minibatches: int = field(default=2, metadata={"help": "minibatches per pass (of trajectories; B*G must be divisible)"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (global L2 norm)"})
+    gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on with CUDA), on or off"})
+    monitor_every: int = field(default=10, metadata={"help": "score the held-out prompts every N steps (0 = only at start and end)"})
+    monitor_prompts: int = field(default=16, metadata={"help": "number of held-out prompts (one trajectory each, fixed noise)"})
+    save_every: int = field(default=10, metadata={"help": "checkpoint + adapter every N steps (and at the end)"})
+    seed: int = field(default=0, metadata={"help": "random seed (rollouts of step s on rank r are seeded from (seed, s, r))"})
+    out: str = field(default="runs/refiner", metadata={"help": "output folder: adapter, checkpoint.pt, log.jsonl, metrics.json"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
+    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16"})
+
+
+# fields that may change when resuming (everything else must match the checkpoint)
+RESUMABLE_CHANGES = {"steps", "resume", "monitor_every", "save_every", "device"}
+
+
+def check_config(config):
+    positive = ["steps", "prompts_per_step", "group_size", "inner_epochs", "minibatches", "max_new_tokens", "lora_rank", "save_every", "monitor_prompts"]
+    for name in positive:
+        if getattr(config, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if config.group_size < 2:
+        raise common.UserError("--group-size must be >= 2: GRPO compares trajectories within a group")
+    if (config.prompts_per_step * config.group_size) % config.minibatches:
+        raise common.UserError(f"B*G = {config.prompts_per_step * config.group_size} is not divisible by --minibatches {config.minibatches}")
+    if config.refine_steps < 1:
+        raise common.UserError("--refine-steps must be >= 1: without refinements there is nothing to train")
+    if config.temperature <= 0:
+        raise common.UserError("--temperature must be > 0 (GRPO needs a stochastic policy)")
+    if not 0 < config.clip_epsilon < 1 or config.kl_coef < 0 or config.learning_rate <= 0:
+        raise common.UserError("need 0 < clip-epsilon < 1, kl-coef >= 0, learning-rate > 0")
+    if config.gradient_checkpointing not in ("auto", "on", "off"):
+        raise common.UserError(f"--gradient-checkpointing must be auto, on or off, got '{config.gradient_checkpointing}'")
+    if config.monitor_every < 0 or config.max_prompts < 0:
+        raise common.UserError("--monitor-every and --max-prompts must be >= 0")
+
+
+# -----------------------------------------------------------------------------
+# GRPO math (imported by the tests)
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """GRPO advantages: (r - mean_group) / (std_group + eps). rewards: (B*G,), rows grouped.
+
+    std is the unbiased sample std (as torch.std, as TRL). Non-finite rewards (a NaN from the
+    reward) are left out of their group's statistics and get advantage 0; a group with fewer than
+    two finite rewards gets 0 everywhere. Returns (advantages (B*G,), zero_variance (B,) bool):
+    a group whose rewards are all equal has advantages 0 -- it contributes nothing but the KL."""
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    valid = torch.isfinite(r)
+    count = valid.sum(1, keepdim=True)  # (B, 1)
+    filled = torch.where(valid, r, torch.zeros_like(r))
+    mean = filled.sum(1, keepdim=True) / count.clamp(min=1)
+    squares = torch.where(valid, (r - mean) ** 2, torch.zeros_like(r)).sum(1, keepdim=True)
+    std = (squares / (count - 1).clamp(min=1)).sqrt()
+    advantages = torch.where(valid & (count >= 2), (r - mean) / (std + eps), torch.zeros_like(r))
+    zero_variance = (count.squeeze(1) < 2) | torch.isclose(std.squeeze(1), torch.zeros_like(std.squeeze(1)))
+    advantages[zero_variance] = 0.0
+    return advantages.view(-1), zero_variance
+
+
+def clipped_surrogate(logprobs, old_logprobs, advantages, clip_epsilon):
+    """Per-token PPO/GRPO objective to minimise: -min(rho A, clip(rho, 1-eps, 1+eps) A).
+
+    logprobs, old_logprobs: (N, T); advantages: (N,). rho = pi_theta / pi_old per token.
+    Returns (loss (N, T), clipped (N, T) bool: the clipped branch is the active one)."""
+    ratio = torch.exp(logprobs - old_logprobs)
+    adv = advantages.unsqueeze(1)  # (N, 1): one advantage for every token of a trajectory
+    unclipped = ratio * adv
+    clipped = ratio.clamp(1 - clip_epsilon, 1 + clip_epsilon) * adv
+    is_clipped = ((ratio < 1 - clip_epsilon) & (adv < 0)) | ((ratio > 1 + clip_epsilon) & (adv > 0))
+    return -torch.min(unclipped, clipped), is_clipped
+
+
+def k3_kl(logprobs, ref_logprobs):
+    """Per-token k3 estimator of KL(pi_theta || pi_ref) (Schulman 2020; DeepSeekMath's GRPO):
+    exp(ref - logp) - (ref - logp) - 1, unbiased for tokens sampled from pi_theta, always >= 0."""
+    delta = ref_logprobs - logprobs
+    return torch.exp(delta) - delta - 1
+
+
+def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_epsilon, kl_coef, num_tokens):
+    """Token-level GRPO loss of one minibatch: sum over its valid tokens / num_tokens.
+
+    All (N, T) except advantages (N,). num_tokens: the normaliser -- the number of valid tokens of
+    the minibatch over all ranks, times world size (gradients are averaged over ranks), so the
+    result is the mean over every token of the global minibatch. Returns (loss, stats)."""
+    mask = mask.float()
+    surrogate, is_clipped = clipped_surrogate(logprobs, old_logprobs, advantages, clip_epsilon)
+    kl = k3_kl(logprobs, ref_logprobs)
+    per_token = surrogate + kl_coef * kl
+    loss = (per_token * mask).sum() / num_tokens
+    n = mask.sum().clamp(min=1)
+    stats = dict(kl=((kl * mask).sum() / n).item(), clip_fraction=((is_clipped.float() * mask).sum() / n).item())
+    return loss, stats
+
+
+# -----------------------------------------------------------------------------
+# helpers: batching the refiner's inputs, LoRA, distributed
+
+
+def select_rows(inputs, rows):
+    """Rows of a batched Qwen2.5-VL processor output (on CPU), for a minibatch.
+
+    pixel_values hold every image's patches concatenated, (sum_i t_i*h_i*w_i, D), so they are cut
+    with image_grid_thw; the other tensors are (B, ...). Columns that are left padding in every
+    selected row are dropped (the rope positions come from the attention mask, so they do not
+    change)."""
+    rows = torch.as_tensor(rows)
+    out = {}
+    for key, value in inputs.items():
+        if key == "pixel_values" and "image_grid_thw" in inputs:
+            counts = inputs["image_grid_thw"].prod(-1)  # (B,) patches per image
+            starts = torch.cumsum(counts, 0) - counts
+            out[key] = torch.cat([value[starts[r]: starts[r] + counts[r]] for r in rows.tolist()])
+        else:
+            out[key] = value[rows]
+    first = int(out["attention_mask"].any(0).float().argmax())  # first column not all padding
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in out:
+            out[key] = out[key][:, first:]
+    return out
+
+
+def add_lora(refiner, config):
+    """Wrap the refiner's model in a peft LoRA on the language model's linear layers only."""
+    from peft import LoraConfig, get_peft_model
+
+    names = [n.strip() for n in config.lora_targets.split(",") if n.strip()]
+    # a regex, so that the vision tower's layers of the same name (mlp.gate_proj, ...) stay frozen
+    target = rf".*language_model.*\.({'|'.join(names)})"
+    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=target)
+    try:
+        model = get_peft_model(refiner.model, lora)
+    except ValueError as e:
+        raise common.UserError(f"LoRA targets '{config.lora_targets}' not found in the refiner's language model: {e}") from e
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n and "lora_" in n for n in trainable), trainable[:4]
+    refiner.model = model
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def base_model_name(name):
+    """What adapter_config.json records as the base: the alias (resolved by common.REFINERS on
+    load, wherever the toy world lives), an absolute folder, or the hub id."""
+    if name in common.REFINERS:
+        return name
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def save_adapter(model, out, base_name):
+    """PEFT adapter folder in `out` (adapter_config.json + adapter_model.safetensors), each file
+    written to a temp folder first and moved in with an atomic rename."""
+    model.peft_config["default"].base_model_name_or_path = base_name
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        model.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, Path(out) / f.name)
+
+
+def all_reduce_gradients(params, world_size):
+    """Average the LoRA gradients over ranks (what DDP does; done by hand because the same model
+    also runs generate() and peft's disable_adapter(), which DDP's forward wrapper does not cover)."""
+    if world_size == 1:
+        return
+    import torch.distributed as dist
+
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+        p.grad /= world_size
+
+
+def all_sum(value, world_size, device):
+    """Sum of a float over ranks (token counts, reward sums)."""
+    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
+    if world_size > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(tensor)
+    return tensor.item()
+
+
+def all_gather_rewards(rewards, world_size, device):
+    """(B*G,) on each rank -> (world*B*G,) everywhere (for logging mean/std over all ranks)."""
+    if world_size == 1:
+        return rewards
+    import torch.distributed as dist
+
+    gathered = [torch.zeros_like(rewards, device=device) for _ in range(world_size)]
+    dist.all_gather(gathered, rewards.to(device))
+    return torch.cat(gathered).cpu()
+
+
+def rank_divergence(params, world_size, device):
+    """Largest |w_rank - w_rank0| over all LoRA weights and ranks: 0.0 when ranks are in sync."""
+    if world_size == 1:
+        return 0.0
+    import torch.distributed as dist
+
+    flat = torch.cat([p.detach().float().flatten() for p in params]).to(device)
+    reference = flat.clone()
+    dist.broadcast(reference, 0)
+    gap = (flat - reference).abs().max()
+    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
+    return gap.item()
+
+
+def step_seed(seed, step, rank):
+    """Each (step, rank) has its own seed, so a resumed run replays exactly what it would have done."""
+    return (seed * 1_000_003 + step * 1009 + rank) % (2**31)
+
+
+def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
+    """Unit Gaussian initial latents (B*G, C, h, w); with `shared` a group repeats one draw."""
+    pipe = backbone.pipe
+    side = size or backbone.spec.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    shape = (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+    if shared:
+        return torch.randn((num_prompts, *shape), generator=generator).repeat_interleave(group_size, 0)
+    return torch.randn((num_prompts * group_size, *shape), generator=generator)
+
+
+# -----------------------------------------------------------------------------
+# rollout, log-probs, update
+
+
+def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
+    """B prompts -> B*G refined trajectories in one batched refined_sample call."""
+    rows = [p for p in prompts for _ in range(config.group_size)]  # (B*G,) group members adjacent
+    latents = initial_noise(backbone, len(prompts), config.group_size, config.shared_noise, generator, config.size)
+    return common.refined_sample(
+        backbone, rows, refiner, refine_steps=config.refine_steps, num_steps=config.sampling_steps or None,
+        guidance=None if config.guidance < 0 else config.guidance, generator=generator, latents=latents,
+        preview_decoder=preview_decoder, blank_preview=config.blank_preview, size=config.size or None,
+    )
+
+
+def score(reward, sample):
+    """Terminal reward of each trajectory: (B*G,) float32 (NaN where the reward is not finite)."""
+    return reward(
+        sample.images, sample.prompts[0], refined_prompts=sample.final_prompts,
+        answers=[out.answers for out in sample.refiner_outputs], latents=sample.latents,
+    ).float()
+
+
+@torch.no_grad()
+def old_and_reference_logprobs(refiner, outputs, chunk):
+    """Teacher-forced log-probs of every action, with the adapter (pi_old) and without (pi_ref).
+
+    outputs: the K RefinerOutputs of the rollout. Returns two lists of K tensors (B*G, T_k).
+    pi_old is recomputed rather than taken from generation so that rho is exactly 1 before the
+    first update also in bf16 (generation logits and a full forward can differ by rounding)."""
+    old, ref = [], []
+    for out in outputs:
+        rows = range(out.completion_ids.shape[0])
+        old_k, ref_k = [], []
+        for start in range(0, len(rows), chunk):
+            idx = list(rows[start: start + chunk])
+            args = (select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
+            old_k.append(refiner.token_logprobs(*args).float().cpu())
+            with refiner.model.disable_adapter():
+                ref_k.append(refiner.token_logprobs(*args).float().cpu())
+        old.append(torch.cat(old_k))
+        ref.append(torch.cat(ref_k))
+    return old, ref
+
+
+def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator):
+    """inner_epochs x minibatches of GRPO on one rollout batch. Returns averaged stats."""
+    n = advantages.shape[0]
+    size = n // config.minibatches
+    stats = dict(loss=[], kl=[], clip_fraction=[], grad_norm=[], skipped=0)
+    refiner.model.train()  # no dropout anywhere (lora_dropout=0); lets gradient checkpointing run
+    for _ in range(config.inner_epochs):
+        order = torch.randperm(n, generator=generator)
+        for mb in range(config.minibatches):
+            idx = order[mb * size: (mb + 1) * size].tolist()
+            masks = [out.completion_mask[idx] * valid[idx].unsqueeze(1) for out in outputs]  # (n_mb, T_k)
+            num_tokens = max(1.0, all_sum(sum(m.sum().item() for m in masks), dist_info.world_size, dist_info.device))
+            optimizer.zero_grad(set_to_none=True)
+            total, kls, clips = 0.0, [], []
+            for k, out in enumerate(outputs):
+                logprobs = refiner.token_logprobs(select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
+                loss, s = grpo_loss(
+                    logprobs.float(), old[k][idx].to(logprobs.device), ref[k][idx].to(logprobs.device),
+                    advantages[idx].to(logprobs.device), masks[k].to(logprobs.device), config.clip_epsilon,
+                    config.kl_coef, num_tokens / dist_info.world_size,
+                )
+                loss.backward()  # one backward per refinement step keeps one activation set alive
+                total += loss.item()
+                kls.append(s["kl"])
+                clips.append(s["clip_fraction"])
+            all_reduce_gradients(params, dist_info.world_size)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
+            if not torch.isfinite(grad_norm):  # NaN/inf loss or gradient on any rank: never applied
+                stats["skipped"] += 1
+                optimizer.zero_grad(set_to_none=True)
+                continue
+            optimizer.step()
+            stats["loss"].append(total)
+            stats["kl"].append(sum(kls) / len(kls))
+            stats["clip_fraction"].append(sum(clips) / len(clips))
+            stats["grad_norm"].append(grad_norm.item())
+    refiner.model.eval()
+    mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
+    return {k: (v if k == "skipped" else mean(v)) for k, v in stats.items()}
+
+
+@torch.no_grad()
+def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder, refined=True):
+    """Held-out rewards of the current policy (one trajectory per prompt, fixed noise and seed)."""
+    generator = torch.Generator().manual_seed(config.seed + 12345)
+    torch.manual_seed(config.seed + 12345)  # the refiner samples with the global generator
+    latents = initial_noise(backbone, len(prompts), 1, False, generator, config.size)
+    sample = common.refined_sample(
+        backbone, prompts, refiner if refined else None, refine_steps=config.refine_steps,
+        num_steps=config.sampling_steps or None, guidance=None if config.guidance < 0 else config.guidance,
+        generator=generator, latents=latents, preview_decoder=preview_decoder, blank_preview=config.blank_preview,
+        size=config.size or None,
+    )
+    result = {"reward": nanmean(score(reward, sample))}
+    if others is not None:
+        score(others, sample)
+        result.update(others.term_means())
+    return result
+
+
+def nanmean(x):
+    x = x[torch.isfinite(x)]
+    return x.mean().item() if len(x) else math.nan
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def load_prompt_sets(config):
+    train = common.load_prompts(config.prompts, "train", config.max_prompts or None, config.seed)
+    if config.heldout_prompts:
+        heldout = common.load_prompts(config.heldout_prompts, "test", config.monitor_prompts, config.seed)
+    else:
+        heldout = common.load_prompts(config.prompts, "test", None, config.seed)
+        if set(heldout) & set(train):  # a source without splits (a text file): hold prompts out of it
+            rng = random.Random(config.seed)
+            heldout = rng.sample(train, min(config.monitor_prompts, len(train) // 5))
+            train = [p for p in train if p not in set(heldout)]
+            if not heldout or not train:
+                raise common.UserError(f"too few prompts in '{config.prompts}' to hold some out: give --heldout-prompts")
+        heldout = heldout[: config.monitor_prompts]
+    return train, heldout
+
+
+def train(config, reward=None, monitor_reward=None):
+    """The training run; `reward` / `monitor_reward` (callables like common.Reward) override the
+    registry specs -- the tests use that to train on rewards they define."""
+    check_config(config)
+    dist_info = common.setup_distributed(config.device)
+    device = dist_info.device
+    dtype = common.pick_dtype(config.dtype, device)
+    out_dir = Path(config.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint_path = out_dir / "checkpoint.pt"
+    log = print if dist_info.is_main else (lambda *a, **k: None)
+
+    # ---- models, rewards, prompts
+    common.seed_everything(config.seed)  # same LoRA init on every rank
+    backbone = common.load_backbone(config.backbone, device=device, dtype=dtype)
+    base = common.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
+                               max_new_tokens=config.max_new_tokens)
+    if isinstance(base.model, __import__("peft").PeftModel):
+        raise common.UserError(f"--refiner '{config.refiner}' is an adapter folder: start from a base refiner (use --resume to continue a run)")
+    use_checkpointing = config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and device.type == "cuda")
+    if use_checkpointing:
+        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = add_lora(base, config)
+    refiner = base
+    reward = reward or common.build_reward(config.reward, device, dtype)
+    others = monitor_reward or (common.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
+    train_prompts, heldout_prompts = load_prompt_sets(config)
+    preview_decoder = None if config.blank_preview else common.PreviewDecoder(config.preview_decoder, backbone)
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+
+    start_step = 0
+    if config.resume and checkpoint_path.is_file():
+        from peft import set_peft_model_state_dict
+
+        state = common.load_checkpoint(checkpoint_path)
+        changed = {k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and getattr(config, k, None) != v}
+        if changed:
+            raise common.UserError(f"--resume with a different config ({', '.join(sorted(changed))}) than {checkpoint_path}")
+        set_peft_model_state_dict(refiner.model, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_step = state["step"]
+        log(f"resumed from {checkpoint_path} at step {start_step}")
+    elif config.resume:
+        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
+    elif dist_info.world_size > 1:
+        import torch.distributed as dist
+
+        for p in params:  # belt and braces: identical initial LoRA weights on every rank
+            dist.broadcast(p.data, 0)
+    log_path = out_dir / "log.jsonl"
+    if dist_info.is_main:  # keep only the log lines the checkpoint covers (a killed run may have more)
+        lines = log_path.read_text().splitlines() if log_path.exists() and start_step > 0 else []
+        log_path.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start_step))
+    log(f"train prompts {len(train_prompts)} | held-out {len(heldout_prompts)} | trainable LoRA parameters "
+        f"{sum(p.numel() for p in params):,} | world {dist_info.world_size} | device {device} {dtype}")
+
+    def write_log(record):
+        if dist_info.is_main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def heldout(step):
+        if not dist_info.is_main:
+            return {}
+        result = monitor(backbone, refiner, heldout_prompts, reward, others, config, preview_decoder)
+        log(f"held-out step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        write_log({"step": step, "heldout": result})
+        return result
+
+    metrics = {}
+    if start_step == 0 and dist_info.is_main:
+        metrics["heldout_unrefined"] = monitor(backbone, refiner, heldout_prompts, reward, others, config, preview_decoder, refined=False)
+        log("held-out unrefined | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics["heldout_unrefined"].items()))
+        write_log({"step": 0, "heldout_unrefined": metrics["heldout_unrefined"]})
+        metrics["heldout_start"] = heldout(0)
+
+    # ---- GRPO loop
+    for step in range(start_step + 1, config.steps + 1):
+        t0 = time.time()
+        seed = step_seed(config.seed, step, dist_info.rank)
+        common.seed_everything(seed)  # the refiner samples its tokens with the global generator
+        generator = torch.Generator().manual_seed(seed)
+        # each rank draws its own B prompts
+        prompts = random.Random(seed).choices(train_prompts, k=config.prompts_per_step)
+        refiner.model.eval()
+        sample = rollout(backbone, refiner, prompts, config, preview_decoder, generator)
+        rewards = score(reward, sample)  # (B*G,)
+        valid = torch.isfinite(rewards)
+        advantages, zero_variance = group_advantages(rewards, config.group_size, config.advantage_eps)
+        outputs = sample.refiner_outputs
+        chunk = (config.prompts_per_step * config.group_size) // config.minibatches
+        old, ref = old_and_reference_logprobs(refiner, outputs, chunk)
+        logprob_gap = max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old))
+        stats = update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator)
+
+        all_rewards = all_gather_rewards(rewards, dist_info.world_size, device)
+        finite = all_rewards[torch.isfinite(all_rewards)]
+        record = dict(
+            step=step,
+            reward_mean=finite.mean().item() if len(finite) else math.nan,
+            reward_std=finite.std().item() if len(finite) > 1 else math.nan,
+            nonfinite_rewards=int(all_sum((~valid).sum().item(), dist_info.world_size, device)),
+            zero_variance_groups=int(all_sum(zero_variance.sum().item(), dist_info.world_size, device)),
+            groups=config.prompts_per_step * dist_info.world_size,
+            fallback_rate=all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info.world_size, device) / dist_info.world_size,
+            logprob_gap=logprob_gap,
+            **stats,
+            seconds=time.time() - t0,
+        )
+        if hasattr(reward, "term_means") and len(getattr(reward, "terms", [])) > 1:
+            record["reward_terms"] = reward.term_means()
+        log(f"step {step:05d}/{config.steps} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | "
+            f"kl {record['kl']:.5f} | clip {record['clip_fraction']:.3f} | fallback {record['fallback_rate']:.2f} | "
+            f"zero-var {record['zero_variance_groups']}/{record['groups']} | dt {record['seconds'] * 1000:.0f}ms"
+            + (f" | skipped {record['skipped']}" if record["skipped"] or record["nonfinite_rewards"] else ""))
+        write_log(record)
+
+        if config.monitor_every and step % config.monitor_every == 0 and step < config.steps:
+            heldout(step)
+        if step % config.save_every == 0 or step == config.steps:
+            divergence = rank_divergence(params, dist_info.world_size, device)
+            if dist_info.is_main:
+                from peft import get_peft_model_state_dict
+
+                save_adapter(refiner.model, out_dir, base_model_name(config.refiner))
+                common.save_checkpoint(checkpoint_path, dict(
+                    lora=get_peft_model_state_dict(refiner.model), optimizer=optimizer.state_dict(),
+                    step=step, config=asdict(config), rng=torch.get_rng_state(),
+                ))
+            if divergence != 0.0:
+                log(f"warning: LoRA weights differ between ranks by {divergence:.3g}")
+            metrics["rank_divergence"] = divergence
+
+    # ---- final held-out score and metrics
+    if config.steps > start_step:
+        metrics["heldout_end"] = heldout(config.steps)
+    if dist_info.is_main:
+        previous = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
+        metrics = {**previous, **metrics, "steps": config.steps, "world_size": dist_info.world_size, "config": asdict(config)}
+        (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log(f"saved adapter and metrics in {out_dir}")
+    common.cleanup_distributed(dist_info)
+    return metrics
+
+
+def main():
+    config = common.parse_config(Config)
+    train(config)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

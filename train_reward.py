@@ -1,0 +1,411 @@
+"""
+train_reward.py: fit the diffusion-native latent reward model (LRM) on preference pairs.
+
+    python train_reward.py --data toy_world/pickapic-toy --backbone toy --out runs/lrm-toy      # the toy world
+    python train_reward.py --data yuvalkirstain/pickapic_v2 --backbone sd15 --max-pairs 200000 \\
+        --val-split validation_unique --out runs/lrm-sd15                                        # Pick-a-Pic v2
+    torchrun --nproc_per_node=8 train_reward.py ...                                             # DDP (nccl; gloo on CPU)
+
+The model (common.LatentRewardModel, after LPO and DiNa-LRM) scores a *noisy latent* x_t with the
+backbone's own UNet features (down blocks + mid block, pooled), a timestep embedding and a small
+head. Training, for each batch of pairs (w, l, y = P(w preferred)):
+
+    t ~ U[0, T), eps ~ N(0, I)                    the *same* t and eps for both images of a pair
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
+    p = Phi((r(w_t) - r(l_t)) / sqrt(2 v(t)))     noise-calibrated Thurstone, v(t) = v0 + kappa (1 - abar_t)
+    loss = NLL(p, y) | fidelity(p, y) | Bradley-Terry (sigmoid(r_w - r_l), the baseline)
+
+The VAE latents of the data are encoded once and cached on disk (--cache-dir). Validation reports
+accuracy and calibration error (ECE) per noise bucket t in [0,200), [200,400), ... and the accuracy
+of noise-ensembled vs single-draw scores of the clean latents; all in metrics.json.
+Output: OUT/model.safetensors + OUT/lrm_config.json (common.load_lrm, the reward `lrm:OUT`),
+OUT/ckpt.pt (resume), OUT/log.jsonl, OUT/metrics.json.
+
+Simplifications on purpose: pairs are drawn from latents held in memory (fine up to ~10^6 pairs at
+SD sizes); captions are re-encoded by the frozen text encoder each step (cheap next to the UNet);
+no multi-preference filtering of the data (LPO's MPCF); only rank 0 validates.
+"""
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import common
+
+# -----------------------------------------------------------------------------
+# config
+
+
+@dataclass
+class Config:
+    data: str = field(default="toy_world/pickapic-toy", metadata={"help": "preference pairs in the Pick-a-Pic v2 schema: a parquet file, a folder of {split}.parquet / {split}-*.parquet, or a hub id (e.g. yuvalkirstain/pickapic_v2, streamed)"})
+    val_data: str | None = field(default=None, metadata={"help": "validation pairs (same forms as --data); default: --data. If both are the same single file, every 10th row is held out"})
+    train_split: str = field(default="train", metadata={"help": "split of --data to train on"})
+    val_split: str = field(default="validation", metadata={"help": "split of --val-data to validate on (Pick-a-Pic v2: validation_unique)"})
+    backbone: str = field(default="toy", metadata={"help": "diffusion backbone whose UNet gives the features: alias (sd15, sdxl, toy, ...) or diffusers folder"})
+    out: str = field(default="runs/lrm", metadata={"help": "output folder (model, checkpoint, logs, metrics)"})
+    seed: int = field(default=0, metadata={"help": "random seed (data order, noise, init)"})
+    steps: int = field(default=600, metadata={"help": "optimizer steps"})
+    batch_size: int = field(default=32, metadata={"help": "pairs per step, over all processes"})
+    lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
+    grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
+    loss: str = field(default="thurstone-nll", metadata={"help": "thurstone-nll | thurstone-fidelity | bradley-terry"})
+    variance: str = field(default="fixed", metadata={"help": "Thurstone v(t) = v0 + kappa (1 - abar_t): fixed | learned"})
+    v0: float = field(default=0.5, metadata={"help": "v(t) at t = 0 (initial value if learned)"})
+    kappa: float = field(default=2.0, metadata={"help": "growth of v(t) with the noise level (initial value if learned)"})
+    hidden: int = field(default=256, metadata={"help": "width of the reward head"})
+    vfe_scale: float = field(default=0.0, metadata={"help": "LPO visual feature enhancement f_c + s (f_c - f_uncond); 0 = off"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the UNet's down/mid attention; 0 = frozen UNet"})
+    resolution: int | None = field(default=None, metadata={"help": "image side in pixels before encoding (default: the backbone's)"})
+    max_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs (needed for the hub's 1M pairs)"})
+    max_val_pairs: int = field(default=1000, metadata={"help": "use at most this many validation pairs"})
+    cache_latents: bool = field(default=True, metadata={"help": "encode the images with the VAE once and cache them on disk; false = encode every step"})
+    cache_dir: str | None = field(default=None, metadata={"help": "latent cache folder (default OUT/latent_cache)"})
+    eval_every: int = field(default=200, metadata={"help": "validate every N steps (and at the end)"})
+    save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
+    ensemble_draws: int = field(default=8, metadata={"help": "noise ensembling: (t, eps) draws averaged per clean latent"})
+    ensemble_t_max: int = field(default=400, metadata={"help": "noise ensembling: t ~ U[0, ensemble_t_max)"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
+    dtype: str = field(default="auto", metadata={"help": "backbone dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+    resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
+
+
+NOISE_BUCKETS = [(lo, lo + 200) for lo in range(0, 1000, 200)]
+
+
+def check_config(cfg):
+    if cfg.loss not in common.PREFERENCE_LOSSES:
+        raise common.UserError(f"unknown --loss '{cfg.loss}': use one of {', '.join(common.PREFERENCE_LOSSES)}")
+    if cfg.variance not in ("fixed", "learned"):
+        raise common.UserError(f"unknown --variance '{cfg.variance}': use fixed or learned")
+    if cfg.variance == "learned" and cfg.loss == "bradley-terry":
+        raise common.UserError("--variance learned needs a Thurstone loss (Bradley-Terry has no v(t))")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.v0 <= 0 or cfg.kappa < 0:
+        raise common.UserError("--steps, --batch-size, --lr and --v0 must be positive, --kappa >= 0")
+    if cfg.variance == "learned" and cfg.kappa == 0:
+        raise common.UserError("--variance learned needs --kappa > 0 (it is learned in log space)")
+    if not 0 < cfg.ensemble_t_max <= 1000 or cfg.ensemble_draws < 1:
+        raise common.UserError("--ensemble-t-max must be in (0, 1000] and --ensemble-draws >= 1")
+
+
+# -----------------------------------------------------------------------------
+# data: preference pairs -> VAE latents, cached on disk
+
+
+def read_pairs(source, split, resolution, max_pairs, keep_row=None):
+    """Decode pairs into uint8 pixel tensors: dict(pixels_0, pixels_1 (N, 3, S, S), labels (N,), captions, counts)."""
+    counts, pixels_0, pixels_1, labels, captions = {}, [], [], [], []
+    for pair in tqdm(common.iter_preference_pairs(source, split, counts), desc=f"read {split}", leave=False):
+        if keep_row is not None and not keep_row(pair["index"]):
+            continue
+        # keep uint8 in memory: 4x smaller than float
+        pixels_0.append(((common.image_to_tensor(pair["image_0"], resolution) + 1) * 127.5).round().to(torch.uint8))
+        pixels_1.append(((common.image_to_tensor(pair["image_1"], resolution) + 1) * 127.5).round().to(torch.uint8))
+        labels.append(pair["label_0"])
+        captions.append(pair["caption"])
+        if max_pairs is not None and len(labels) >= max_pairs:
+            break
+    if not labels:
+        raise common.UserError(f"no usable preference pairs in '{source}' (split '{split}'): {counts}")
+    return dict(pixels_0=torch.stack(pixels_0), pixels_1=torch.stack(pixels_1), labels=torch.tensor(labels), captions=captions, counts=counts)
+
+
+def encode_pixels(vae, pixels, batch_size=32):
+    """uint8 (N, 3, S, S) -> latents (N, C, S/f, S/f) on CPU, float32."""
+    out = []
+    for i in range(0, len(pixels), batch_size):
+        out.append(common.encode_latents(vae, pixels[i : i + batch_size].float() / 127.5 - 1).float().cpu())
+    return torch.cat(out).contiguous()
+
+
+def cache_path(cfg, backbone, source, split, resolution, max_pairs, holdout):
+    """One cache file per (data, split, backbone, resolution, subset): a changed input is a new file."""
+    files = common.preference_data_files(source, split) or [source]
+    stamp = [(f, Path(f).stat().st_mtime_ns if Path(f).exists() else 0) for f in files]
+    key = json.dumps([stamp, split, backbone.spec.source, resolution, max_pairs, holdout])
+    folder = Path(cfg.cache_dir or Path(cfg.out) / "latent_cache")
+    return folder / f"{split}-{hashlib.sha1(key.encode()).hexdigest()[:16]}.safetensors"
+
+
+def load_split(cfg, backbone, dist, source, split, resolution, max_pairs, holdout):
+    """Pairs of one split as latents (cached) or pixels (--cache-latents false).
+
+    holdout: None, "train" (rows not held out) or "val" (every 10th row) when one file feeds both."""
+    from safetensors.torch import load_file, save_file
+
+    keep_row = None if holdout is None else (lambda i: (i % 10 == 0) == (holdout == "val"))
+    if not cfg.cache_latents:
+        return read_pairs(source, split, resolution, max_pairs, keep_row)
+    path = cache_path(cfg, backbone, source, split, resolution, max_pairs, holdout)
+    if dist.is_main and not path.is_file():
+        pairs = read_pairs(source, split, resolution, max_pairs, keep_row)
+        t0 = time.time()
+        latents_0 = encode_pixels(backbone.pipe.vae, pairs["pixels_0"])
+        latents_1 = encode_pixels(backbone.pipe.vae, pairs["pixels_1"])
+        print(f"encoded {len(pairs['labels'])} {split} pairs in {time.time() - t0:.1f}s -> {path}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        metadata = {"captions": json.dumps(pairs["captions"]), "counts": json.dumps(pairs["counts"])}
+        save_file({"latents_0": latents_0, "latents_1": latents_1, "labels": pairs["labels"]}, str(path) + ".tmp", metadata=metadata)
+        Path(str(path) + ".tmp").replace(path)  # atomic: a killed encode leaves no half-written cache
+    barrier(dist)
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    return dict(tensors, captions=json.loads(metadata["captions"]), counts=json.loads(metadata["counts"]))
+
+
+def pair_latents(model, data, indices):
+    """Clean latents (B, C, h, w) of both sides of the pairs at `indices`; encodes now when not cached."""
+    if "latents_0" in data:
+        return data["latents_0"][indices], data["latents_1"][indices]
+    vae = model.backbone.pipe.vae
+    both = torch.cat([data["pixels_0"][indices], data["pixels_1"][indices]])
+    latents = common.encode_latents(vae, both.float() / 127.5 - 1).float().cpu()
+    return latents.chunk(2)
+
+
+def barrier(dist):
+    if dist.world_size > 1:
+        torch.distributed.barrier()
+
+
+# -----------------------------------------------------------------------------
+# small named helpers
+
+
+def learning_rate(step, cfg):
+    """Linear warmup to cfg.lr, then cosine decay to 10% of it."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    progress = (step - cfg.warmup_steps) / max(1, cfg.steps - cfg.warmup_steps)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def batch_indices(step, num_pairs, batch_size, seed):
+    """Global batch of pair indices for `step`: epochs of seeded permutations, a function of step only
+    (so a resumed run draws exactly the batches an uninterrupted one would)."""
+    start = step * batch_size
+    indices = []
+    while len(indices) < batch_size:
+        epoch, offset = divmod(start + len(indices), num_pairs)
+        order = torch.randperm(num_pairs, generator=torch.Generator().manual_seed(seed * 100_003 + epoch))
+        indices.extend(order[offset : offset + batch_size - len(indices)].tolist())
+    return torch.tensor(indices)
+
+
+def step_noise(step, seed, batch_size, latent_shape, num_timesteps):
+    """t (B,) and eps (B, C, h, w) of one global batch, seeded by step: the same on every rank."""
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step + 1)
+    t = torch.randint(0, num_timesteps, (batch_size,), generator=generator)
+    return t, torch.randn((batch_size, *latent_shape), generator=generator)
+
+
+def pair_rewards(model, latents_0, latents_1, noise, t, captions, device):
+    """Rewards (B,), (B,) of both images of each pair, noised with the same eps and t, in one forward."""
+    raw = model.module if hasattr(model, "module") else model
+    alpha_bar = raw.alphas_cumprod[t]
+    x_t = torch.cat([common.noisy_latents(latents_0, noise, alpha_bar), common.noisy_latents(latents_1, noise, alpha_bar)])
+    cond = raw.text_conditioning(captions + captions)
+    rewards = model(x_t.to(device), torch.cat([t, t]).to(device), cond)
+    return rewards.chunk(2)
+
+
+@torch.no_grad()
+def evaluate(model, data, cfg, device, batch_size=64):
+    """Accuracy and ECE per noise bucket (same t and eps for a pair), and noise-ensembled vs
+    single-draw accuracy on clean latents (each image scored on its own, as a reward is used)."""
+    model.eval()
+    n = len(data["labels"])
+    labels = data["labels"]
+    generator = torch.Generator().manual_seed(1234)  # the same validation noise at every evaluation
+    result = {"pairs": n, "ties": int((labels == 0.5).sum()), "buckets": {}}
+    for lo, hi in NOISE_BUCKETS:
+        probs, losses = [], []
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(n, i + batch_size))
+            latents_0, latents_1 = pair_latents(model, data, idx)
+            t = torch.randint(lo, hi, (len(idx),), generator=generator)
+            noise = torch.randn(latents_0.shape, generator=generator)
+            r_0, r_1 = pair_rewards(model, latents_0, latents_1, noise, t, [data["captions"][j] for j in idx], device)
+            variance = model.variance(t.to(device))
+            probs.append(common.preference_probability(cfg.loss, r_0, r_1, variance).cpu())
+            losses.append(common.preference_loss(cfg.loss, r_0, r_1, variance, labels[idx].to(device)).item() * len(idx))
+        p = torch.cat(probs)
+        result["buckets"][f"{lo}-{hi}"] = dict(
+            accuracy=common.pairwise_accuracy(p, labels), ece=common.expected_calibration_error(p, labels), loss=sum(losses) / n
+        )
+    scores = {}
+    for name, draws in (("single", 1), ("ensemble", cfg.ensemble_draws)):
+        gen = torch.Generator().manual_seed(4321)
+        r_0, r_1 = [], []
+        for i in range(0, n, batch_size):
+            idx = torch.arange(i, min(n, i + batch_size))
+            latents_0, latents_1 = pair_latents(model, data, idx)
+            captions = [data["captions"][j] for j in idx]
+            r_0.append(model.ensemble_score(latents_0.to(device), captions, draws, cfg.ensemble_t_max, gen).cpu())
+            r_1.append(model.ensemble_score(latents_1.to(device), captions, draws, cfg.ensemble_t_max, gen).cpu())
+        diff = torch.cat(r_0) - torch.cat(r_1)
+        scores[f"{name}_accuracy"] = common.pairwise_accuracy(torch.sigmoid(diff), labels)
+    result.update(scores, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max)
+    model.train()
+    return result
+
+
+def eval_line(step, result):
+    buckets = " ".join(f"{k}:{v['accuracy']:.3f}" for k, v in result["buckets"].items())
+    return f"eval {step:05d} | acc per t-bucket {buckets} | single {result['single_accuracy']:.3f} | ensemble {result['ensemble_accuracy']:.3f}"
+
+
+# -----------------------------------------------------------------------------
+# main
+
+
+def main():
+    cfg = common.parse_config(Config)
+    check_config(cfg)
+    dist = common.setup_distributed(cfg.device)
+    if cfg.batch_size % dist.world_size:
+        raise common.UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
+    common.seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    device, dtype = dist.device, common.pick_dtype(cfg.dtype, dist.device)
+    ckpt_path = out / "ckpt.pt"
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.resume and not ckpt_path.is_file():
+        raise common.UserError(f"--resume: no checkpoint at {ckpt_path}")
+
+    # --- backbone, data
+    backbone = common.load_backbone(cfg.backbone, device, dtype)
+    resolution = cfg.resolution or backbone.spec.size or backbone.pipe.unet.config.sample_size * backbone.pipe.vae_scale_factor
+    val_source = cfg.val_data or cfg.data
+    same_file = Path(cfg.data).is_file() and Path(val_source).is_file() and Path(cfg.data).resolve() == Path(val_source).resolve()
+    train = load_split(cfg, backbone, dist, cfg.data, cfg.train_split, resolution, cfg.max_pairs, "train" if same_file else None)
+    val = load_split(cfg, backbone, dist, val_source, cfg.val_split, resolution, cfg.max_val_pairs, "val" if same_file else None)
+    num_pairs = len(train["labels"])
+    latent_shape = tuple(train["latents_0"].shape[1:]) if "latents_0" in train else (
+        backbone.pipe.vae.config.latent_channels, resolution // backbone.pipe.vae_scale_factor, resolution // backbone.pipe.vae_scale_factor)
+    if dist.is_main:
+        print(f"train pairs {num_pairs} (rows {train['counts']}) | val pairs {len(val['labels'])} (rows {val['counts']})")
+
+    # --- model, optimizer
+    backbone_name = cfg.backbone if cfg.backbone in common.BACKBONES else str(Path(cfg.backbone).resolve()) if Path(cfg.backbone).exists() else cfg.backbone
+    lrm_config = common.LRMConfig(
+        backbone=backbone_name, hidden=cfg.hidden, vfe_scale=cfg.vfe_scale, lora_rank=cfg.lora_rank, variance=cfg.variance,
+        v0=cfg.v0, kappa=cfg.kappa, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max,
+    )
+    model = common.LatentRewardModel(backbone, lrm_config).train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    start_step, history = 0, []
+    if cfg.resume:
+        ckpt = common.load_checkpoint(ckpt_path)
+        if ckpt["config"] != asdict(cfg) | {"resume": ckpt["config"]["resume"], "steps": ckpt["config"]["steps"]}:
+            raise common.UserError(f"--resume: {ckpt_path} was written with a different config (only --steps may change)")
+        model.load_trainable_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        torch.set_rng_state(ckpt["rng"])
+        start_step, history = ckpt["step"], ckpt["eval_history"]
+        if dist.is_main:
+            print(f"resumed from {ckpt_path} at step {start_step}")
+    ddp_model = model
+    if dist.world_size > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    def save(step):
+        if dist.is_main:
+            common.save_checkpoint(ckpt_path, dict(
+                model=model.trainable_state_dict(), optimizer=optimizer.state_dict(), step=step,
+                rng=torch.get_rng_state(), config=asdict(cfg), eval_history=history,
+            ))
+        barrier(dist)
+
+    # --- training loop
+    local = cfg.batch_size // dist.world_size
+    log = None
+    if dist.is_main:
+        # on resume, drop the log lines of steps after the checkpoint (they are redone)
+        old = (out / "log.jsonl").read_text().splitlines() if cfg.resume and (out / "log.jsonl").is_file() else []
+        log = open(out / "log.jsonl", "w")
+        log.writelines(line + "\n" for line in old if json.loads(line)["step"] <= start_step)
+    skipped_steps, step_times = 0, []
+    for step in range(start_step, cfg.steps):
+        t0 = time.time()
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(step, cfg)
+        # global batch drawn identically on every rank, then each rank takes its slice
+        indices = batch_indices(step, num_pairs, cfg.batch_size, cfg.seed)
+        t, noise = step_noise(step, cfg.seed, cfg.batch_size, latent_shape, model.num_timesteps)
+        part = slice(dist.rank * local, (dist.rank + 1) * local)
+        indices, t, noise = indices[part], t[part], noise[part]
+        latents_0, latents_1 = pair_latents(model, train, indices)
+        captions = [train["captions"][i] for i in indices]
+        targets = train["labels"][indices].to(device)
+        r_0, r_1 = pair_rewards(ddp_model, latents_0, latents_1, noise, t, captions, device)
+        variance = model.variance(t.to(device))
+        loss = common.preference_loss(cfg.loss, r_0, r_1, variance, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
+        if finite:
+            optimizer.step()
+        else:  # a NaN/inf loss or gradient is reported and never applied
+            skipped_steps += 1
+        dt = time.time() - t0
+        step_times.append(dt)
+        if dist.is_main:
+            p = common.preference_probability(cfg.loss, r_0, r_1, variance).detach().cpu()
+            record = dict(step=step + 1, loss=loss.item(), accuracy=common.pairwise_accuracy(p, targets.cpu()),
+                          lr=learning_rate(step, cfg), grad_norm=grad_norm.item(), dt=dt, skipped=skipped_steps)
+            if cfg.variance == "learned":
+                record.update(v0=model.log_v0.exp().item(), kappa=model.log_kappa.exp().item())
+            print(f"step {step + 1:05d}/{cfg.steps} | loss {record['loss']:.4f} | acc {record['accuracy']:.3f} | "
+                  f"lr {record['lr']:.2e} | dt {dt * 1000:.0f}ms" + ("" if finite else " | non-finite, skipped"), flush=True)
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+            if dist.is_main:
+                result = evaluate(model, val, cfg, device)
+                history.append(dict(step=step + 1, **result))
+                print(eval_line(step + 1, result), flush=True)
+                log.write(json.dumps(dict(step=step + 1, eval=result)) + "\n")
+            barrier(dist)
+        if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
+            save(step + 1)
+
+    # --- final validation, save
+    if dist.is_main:
+        result = evaluate(model, val, cfg, device)
+        print(eval_line(cfg.steps, result))
+        common.save_lrm(model, out)
+        # an epoch = one pass over the training pairs at this batch size (step times of this process)
+        steps_per_epoch = num_pairs / cfg.batch_size
+        mean_dt = sum(step_times) / max(1, len(step_times))
+        metrics = dict(
+            final=result, history=history, train_rows=train["counts"], val_rows=val["counts"], train_pairs=num_pairs,
+            skipped_steps=skipped_steps, cache_latents=cfg.cache_latents, mean_step_s=mean_dt,
+            epoch_time_s=mean_dt * steps_per_epoch, world_size=dist.world_size, config=asdict(cfg),
+        )
+        toy_metrics = common.TOY_DIR / "metrics.json"
+        if toy_metrics.is_file():  # the toy world's label noise ceiling, for comparison
+            metrics["toy_world"] = json.loads(toy_metrics.read_text())
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        log.close()
+    barrier(dist)
+    common.cleanup_distributed(dist)
+
+
+if __name__ == "__main__":
+    common.run_cli(main)
