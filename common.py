@@ -115,7 +115,8 @@ class Backbone:
 
 
 def _looks_like_path(name):
-    return os.sep in name or name.startswith(".") or Path(name).exists()
+    """A local path rather than a hub id: it exists, is explicit (/, ./, ~) or is deeper than owner/name."""
+    return Path(name).exists() or name.startswith((".", "/", "~")) or name.count("/") > 1 or os.sep not in "/" and os.sep in name
 
 
 def backbone_spec(name):
@@ -548,13 +549,14 @@ class Refiner:
     def token_logprobs(self, inputs, completion_ids, completion_mask):
         """Teacher-forced log pi(completion | inputs): (B, T); differentiable (no no_grad here)."""
         device = self.model.device
-        prompt_len = inputs["input_ids"].shape[1]
         forward = {k: v.to(device) for k, v in inputs.items()}
         forward["input_ids"] = torch.cat([forward["input_ids"], completion_ids.to(device)], 1)
         forward["attention_mask"] = torch.cat([forward["attention_mask"], completion_mask.to(device)], 1)
         if "mm_token_type_ids" in forward:  # generated tokens are text (type 0)
             forward["mm_token_type_ids"] = torch.cat([forward["mm_token_type_ids"], torch.zeros_like(completion_ids).to(device)], 1)
-        logits = self.model(**forward, use_cache=False).logits[:, prompt_len - 1 : -1]  # (B, T, V)
+        # only the T+1 last positions' logits: the full-sequence logits (vocab 152k) would dominate memory
+        steps = completion_ids.shape[1]
+        logits = self.model(**forward, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V)
         logprobs = torch.log_softmax(self._policy_logits(logits), -1)
         return logprobs.gather(-1, completion_ids.to(device).unsqueeze(-1)).squeeze(-1) * completion_mask.to(device)
 
@@ -696,8 +698,11 @@ def toy_analyze(images, border=2):
         # non-uniform frame = a background that changed its mind half way (or noise)
         frame_spread = distance[frame].mean().item()
         clean = max(0.0, 1.0 - frame_spread / 0.3)  # two backgrounds half and half: ~0.3-0.5
-        peak = distance.max().item()
-        mask = distance > max(0.5 * peak, 0.1) if peak > 0.15 else torch.zeros(h, w, dtype=torch.bool)
+        # the shape never reaches the frame: frame pixels are left out of the mask, so a decoder's
+        # rim artefacts along the image edge cannot stretch the shape's bounding box
+        inner = distance.masked_fill(frame, 0.0)
+        peak = inner.flatten().quantile(0.99).item()  # robust to a few outlier pixels
+        mask = inner > max(0.5 * peak, 0.1) if peak > 0.15 else torch.zeros(h, w, dtype=torch.bool)
         area = mask.float().mean().item()
         info = dict(background=_nearest_toy_colour(background), area=area, clean=clean, contrast=0.0,
                     colour=None, shape=None, size=None, extent=0.0)
@@ -733,8 +738,10 @@ def toy_aesthetic(images, prompts=None, **_):
     (0.6 contrast(shape, background) + 0.4 min(1, area / 0.3)) x (0.5 + 0.5 clean):
     a large shape that stands out on a clean background scores high. The prompt is ignored.
     What a refiner can learn: add "large"; choose a shape colour that contrasts with the
-    background -- which, when the user left the background free, it only knows from the preview
-    (the background is settled early in sampling, the shape colour later)."""
+    background (the best one depends on the background: white on black, black on white), which
+    it can read from the preview when the user left the background free -- or, blind, name a
+    background too. With the committed toy backbones a prompt change at step 7 of 20 still
+    moves the background, so naming both does about as well (see toy.py, stage "measure")."""
     scores = [
         (0.6 * r["contrast"] + 0.4 * min(1.0, r["area"] / 0.3)) * (0.5 + 0.5 * r["clean"])
         for r in toy_analyze(images)
@@ -781,6 +788,18 @@ def _parquet_files(folder, split):
     return named if named else files
 
 
+def _check_caption_column(files):
+    import pyarrow.parquet as pq
+
+    for f in files:
+        try:
+            names = pq.read_schema(f).names
+        except Exception as e:  # pyarrow raises its own ArrowInvalid for files that are not parquet
+            raise UserError(f"cannot read parquet file '{f}': {str(e).strip().splitlines()[0]}") from e
+        if CAPTION_COLUMN not in names:
+            raise UserError(f"'{f}' has no '{CAPTION_COLUMN}' column (columns: {', '.join(names[:8])})")
+
+
 def _caption_rows(source, split):
     """Iterate the raw caption column of a parquet file/folder or a hub data set."""
     import datasets
@@ -790,6 +809,7 @@ def _caption_rows(source, split):
             files = [str(source)] if Path(source).is_file() else [str(f) for f in _parquet_files(source, split)]
             if not files:
                 raise UserError(f"no parquet files in '{source}'")
+            _check_caption_column(files)
             rows = datasets.load_dataset("parquet", data_files=files, split="train", columns=[CAPTION_COLUMN])
         else:
             rows = datasets.load_dataset(source, split=split, streaming=True, columns=[CAPTION_COLUMN])
@@ -797,7 +817,8 @@ def _caption_rows(source, split):
             yield row[CAPTION_COLUMN]
     except UserError:
         raise
-    except (OSError, ValueError, KeyError, ImportError, datasets.exceptions.DatasetNotFoundError) as e:
+    except (OSError, ValueError, KeyError, ImportError, datasets.exceptions.DatasetNotFoundError,
+            datasets.exceptions.DatasetGenerationError) as e:
         message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read captions ('{CAPTION_COLUMN}' column) from '{source}' split '{split}': {message}") from e
 
@@ -907,11 +928,14 @@ def length_score(num_tokens, budget=77):
 
 
 def load_clip_tokenizer(source=None):
-    """CLIP tokenizer by hub id or folder (a diffusers pipeline folder: its `tokenizer/`)."""
+    """CLIP tokenizer by hub id or folder; a backbone alias (e.g. `toy`, `sd15`) or a diffusers
+    pipeline folder gives the pipeline's own `tokenizer/`."""
     from transformers import AutoTokenizer
 
     source = source or "openai/clip-vit-large-patch14"
-    subfolder = "tokenizer" if Path(source, "tokenizer").is_dir() else ""
+    is_backbone = source in BACKBONES
+    source = BACKBONES[source].source if is_backbone else source
+    subfolder = "tokenizer" if is_backbone or Path(source, "tokenizer").is_dir() else ""
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, subfolder=subfolder)
     except (OSError, ValueError) as e:
@@ -923,8 +947,9 @@ def load_clip_tokenizer(source=None):
 
 
 def length_reward(arg, device, dtype):
-    """length[:TOKENIZER]: scores the refined prompt (the user prompt when there is none) with
-    length_score; the budget is the tokenizer's model_max_length (77 for CLIP)."""
+    """length[:BACKBONE|TOKENIZER]: scores the refined prompt (the user prompt when there is none)
+    with length_score; the budget is the tokenizer's model_max_length (77 for CLIP). Default: the
+    CLIP ViT-L/14 tokenizer (SD1.5's); `length:toy` reads the toy backbone's, offline."""
     tokenizer = load_clip_tokenizer(arg)
 
     def fn(images, prompts, *, refined_prompts=None, **_):
@@ -939,11 +964,12 @@ def structure_score(answers):
     """1 if an answer followed the required format (parse_answer accepts it), else 0.
 
     answers: one answer per sample (answers[b]), or one list per refinement (answers[k][b], as
-    RefinedSample.prompts), in which case a sample scores the fraction of its answers that did."""
-    if answers and not isinstance(answers[0], str):
+    RefinedSample.prompts), in which case a sample scores the fraction of its answers that did.
+    A missing answer (None) did not follow the format."""
+    if answers and isinstance(answers[0], (list, tuple)):
         per_step = torch.stack([structure_score(step) for step in answers])  # (K, B)
         return per_step.mean(0)
-    return torch.tensor([float(parse_answer(a) is not None) for a in answers], dtype=torch.float32)
+    return torch.tensor([float(isinstance(a, str) and parse_answer(a) is not None) for a in answers], dtype=torch.float32)
 
 
 def structure_reward(arg, device, dtype):
@@ -1139,14 +1165,23 @@ def aesthetic_reward(arg, device, dtype):
 
 
 def hps_transform(size):
-    """HPSv2's validation transform (its open_clip fork, image_transform(is_train=False)): to tensor
-    *first*, then a bicubic tensor resize of the short side, centre crop, normalise."""
-    from torchvision import transforms as T
+    """HPSv2's validation transform, as img_score.py builds it (its open_clip fork's
+    image_transform(resize_longest_max=True)): to tensor *first*, bicubic resize of the *long* side
+    to `size`, zero padding to a centred square (no crop), normalise."""
+    from torchvision.transforms import functional as TF
 
-    return T.Compose([
-        T.Lambda(lambda image: image.convert("RGB")), T.ToTensor(),
-        T.Resize(size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(size), T.Normalize(CLIP_MEAN, CLIP_STD),
-    ])
+    def transform(image):
+        pixels = TF.to_tensor(image.convert("RGB"))  # (3, H, W)
+        height, width = pixels.shape[1:]
+        scale = size / max(height, width)
+        if scale != 1.0:
+            new_height, new_width = round(height * scale), round(width * scale)
+            pixels = TF.resize(pixels, [new_height, new_width], TF.InterpolationMode.BICUBIC)
+            pad_h, pad_w = size - new_height, size - new_width
+            pixels = TF.pad(pixels, [pad_w // 2, pad_h // 2, pad_w - pad_w // 2, pad_h - pad_h // 2], fill=0)
+        return TF.normalize(pixels, CLIP_MEAN, CLIP_STD)
+
+    return transform
 
 
 def load_hps_model(checkpoint, model_name="ViT-H-14", device="cpu", dtype=torch.float32):
@@ -1275,15 +1310,27 @@ def imagereward_scorer(model, tokenizer, device, dtype):
     return _uses(fn, "images")
 
 
-def imagereward_reward(arg, device, dtype):
-    """imagereward[:FILE|FOLDER]: THUDM/ImageReward ImageReward.pt (a folder may also hold the
-    bert-base-uncased tokenizer files)."""
-    checkpoint = _weights_file(arg, "ImageReward.pt", "THUDM/ImageReward")
-    model = ImageRewardModel()
+def load_imagereward(source=None, device="cpu", dtype=torch.float32, vision_config=None):
+    """(ImageRewardModel, tokenizer) as the official ImageReward.load builds them: ImageReward.pt and
+    med_config.json from THUDM/ImageReward (or a local folder holding them, optionally with the
+    bert-base-uncased tokenizer files; or the .pt file itself). vision_config: ViT-L/16 unless given."""
+    checkpoint = _weights_file(source, "ImageReward.pt", "THUDM/ImageReward")
+    folder = Path(checkpoint).parent if source is not None else None
+    if folder is not None and (folder / "med_config.json").is_file():
+        med_config = json.loads((folder / "med_config.json").read_text())
+    else:
+        med_config = json.loads(Path(_weights_file(None, "med_config.json", "THUDM/ImageReward")).read_text())
+    text_config = {k: med_config[k] for k in IMAGEREWARD_TEXT if k in med_config}
+    model = ImageRewardModel(text_config, vision_config)
     model.load_state_dict(imagereward_state_dict(load_weights(checkpoint)), strict=True)
-    has_tokenizer = arg is not None and Path(arg, "vocab.txt").is_file()
-    tokenizer = load_imagereward_tokenizer(arg if has_tokenizer else "google-bert/bert-base-uncased")
-    return imagereward_scorer(model.to(device, dtype).eval(), tokenizer, device, dtype)
+    has_tokenizer = folder is not None and any((folder / f).is_file() for f in ("vocab.txt", "tokenizer.json"))
+    tokenizer = load_imagereward_tokenizer(str(folder) if has_tokenizer else "google-bert/bert-base-uncased")
+    return model.to(device, dtype).eval(), tokenizer
+
+
+def imagereward_reward(arg, device, dtype):
+    """imagereward[:FILE|FOLDER]: THUDM/ImageReward (BLIP ViT-L + med BERT + MLP)."""
+    return imagereward_scorer(*load_imagereward(arg, device, dtype), device, dtype)
 
 
 # --- the VLM judge --------------------------------------------------------------------------------
@@ -1438,7 +1485,8 @@ class Reward:
             self.last_terms[term.label] = scores
             if not torch.isfinite(scores).all():
                 bad[term.label] = int((~torch.isfinite(scores)).sum())
-            total = total + term.weight * scores
+            if term.weight != 0:  # a weight-0 term is only logged: its NaNs must not void the sum
+                total = total + term.weight * scores
         nonfinite = ~torch.isfinite(total)
         total[nonfinite] = math.nan  # +inf - inf, inf * w, ...: all become "skip this sample"
         self.last_nonfinite = int(nonfinite.sum())
@@ -1695,7 +1743,7 @@ class LatentRewardModel(torch.nn.Module):
     """r(x_t, c, t): a reward on noisy latents from the diffusion backbone's own features.
 
     x_t (B, C, h, w), prompt c, timestep t (B,) -> UNet down blocks + mid block (forward hooks;
-    the up blocks are skipped) -> per-block channel mean and std over space, concatenated
+    the up blocks are skipped) -> per-block channel mean, std and 2x2-grid means, concatenated
     (B, F) -> LayerNorm, + a sinusoidal timestep embedding -> MLP -> scalar (B,).
     The UNet is frozen; with lora_rank > 0 a LoRA adapter is added to *this backbone's* UNet (so
     give the model its own backbone). v(t) is the Thurstone noise variance."""
@@ -1718,14 +1766,15 @@ class LatentRewardModel(torch.nn.Module):
             target = r".*(down_blocks|mid_block)\..*\.(to_q|to_k|to_v|to_out\.0)"
             self.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=target))
         channels = list(self.unet.config.block_out_channels)
-        feature_dim = 2 * (sum(channels) + channels[-1])  # mean + std of each down block and the mid block
+        feature_dim = 6 * (sum(channels) + channels[-1])  # mean, std, 2x2 grid of each down block and the mid block
         self.feature_norm = torch.nn.LayerNorm(feature_dim)
         self.time_embedding = torch.nn.Sequential(
             Timesteps(config.hidden, flip_sin_to_cos=True, downscale_freq_shift=0), torch.nn.Linear(config.hidden, config.hidden), torch.nn.SiLU()
         )
+        # no bias on the output: preferences only see reward differences, so it would get no gradient
         self.head = torch.nn.Sequential(
             torch.nn.Linear(feature_dim + config.hidden, config.hidden), torch.nn.SiLU(),
-            torch.nn.Linear(config.hidden, config.hidden), torch.nn.SiLU(), torch.nn.Linear(config.hidden, 1),
+            torch.nn.Linear(config.hidden, config.hidden), torch.nn.SiLU(), torch.nn.Linear(config.hidden, 1, bias=False),
         )
         self.register_buffer("alphas_cumprod", backbone.pipe.scheduler.alphas_cumprod.float().clone(), persistent=False)
         if config.variance == "learned":
@@ -1771,12 +1820,13 @@ class LatentRewardModel(torch.nn.Module):
         return out
 
     def _unet_features(self, x_t, timesteps, prompt_embeds, text_embeds=None):
-        """(B, F): channel mean and std of each down block's and the mid block's output."""
+        """(B, F): channel mean, std and 2x2-grid means of each down block's and the mid block's output."""
         pooled = []
 
         def pool(output):
             h = (output[0] if isinstance(output, tuple) else output).float()  # down blocks return (h, residuals)
-            pooled.extend([h.mean((2, 3)), h.std((2, 3))])
+            # a 2x2 grid of means keeps a coarse layout (centre vs. border) that global pooling loses
+            pooled.extend([h.mean((2, 3)), h.std((2, 3)), F.adaptive_avg_pool2d(h, 2).flatten(1)])
 
         def stop(module, inputs, output):
             pool(output)
@@ -1828,14 +1878,17 @@ class LatentRewardModel(torch.nn.Module):
         independent (t ~ U[0, t_max), eps ~ N(0, I)) draws. generator: a torch.Generator on CPU."""
         draws = draws or self.config.ensemble_draws
         t_max = t_max or self.config.ensemble_t_max
-        cond = self.text_conditioning(prompts)
-        total = torch.zeros(len(latents), device=latents.device)
+        b = len(latents)
+        cond = {k: v.repeat(draws, *[1] * (v.dim() - 1)) for k, v in self.text_conditioning(prompts).items()}
+        # all draws in one batched forward (rows ordered draw-major: row d*B + b)
+        ts, noises = [], []
         for _ in range(draws):
-            t = torch.randint(0, t_max, (len(latents),), generator=generator)
-            noise = torch.randn(latents.shape, generator=generator).to(latents.device, latents.dtype)
-            x_t = noisy_latents(latents, noise, self.alphas_cumprod[t].to(latents.device))
-            total += self(x_t, t.to(latents.device), cond)
-        return total / draws
+            ts.append(torch.randint(0, t_max, (b,), generator=generator))
+            noises.append(torch.randn(latents.shape, generator=generator))
+        t = torch.cat(ts)  # (D*B,)
+        noise = torch.cat(noises).to(latents.device, latents.dtype)  # (D*B, C, h, w)
+        x_t = noisy_latents(latents.repeat(draws, 1, 1, 1), noise, self.alphas_cumprod[t].to(latents.device))
+        return self(x_t, t.to(latents.device), cond).view(draws, b).mean(0)
 
     def trainable_state_dict(self):
         """Head, timestep embedding, learned variance, LoRA weights: what training changes (no frozen UNet)."""

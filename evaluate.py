@@ -7,6 +7,12 @@ Rewards across backbones, baseline vs refined: the tables behind the paper's cla
         --rewards imagereward,hpsv2,aesthetic --prompts yuvalkirstain/pickapic_v2 --limit 500 --seeds 0
     python evaluate.py --backbones sd15 --unet dpo-sd15 --refiner ADAPTER_DIR ...  # composition with Diffusion-DPO
     python evaluate.py --backbones sd15 --refiner none ...                         # baseline only
+    python evaluate.py --backbones toy --refiner none --rewards toy-aesthetic \
+        --lrm runs/lrm --preference-data toy_world/pickapic-toy ...               # + LRM accuracy per noise bucket
+
+A composite reward goes into the list with '+' between its terms: --rewards imagereward,imagereward:1+vlm:0.5.
+One process on one device (--device auto: the GPU if there is one); to spread the work over
+several GPUs, run one backbone per process with its own --out.
 
 For every backbone, every (seed, prompt) is sampled twice from the *same* initial noise (one
 torch.Generator per image, seeded by seed and prompt index): once with the plain pipeline
@@ -68,6 +74,7 @@ class Config:
     preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey preview (the no-feedback ablation)"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
+    max_new_tokens: int = field(default=96, metadata={"help": "refiner answer budget in tokens (a cut-off answer is unusable: current prompt kept)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per pipeline call"})
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
     sheet_prompts: int = field(default=4, metadata={"help": "prompts shown in samples.png (first seed)"})
@@ -102,6 +109,17 @@ def parse_seeds(text):
         raise common.UserError(f"--seeds must be comma-separated integers, got '{text}'") from None
 
 
+def backbone_labels(names, variant=""):
+    """Short labels for the tables: an alias as is, a folder by its name (made unique)."""
+    labels = []
+    for name in names:
+        label = Path(name).name if Path(name).is_dir() else name
+        while label + variant in labels:
+            label += "'"
+        labels.append(label + variant)
+    return labels
+
+
 def check(config):
     if config.refine_steps < 0:
         raise common.UserError(f"--refine-steps must be >= 0, got {config.refine_steps}")
@@ -111,6 +129,8 @@ def check(config):
         raise common.UserError(f"--batch-size must be >= 1, got {config.batch_size}")
     if config.limit < 0:
         raise common.UserError(f"--limit must be >= 0, got {config.limit}")
+    if config.max_new_tokens < 1:
+        raise common.UserError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
     if config.temperature < 0:
         raise common.UserError(f"--temperature must be >= 0, got {config.temperature}")
     if not 0 < config.confidence < 1:
@@ -218,7 +238,7 @@ def image_generators(seed, indices):
 
 def score_images(rewards, sample, user_prompts):
     """Every reward on one batch: {label: (B,) float64 numpy}."""
-    answers = sample.refiner_outputs[-1].answers if sample.refiner_outputs else None
+    answers = [out.answers for out in sample.refiner_outputs] or None  # answers[k][b]
     scores = {}
     for label, reward in rewards.items():
         values = reward(sample.images, user_prompts, refined_prompts=sample.final_prompts, answers=answers, latents=sample.latents)
@@ -250,7 +270,7 @@ def evaluate_backbone(backbone, refiner, rewards, prompts, seeds, config, sheet_
         user_prompts = [prompts[i] for i in indices]
         samples, scores = {}, {}
         for arm, arm_refiner in arms.items():  # side by side, batch by batch: shared machine load hits both
-            torch.manual_seed(seed * 1_000_003 + start)  # the refiner samples with the global generator
+            torch.manual_seed(seed * 1_000_003 + start)  # the refiner samples with the global generator (same --batch-size, same result)
             t0 = time.perf_counter()
             samples[arm] = common.refined_sample(backbone, user_prompts, arm_refiner, generator=image_generators(seed, indices), **sample_kwargs)
             seconds[arm] += time.perf_counter() - t0
@@ -291,18 +311,18 @@ def summarize(records, reward_labels, backbone_labels, timing, confidence):
             if has_refined:
                 refined = np.array([r["scores"]["refined"][label] for r in mine])
                 refined, base, dropped = finite_pairs(refined, base)
-                b, r_, d = mean_ci(base, confidence), mean_ci(refined, confidence), paired_difference(refined, base, confidence)
-                win = win_rate(refined, base)
+                base_ci, refined_ci = mean_ci(base, confidence), mean_ci(refined, confidence)
+                diff_ci, win = paired_difference(refined, base, confidence), win_rate(refined, base)
             else:
                 dropped = int((~np.isfinite(base)).sum())
-                b = mean_ci(base[np.isfinite(base)], confidence)
-                r_ = d = Interval(math.nan, math.nan, math.nan, 0)
+                base_ci = mean_ci(base[np.isfinite(base)], confidence)
+                refined_ci = diff_ci = Interval(math.nan, math.nan, math.nan, 0)
                 win = math.nan
             row.update(
-                n=b.n, nonfinite_dropped=dropped,
-                baseline_mean=b.mean, baseline_low=b.low, baseline_high=b.high,
-                refined_mean=r_.mean, refined_low=r_.low, refined_high=r_.high,
-                diff_mean=d.mean, diff_low=d.low, diff_high=d.high, win_rate=win,
+                n=base_ci.n, nonfinite_dropped=dropped,
+                baseline_mean=base_ci.mean, baseline_low=base_ci.low, baseline_high=base_ci.high,
+                refined_mean=refined_ci.mean, refined_low=refined_ci.low, refined_high=refined_ci.high,
+                diff_mean=diff_ci.mean, diff_low=diff_ci.low, diff_high=diff_ci.high, win_rate=win,
                 baseline_s_per_image=base_s, refined_s_per_image=refined_s, overhead=refined_s / base_s,
                 fallback_rate=t["fallbacks"] / t["refinements"] if t["refinements"] else math.nan,
             )
@@ -334,17 +354,19 @@ def markdown_table(rows, confidence):
         lines.append(
             f"| {r['backbone']} | {r['reward']} | {r['n']} | {_interval(r['baseline_mean'], r['baseline_low'], r['baseline_high'])} "
             f"| {_interval(r['refined_mean'], r['refined_low'], r['refined_high'])} | {_interval(r['diff_mean'], r['diff_low'], r['diff_high'])} "
-            f"| {_num(r['win_rate'], 2)} | {_num(r['baseline_s_per_image'])} | {_num(r['refined_s_per_image'])} | {_num(r['overhead'], 2)}× |"
+            f"| {_num(r['win_rate'], 2)} | {_num(r['baseline_s_per_image'])} | {_num(r['refined_s_per_image'])} | {_num(r['overhead'], 2)}{'×' * math.isfinite(r['overhead'])} |"
         )
     return "\n".join(lines)
 
 
 def write_markdown(path, rows, meta, lrm_rows=None):
     config = meta["config"]
+    refined = config["refiner"] not in (None, "", "none")
     notes = [
         f"- refiner: `{config['refiner']}`" + (f" + adapter `{config['adapter']}`" if config["adapter"] else "")
-        + f", K = {config['refine_steps']} refinements, preview decoder `{config['preview_decoder']}`"
-        + (", blank previews" if config["blank_preview"] else "") + f", temperature {config['temperature']}",
+        + (f", K = {config['refine_steps']} refinements, preview decoder `{config['preview_decoder']}`"
+           + (", blank previews" if config["blank_preview"] else "") + f", temperature {config['temperature']}"
+           if refined else " (baseline only)"),
         f"- prompts: `{config['prompts']}` (split {config['split']}), {meta['num_prompts']} prompts × seeds {meta['seeds']}",
         f"- intervals: Student's t, {config['confidence']:.0%}, an image is the unit; the difference is paired (same seed, same prompt, same initial noise)",
         "- win rate: share of pairs where the refined image scores higher (ties count half)",
@@ -363,7 +385,14 @@ def write_markdown(path, rows, meta, lrm_rows=None):
         "Reproduce:", "", "```", meta["command"], "```", "",
     ]
     if lrm_rows:
-        text += ["## Preference accuracy on held-out pairs", "", lrm_table(lrm_rows), ""]
+        counts = meta["preference_pairs"]
+        text += [
+            "## Preference accuracy on held-out pairs", "",
+            f"`{config['lrm']}` on `{config['preference_data']}` (split {config['preference_split']}): "
+            f"{counts['used']} pairs used of {counts['rows']} rows, {counts['ties']} ties (left out of the accuracy). "
+            "The LRM scores noisy latents: both images of a pair share t and eps.", "",
+            lrm_table(lrm_rows), "",
+        ]
     Path(path).write_text("\n".join(text))
 
 
@@ -442,26 +471,35 @@ def _font(size):
 def sample_sheet(sheets, prompts, title):
     """Rows = prompts, columns = backbone x (baseline, refined); the user prompt over each row,
     the final refined prompt under each refined image."""
-    font, line_height, chars = _font(12), 15, CELL // 7
+    font, line_height, chars, gap = _font(12), 15, CELL // 7, 12
     columns = [(backbone, arm) for backbone, sheet in sheets.items() for arm in ("baseline", "refined") if arm in sheet]
+    lefts, x = [], 0
+    for c, (backbone, arm) in enumerate(columns):  # a gap between backbones
+        x += gap if c and arm == "baseline" else 0
+        lefts.append(x)
+        x += CELL
     rows = min(len(sheet["baseline"]) for sheet in sheets.values())
-    caption_lines = 5
-    row_height = line_height * 2 + CELL + line_height * (caption_lines + 1)
-    image = Image.new("RGB", (CELL * len(columns), 24 + line_height + rows * row_height), "white")
+    captions = {backbone: [textwrap.wrap("refined prompt: " + p, chars)[:6] for p in sheet["final_prompts"]]
+                for backbone, sheet in sheets.items() if "refined" in sheet}
+    caption_lines = max([len(lines) for per_prompt in captions.values() for lines in per_prompt], default=0)
+    width = max(x, 2 * CELL)  # room for the prompt even with one column
+    row_height = line_height * 3 + CELL + line_height * caption_lines + 10
+    image = Image.new("RGB", (width, 40 + line_height + rows * row_height), "white")
     draw = ImageDraw.Draw(image)
-    draw.text((4, 4), title, fill="black", font=font)
-    for c, (backbone, arm) in enumerate(columns):
-        draw.text((c * CELL + 4, 24), f"{backbone}: {arm}", fill="gray", font=font)
+    for j, line in enumerate(textwrap.wrap(title, width // 7)[:2]):
+        draw.text((4, 4 + line_height * j), line, fill="black", font=font)
+    for left, (backbone, arm) in zip(lefts, columns):
+        draw.text((left + 4, 40), f"{backbone}: {arm}", fill="gray", font=font)
     for b in range(rows):
-        top = 24 + line_height + b * row_height
-        draw.text((4, top + 2), textwrap.shorten(f"user prompt: {prompts[b]}", CELL * len(columns) // 7), fill="black", font=font)
-        for c, (backbone, arm) in enumerate(columns):
+        top = 40 + line_height + b * row_height
+        for j, line in enumerate(textwrap.wrap(f"user prompt: {prompts[b]}", width // 7)[:2]):
+            draw.text((4, top + 2 + line_height * j), line, fill="black", font=font)
+        for left, (backbone, arm) in zip(lefts, columns):
             tile = common.to_pil(sheets[backbone][arm][b].unsqueeze(0))[0].resize((CELL, CELL), Image.NEAREST)
-            image.paste(tile, (c * CELL, top + line_height * 2))
+            image.paste(tile, (left, top + line_height * 3))
             if arm == "refined":
-                lines = textwrap.wrap("-> " + sheets[backbone]["final_prompts"][b], chars)[:caption_lines]
-                for j, line in enumerate(lines):
-                    draw.text((c * CELL + 4, top + line_height * 2 + CELL + 2 + line_height * j), line, fill="black", font=font)
+                for j, line in enumerate(captions[backbone][b]):
+                    draw.text((left + 4, top + line_height * 3 + CELL + 2 + line_height * j), line, fill="black", font=font)
     return image
 
 
@@ -469,15 +507,56 @@ def sample_sheet(sheets, prompts, title):
 # optional: preference accuracy of the latent reward model per noise bucket
 
 
-def preference_accuracy(config, rewards, device, dtype):
-    """Rows {scorer, bucket, accuracy, n} for the LRM (per noise bucket) and the pixel rewards on
-    the same pairs (pixel rewards see clean images: one row, bucket 'clean')."""
-    if not hasattr(common, "lrm_preference_accuracy"):
-        raise common.UserError("this version of common.py has no latent reward model evaluation (lrm_preference_accuracy)")
-    return common.lrm_preference_accuracy(
-        config.lrm, config.preference_data, split=config.preference_split, limit=config.preference_limit,
-        rewards=rewards, device=device, dtype=dtype, seed=config.seed,
-    )
+NOISE_BUCKETS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))  # t ranges, as train_reward.py
+
+
+@torch.no_grad()
+def preference_accuracy(config, rewards, device, dtype, batch_size=16):
+    """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
+    preferred. The LRM per noise bucket: both images of a pair noised with the same t (uniform in
+    the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
+    it is used as a reward). The pixel rewards of --rewards on the same pairs' clean images.
+    Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
+    import itertools
+
+    model = common.load_lrm(config.lrm, device, dtype)
+    pipe = model.backbone.pipe
+    size = model.backbone.spec.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    counts = {}
+    pairs = common.iter_preference_pairs(config.preference_data, config.preference_split, counts)
+    pairs = list(itertools.islice(pairs, config.preference_limit or None))
+    if not pairs:
+        raise common.UserError(f"no usable preference pairs in '{config.preference_data}' (split {config.preference_split}): {counts}")
+    labels = torch.tensor([p["label_0"] for p in pairs])  # P(image 0 preferred): 1, 0 or 0.5
+    captions = [p["caption"] for p in pairs]
+    pixels = [torch.stack([common.image_to_tensor(p[f"image_{side}"], size) for p in pairs]) for side in (0, 1)]  # [-1, 1]
+    batches = [slice(i, i + batch_size) for i in range(0, len(pairs), batch_size)]
+    latents = [torch.cat([common.encode_latents(pipe.vae, x[b]).float().cpu() for b in batches]) for x in pixels]
+    n = int((labels != 0.5).sum())
+
+    rows, generator = [], torch.Generator().manual_seed(config.seed)
+    for lo, hi in NOISE_BUCKETS:
+        hi = min(hi, model.num_timesteps)
+        p = []
+        for b in batches:
+            t = torch.randint(lo, hi, (len(captions[b]),), generator=generator)
+            noise = torch.randn(latents[0][b].shape, generator=generator)
+            alpha_bar = model.alphas_cumprod.cpu()[t]
+            r = [model.score(common.noisy_latents(latents[side][b], noise, alpha_bar).to(device, dtype), captions[b], t.to(device)).float().cpu()
+                 for side in (0, 1)]
+            p.append(torch.sigmoid(r[0] - r[1]))
+        rows.append(dict(scorer="lrm", bucket=f"t {lo}-{hi}", accuracy=common.pairwise_accuracy(torch.cat(p), labels), n=n))
+    r = [torch.cat([model.ensemble_score(latents[side][b].to(device, dtype), captions[b], generator=generator).float().cpu() for b in batches])
+         for side in (0, 1)]
+    rows.append(dict(scorer=f"lrm, noise-ensembled ({model.config.ensemble_draws} draws)", bucket="clean",
+                     accuracy=common.pairwise_accuracy(torch.sigmoid(r[0] - r[1]), labels), n=n))
+    for label, reward in rewards.items():
+        scores = [torch.cat([reward((pixels[side][b] + 1) / 2, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
+                  for side in (0, 1)]
+        keep = torch.isfinite(scores[0]) & torch.isfinite(scores[1])
+        accuracy = common.pairwise_accuracy(torch.sigmoid(scores[0][keep] - scores[1][keep]), labels[keep])
+        rows.append(dict(scorer=label, bucket="clean", accuracy=accuracy, n=int((labels[keep] != 0.5).sum())))
+    return rows, counts
 
 
 def lrm_table(rows):
@@ -497,33 +576,38 @@ def main():
     seeds = parse_seeds(config.seeds)
     specs = reward_specs(config.rewards)
     backbone_names = split_list(config.backbones, "--backbones")
-    prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)
-    prompts = [p for p in prompts if isinstance(p, str) and p.strip()]
-    if not prompts:
-        raise common.UserError(f"no prompts in '{config.prompts}'")
+    prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)  # UserError if none
     # every reward is built (and every spec checked) before the first image is drawn
     rewards = {label: common.build_reward(spec, device, dtype) for label, spec in specs.items()}
+    for label, reward in rewards.items():
+        if "answers" in getattr(reward, "inputs", ()):
+            raise common.UserError(f"reward '{label}' scores the refiner's answers, which baseline images do not have; leave it out")
     refiner = common.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
-        temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
+        temperature=config.temperature or 1.0, do_sample=config.temperature > 0, max_new_tokens=config.max_new_tokens,
     )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     variant = "".join(f"+{kind}:{Path(value).name or value}" for kind, value in (("unet", config.unet), ("lora", config.lora)) if value)
     print(f"{len(prompts)} prompts x {len(seeds)} seeds on {', '.join(backbone_names)}{variant}; rewards {', '.join(specs)}; refiner {config.refiner}")
 
-    records, timing, sheets, labels = [], {}, {}, []
-    for name in backbone_names:
+    # the LRM's preference accuracy first: a bad --lrm / --preference-data fails before the long part
+    lrm_rows, pair_counts = preference_accuracy(config, rewards, device, dtype) if config.lrm else (None, None)
+    if lrm_rows:
+        print(lrm_table(lrm_rows))
+
+    records, timing, sheets = [], {}, {}
+    labels = backbone_labels(backbone_names, variant)
+    for name, label in zip(backbone_names, labels):
         backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora)
-        backbone.name = label = name + variant
-        labels.append(label)
+        backbone.name = label
         mine, seconds, fallbacks, refinements, sheet = evaluate_backbone(
             backbone, refiner, rewards, prompts, seeds, config, sheet_prompts=config.sheet_prompts
         )
         num_steps = config.steps or backbone.spec.steps
         schedule = common.refinement_schedule(num_steps, config.refine_steps) if refiner is not None else []
         records += mine
-        timing[label] = {"seconds": seconds, "images": len(mine), "fallbacks": fallbacks, "refinements": refinements,
+        timing[label] = {"source": name, "seconds": seconds, "images": len(mine), "fallbacks": fallbacks, "refinements": refinements,
                          "steps": num_steps, "schedule": schedule}
         sheets[label] = sheet
         del backbone
@@ -531,17 +615,17 @@ def main():
             torch.cuda.empty_cache()
 
     rows = summarize(records, list(specs), labels, timing, config.confidence)
-    lrm_rows = preference_accuracy(config, rewards, device, dtype) if config.lrm else None
     meta = {
         "config": asdict(config), "command": shlex.join(["python", "evaluate.py", *sys.argv[1:]]),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "num_prompts": len(prompts), "seeds": seeds,
-        "timing": timing,
+        "timing": timing, "preference_pairs": pair_counts,
     }
     write_markdown(out / "results.md", rows, meta, lrm_rows)
     write_csv(out / "results.csv", rows)
     (out / "results.json").write_text(json.dumps(_json_safe(meta | {"rows": rows, "lrm_accuracy": lrm_rows, "images": records}), indent=1))
     plot_rewards(out / "results.png", rows, labels, list(specs), config.confidence)
-    title = f"baseline vs refined ({config.refiner}), seed {seeds[0]}, same initial noise per column pair"
+    title = (f"baseline vs refined ({Path(config.refiner).name}), seed {seeds[0]}, same initial noise per pair"
+             if refiner is not None else f"baseline (no refiner), seed {seeds[0]}")
     sample_sheet(sheets, prompts, title).save(out / "samples.png")
 
     print(markdown_table(rows, config.confidence))

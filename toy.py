@@ -2,6 +2,19 @@
 Builds the offline toy world: the project's CartPole.
 
     python toy.py                      # full build into toy_world/ (see --help)
+    python toy.py --stages pairs       # rebuild some stages: data, backbones, measure, pairs, refiner
+
+Stages (each adds its numbers to toy_world/metrics.json):
+  data       procedural 32 px images of the toy grammar (common.py "toy world"), data.parquet
+  backbones  one AutoencoderKL, then an SD1.5-shaped and an SDXL-shaped pipeline trained on the
+             data (UNet + text encoders, caption dropout for CFG): toy-sd15/, toy-sdxl/
+  measure    how often samples show the captioned colour / shape / size / background, and the
+             toy aesthetic a scripted refiner reaches with and without seeing the preview
+  pairs      preference pairs in the Pick-a-Pic v2 parquet schema, images from both backbones,
+             labels from a noisy Thurstone model of the toy aesthetic: pickapic-toy/
+  refiner    a tiny Qwen2.5-VL supervised on the refinement format: toy-refiner/
+Left out on purpose: the VAE has no GAN or perceptual loss, the backbones share one VAE, and
+the networks are a few MB -- enough to follow the grammar, not to be pretty.
 
 This file also holds the builders of *tiny architectures* (SD1.5- and
 SDXL-shaped pipelines, a tiny Qwen2.5-VL with its processor and chat template)
@@ -10,7 +23,15 @@ transformers objects, saved and loaded with `save_pretrained` /
 `from_pretrained` like the real models.
 """
 
+import io
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
 import torch
+import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDIMScheduler,
@@ -32,7 +53,36 @@ from transformers import (
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
+import common
 from common import TOY_COLOURS, TOY_SHAPES, TOY_SIZES, TOY_WORDS, toy_caption
+
+
+@dataclass
+class ToyConfig:
+    out: str = field(default="toy_world", metadata={"help": "folder that receives the toy world"})
+    seed: int = field(default=0, metadata={"help": "seed of everything: data, weights, pairs, labels"})
+    stages: str = field(default="data,backbones,pairs,refiner",
+                        metadata={"help": "comma-separated stages to build: data, backbones, pairs, refiner; "
+                                          "'measure' re-measures saved backbones"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
+    image_size: int = field(default=32, metadata={"help": "side of the toy images in pixels"})
+    dataset_size: int = field(default=4000, metadata={"help": "procedural images the backbones are trained on"})
+    vae_steps: int = field(default=600, metadata={"help": "VAE training steps (one VAE, shared by both backbones)"})
+    unet_steps: int = field(default=2000, metadata={"help": "UNet + text encoder training steps per backbone"})
+    refiner_steps: int = field(default=450, metadata={"help": "supervised training steps of the toy refiner"})
+    batch_size: int = field(default=32, metadata={"help": "training batch size"})
+    lr: float = field(default=1.5e-3, metadata={"help": "peak learning rate (one-cycle schedule)"})
+    caption_dropout: float = field(default=0.1, metadata={"help": "caption dropout, so that CFG works"})
+    sample_steps: int = field(default=20, metadata={"help": "default sampling steps written to promptloop.json"})
+    guidance: float = field(default=4.0, metadata={"help": "default CFG scale written to promptloop.json"})
+    eval_samples: int = field(default=60, metadata={"help": "samples per backbone to measure prompt following"})
+    pairs_train: int = field(default=2000, metadata={"help": "preference pairs in the train split"})
+    pairs_validation: int = field(default=300, metadata={"help": "preference pairs in the validation split"})
+    pairs_test: int = field(default=300, metadata={"help": "preference pairs in the test split"})
+    images_per_prompt: int = field(default=4, metadata={"help": "images per caption; pairs are drawn among them"})
+    pair_steps: int = field(default=10, metadata={"help": "sampling steps for the pair images"})
+    label_noise: float = field(default=0.05, metadata={"help": "Thurstone noise: std of each image's perceived aesthetic"})
+    tie_margin: float = field(default=0.01, metadata={"help": "perceived aesthetic gap below which a pair is a tie"})
 
 # -----------------------------------------------------------------------------
 # tiny tokenizers: byte-level BPE alphabets, plus whole words for a small vocabulary
@@ -146,12 +196,15 @@ def tiny_qwen_model(processor, hidden=64, layers=2, heads=4, vision_hidden=32, v
 # tiny diffusion pipelines (SD1.5- and SDXL-shaped), ordinary diffusers objects
 
 
-def _tiny_unet(cross_dim, sample_size, addition=None, channels=(32, 64), seed=0):
+def _tiny_unet(cross_dim, sample_size, addition=None, channels=(32, 64), seed=0, attend_everywhere=False):
+    """attend_everywhere: cross-attention to the text at every resolution (as SD1.5), not only
+    at the lowest one -- the trained toy backbones bind attributes to the shape better."""
     torch.manual_seed(seed)
+    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attend_everywhere else ("DownBlock2D", "UpBlock2D")
     kwargs = dict(
         sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=channels, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), cross_attention_dim=cross_dim,
+        block_out_channels=channels, down_block_types=(first_down, "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", last_up), cross_attention_dim=cross_dim,
         attention_head_dim=8, norm_num_groups=8,
     )
     if addition is not None:  # SDXL: pooled text embedding + size/crop "time ids"
@@ -160,12 +213,14 @@ def _tiny_unet(cross_dim, sample_size, addition=None, channels=(32, 64), seed=0)
     return UNet2DConditionModel(**kwargs)
 
 
-def _tiny_vae(seed=0, channels=(16, 32)):
+def _tiny_vae(seed=0, channels=(16, 32), norm_groups=8):
+    """norm_groups: GroupNorm groups. With one channel per group GroupNorm is an instance norm,
+    which subtracts each channel's image mean: the absolute colour of a flat image is lost."""
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=1, norm_num_groups=8, sample_size=32,
+        layers_per_block=1, norm_num_groups=norm_groups, sample_size=32,
     )
 
 
@@ -185,27 +240,31 @@ def _scheduler():
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def tiny_sd15_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), vae_channels=(16, 32)):
+def tiny_sd15_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), vae_channels=(16, 32),
+                        vae_norm_groups=8, attend_everywhere=False):
     """SD1.5-shaped: CLIPTextModel + UNet2DConditionModel + AutoencoderKL, DDIM."""
     tokenizer = tiny_clip_tokenizer(words)
-    vae = _tiny_vae(seed, vae_channels)
+    vae = _tiny_vae(seed, vae_channels, vae_norm_groups)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=_tiny_text_encoder(tokenizer, 32, seed=seed), tokenizer=tokenizer,
-        unet=_tiny_unet(32, latent_size, channels=unet_channels, seed=seed), scheduler=_scheduler(),
+        unet=_tiny_unet(32, latent_size, channels=unet_channels, seed=seed, attend_everywhere=attend_everywhere),
+        scheduler=_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def tiny_sdxl_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), vae_channels=(16, 32)):
+def tiny_sdxl_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), vae_channels=(16, 32),
+                        vae_norm_groups=8, attend_everywhere=False):
     """SDXL-shaped: two text encoders (the second with a projection = pooled embedding),
     a UNet with text_time additional conditioning, AutoencoderKL, DDIM."""
     tokenizer = tiny_clip_tokenizer(words)
-    vae = _tiny_vae(seed, vae_channels)
+    vae = _tiny_vae(seed, vae_channels, vae_norm_groups)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
     hidden_1, hidden_2 = 16, 32
     # projection_class_embeddings_input_dim = pooled dim + 6 time ids * addition_time_embed_dim
-    unet = _tiny_unet(hidden_1 + hidden_2, latent_size, addition=hidden_2 + 6 * 8, channels=unet_channels, seed=seed)
+    unet = _tiny_unet(hidden_1 + hidden_2, latent_size, addition=hidden_2 + 6 * 8, channels=unet_channels, seed=seed,
+                      attend_everywhere=attend_everywhere)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=_tiny_text_encoder(tokenizer, hidden_1, seed=seed),
         text_encoder_2=_tiny_text_encoder(tokenizer, hidden_2, projection=hidden_2, seed=seed + 1),
@@ -248,7 +307,7 @@ def sample_toy_attributes(rng):
     return dict(shape=rng.choice(TOY_SHAPES), colour=colour, size=rng.choice(list(TOY_SIZES)), background=background)
 
 
-def random_caption(attributes, rng, p_full=0.4):
+def random_caption(attributes, rng, p_full=0.5):
     """Caption of `attributes`: the full one with probability p_full, else each of size, colour,
     background left out with probability 1/2 (the shape is always named)."""
     if rng.random() < p_full:
@@ -257,7 +316,7 @@ def random_caption(attributes, rng, p_full=0.4):
     return toy_caption(**kept)
 
 
-def toy_dataset(n, seed=0, image_size=32, p_full=0.4):
+def toy_dataset(n, seed=0, image_size=32, p_full=0.5):
     """n procedural (image, caption, attributes): images (n, 3, H, W) in [0, 1], deterministic from seed."""
     import random
 
@@ -265,8 +324,649 @@ def toy_dataset(n, seed=0, image_size=32, p_full=0.4):
     images, captions, attributes = [], [], []
     for _ in range(n):
         attrs = sample_toy_attributes(rng)
-        offset = (rng.uniform(-0.05, 0.05), rng.uniform(-0.05, 0.05))
+        offset = (rng.uniform(-0.03, 0.03), rng.uniform(-0.03, 0.03))  # +-1 px at 32 px
         images.append(draw_toy_image(**attrs, image_size=image_size, offset=offset))
         captions.append(random_caption(attrs, rng, p_full))
         attributes.append(attrs)
     return torch.stack(images), captions, attributes
+
+
+# -----------------------------------------------------------------------------
+# toy backbones: train the tiny SD1.5- and SDXL-shaped pipelines on the toy data set
+
+
+def train_toy_vae(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6, seed=0, log=print):
+    """Fit the AutoencoderKL to the toy images (MSE + a tiny KL, as the SD VAEs are trained, minus
+    the GAN and perceptual terms a 32 px world does not need), then set its `scaling_factor` so
+    scaled latents have unit variance (SD1.5: 0.18215, SDXL: 0.13025 -- same idea)."""
+    generator = torch.Generator().manual_seed(seed)
+    x = images * 2 - 1  # the VAE works in [-1, 1]
+    # The encoder's last conv emits (mean, log-variance). Start the log-variance at -8 (std 0.02):
+    # with the default start (std ~1) the decoder first sees mostly noise and a few hundred CPU
+    # steps are not enough to learn it away; trained SD VAEs have near-deterministic posteriors.
+    with torch.no_grad():
+        half = vae.encoder.conv_out.out_channels // 2
+        vae.encoder.conv_out.weight[half:].zero_()
+        vae.encoder.conv_out.bias[half:].fill_(-8.0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
+    vae.train()
+    for step in range(steps):
+        batch = x[torch.randint(0, len(x), (batch_size,), generator=generator)]
+        posterior = vae.encode(batch).latent_dist
+        reconstruction = vae.decode(posterior.sample(generator)).sample
+        loss = F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"vae step {step:05d}/{steps} | loss {loss.item():.4f}")
+    vae.eval()
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in x.split(256)])
+    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
+    return vae
+
+
+def text_conditioning(pipe, captions, drop):
+    """UNet conditioning for training, computed exactly as the pipeline computes it at sampling
+    (its own `encode_prompt`, with gradients into the text encoders).
+
+    drop: (B,) bool, caption dropout for classifier-free guidance. The dropped rows get what the
+    pipeline uses as the unconditional input: SD1.5 encodes the empty prompt; SDXL
+    (force_zeros_for_empty_prompt) uses zero embeddings and a zero pooled embedding.
+    Returns kwargs for the UNet: encoder_hidden_states (B, L, D) [+ added_cond_kwargs]."""
+    is_sdxl = hasattr(pipe, "text_encoder_2")
+    if not is_sdxl:
+        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
+    embeds = common.encode_prompts(pipe, captions)
+    hidden = embeds["prompt_embeds"]
+    if not is_sdxl:
+        return dict(encoder_hidden_states=hidden)
+    keep = (~drop).float()
+    pooled = embeds["add_text_embeds"] * keep[:, None]
+    hidden = hidden * keep[:, None, None]
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    # SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), as the pipeline passes
+    time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=hidden.dtype).repeat(len(captions), 1)
+    return dict(encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
+
+
+def min_snr_weights(alpha_bar, gamma=5.0):
+    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023): min(SNR, gamma) / SNR
+    with SNR = alpha_bar / (1 - alpha_bar). Low-noise steps stop dominating; converges ~3x faster."""
+    snr = alpha_bar / (1 - alpha_bar)
+    return snr.clamp(max=gamma) / snr
+
+
+def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, caption_dropout=0.1, seed=0,
+                       log=print, name="backbone", min_snr_gamma=5.0):
+    """Denoising score matching on the VAE latents (epsilon prediction, the pipeline's own
+    scheduler and its training noise schedule, min-SNR weighting); UNet and text encoder(s) are
+    trained together (they start from random weights). The VAE is frozen, its latents encoded once."""
+    generator = torch.Generator().manual_seed(seed)
+    vae, unet, noise_schedule = pipe.vae, pipe.unet, pipe.scheduler
+    with torch.no_grad():
+        latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
+    latents = latents * vae.config.scaling_factor  # (N, 4, h, w), unit variance
+    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
+    params = list(unet.parameters()) + [p for m in text_encoders for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    for module in (unet, *text_encoders):
+        module.train()
+    alphas_cumprod = noise_schedule.alphas_cumprod
+    running = None
+    for step in range(steps):
+        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=generator)
+        a = alphas_cumprod[t].view(-1, 1, 1, 1)
+        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
+        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        conditioning = text_conditioning(pipe, [captions[i] for i in index.tolist()], drop)
+        prediction = unet(noisy, t, **conditioning).sample
+        loss = (min_snr_weights(a.flatten(), min_snr_gamma) * ((prediction - noise) ** 2).mean((1, 2, 3))).mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        scheduler.step()
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 100 == 0 or step == steps - 1:
+            log(f"{name} step {step:05d}/{steps} | loss {running:.4f}")
+    for module in (unet, *text_encoders):
+        module.eval()
+    return pipe
+
+
+def prompt_following(backbone, n=60, seed=0, num_steps=None, guidance=None, batch_size=60):
+    """How often samples of full captions show the named colour / shape / size / background,
+    as judged by the toy faithfulness check (common.toy_analyze). Returns a dict of rates."""
+    import random
+
+    rng = random.Random(seed)
+    prompts = [toy_caption(**sample_toy_attributes(rng)) for _ in range(n)]
+    found = []
+    for start in range(0, n, batch_size):
+        chunk = prompts[start:start + batch_size]
+        generator = torch.Generator().manual_seed(seed + start)
+        images = common.refined_sample(backbone, chunk, num_steps=num_steps, guidance=guidance,
+                                       generator=generator).images
+        found += common.toy_analyze(images)
+    rates = {}
+    for key in ("colour", "shape", "size", "background"):
+        rates[key] = sum(f[key] == common.parse_toy_prompt(p)[key] for f, p in zip(found, prompts)) / n
+    return rates
+
+
+class ScriptedRefiner:
+    """A rule-based refiner (no model) for measuring what the toy world rewards.
+
+    sees_preview=True: read the background of the preview and name the shape colour with the
+    highest contrast against it; False: name fixed choices (white shape, black background).
+    Either way the user's named attributes are kept and "large" is added when the size is free."""
+
+    def __init__(self, sees_preview):
+        self.sees_preview = sees_preview
+
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        backgrounds = [r["background"] for r in common.toy_analyze(previews)]
+        prompts = []
+        for user, seen in zip(user_prompts, backgrounds):
+            named = common.parse_toy_prompt(user)
+            background = named.get("background") or (seen if self.sees_preview else "black")
+            if "colour" not in named:
+                palette = torch.tensor([TOY_COLOURS[c] for c in TOY_COLOURS])
+                contrast = common.toy_contrast(palette, torch.tensor(TOY_COLOURS[background]))
+                named["colour"] = list(TOY_COLOURS)[int(contrast.argmax())] if self.sees_preview else "white"
+            if named["colour"] == background:  # a blind choice can collide with the user's background
+                named["colour"] = "black" if background == "white" else "white"
+            named.setdefault("size", "large")
+            named["background"] = background
+            prompts.append(toy_caption(**named))
+        return common.RefinerOutput(prompts, [common.format_answer(p) for p in prompts], torch.zeros(len(prompts), dtype=torch.bool))
+
+
+def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
+    """Mean toy aesthetic of partial user prompts: plain, blind scripted refiner, seeing scripted
+    refiner (same initial noise for all three). Shows how much latent feedback can be worth."""
+    prompts = common.toy_prompts("test", n=n, seed=seed, kind="partial")
+    result = {}
+    for name, refiner in (("plain", None), ("blind", ScriptedRefiner(False)), ("seeing", ScriptedRefiner(True))):
+        generator = torch.Generator().manual_seed(seed)
+        sample = common.refined_sample(backbone, prompts, refiner=refiner, refine_steps=refine_steps, generator=generator)
+        result[name] = round(float(common.toy_aesthetic(sample.images).mean()), 4)
+        result[name + "_faithful"] = round(float(common.toy_faithfulness(sample.images, prompts).mean()), 4)
+    return result
+
+
+def build_toy_backbones(config, out, log=print):
+    """Train one VAE, then the SD1.5- and SDXL-shaped pipelines on it; save diffusers folders
+    `toy-sd15/` and `toy-sdxl/` (+ promptloop.json with their sampling defaults). The two backbones
+    share the VAE (one latent space), but have their own text encoders and UNets."""
+    metrics = {}
+    images, captions, _ = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
+    # 3 levels: 32 px -> 8x8 latents (SD's VAE downsamples 8x; 4x here); 2 GroupNorm groups keep
+    # colour information that an instance norm (1 channel per group) would remove
+    architecture = dict(vae_channels=(16, 32, 32), vae_norm_groups=2, attend_everywhere=True)
+    sd15 = tiny_sd15_pipeline(TOY_WORDS, config.image_size, config.seed, **architecture)
+    start = time.time()
+    train_toy_vae(sd15.vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
+    metrics["vae_seconds"] = round(time.time() - start, 1)
+    sdxl = tiny_sdxl_pipeline(TOY_WORDS, config.image_size, config.seed + 1, **architecture)
+    sdxl.vae = sd15.vae  # shared latent space
+    defaults = dict(steps=config.sample_steps, guidance=config.guidance, size=config.image_size)
+    for name, pipe in (("toy-sd15", sd15), ("toy-sdxl", sdxl)):
+        start = time.time()
+        train_toy_backbone(pipe, images, captions, config.unet_steps, config.batch_size, config.lr,
+                           config.caption_dropout, seed=config.seed, log=log, name=name)
+        folder = out / name
+        pipe.save_pretrained(folder)
+        (folder / "promptloop.json").write_text(json.dumps(defaults, indent=1) + "\n")
+        metrics[name] = dict(train_seconds=round(time.time() - start, 1))
+        log(f"{name}: trained in {metrics[name]['train_seconds']}s -> {folder}")
+    for name, measured in measure_toy_backbones(config, out, log).items():
+        metrics[name].update(measured)
+    return metrics
+
+
+def measure_toy_backbones(config, out, log=print):
+    """Prompt following and the scripted-refiner aesthetic of the saved toy backbones."""
+    metrics = {}
+    for name in ("toy-sd15", "toy-sdxl"):
+        backbone = common.load_backbone(str(out / name))
+        rates = prompt_following(backbone, config.eval_samples, seed=config.seed + 7)
+        log(f"{name}: samples match colour {rates['colour']:.0%} shape {rates['shape']:.0%} "
+            f"size {rates['size']:.0%} background {rates['background']:.0%} ({config.eval_samples} full captions)")
+        gain = preview_feedback_gain(backbone, config.eval_samples, seed=config.seed + 8)
+        log(f"{name}: toy aesthetic of partial prompts | plain {gain['plain']:.3f} | blind scripted refiner "
+            f"{gain['blind']:.3f} | seeing scripted refiner {gain['seeing']:.3f}")
+        metrics[name] = dict(prompt_following=rates, preview_feedback=gain)
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# toy preference pairs in the Pick-a-Pic v2 schema, labelled by a noisy Thurstone model
+
+
+def thurstone_labels(scores_0, scores_1, noise, tie_margin, generator):
+    """Noisy preference labels from true scores (N,), (N,) -> label_0 (N,) in {0, 0.5, 1}.
+
+    Thurstone case V: each annotator perceives s + noise * N(0, 1) for each image and prefers
+    the higher one, P(0 > 1) = Phi((s0 - s1) / (noise * sqrt(2))); perceived gaps below
+    `tie_margin` are ties (Pick-a-Pic's label_0 = label_1 = 0.5)."""
+    perceived_0 = scores_0 + noise * torch.randn(scores_0.shape, generator=generator)
+    perceived_1 = scores_1 + noise * torch.randn(scores_1.shape, generator=generator)
+    gap = perceived_0 - perceived_1
+    label_0 = (gap > 0).float()
+    label_0[gap.abs() < tie_margin] = 0.5
+    return label_0
+
+
+def noise_ceiling(scores_0, scores_1, label_0):
+    """Agreement of the *true* score order with the noisy labels, on pairs with a strict label
+    and distinct true scores: the accuracy a perfect reward model would reach."""
+    strict = (label_0 != 0.5) & (scores_0 != scores_1)
+    return ((scores_0 > scores_1).float() == label_0)[strict].float().mean().item()
+
+
+def _jpeg(image):
+    buffer = io.BytesIO()
+    common.to_pil(image[None])[0].save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def toy_pairs(backbones, n_pairs, config, seed, split, log=print):
+    """Rows of Pick-a-Pic v2 (one dict per pair) and the true scores (N,), (N,).
+
+    As in Pick-a-Pic, several images are generated per caption (by different models) and pairs
+    are drawn among them; `num_example_per_prompt` counts the pairs of that caption."""
+    import random
+    import uuid
+    from datetime import datetime, timedelta
+
+    rng = random.Random(seed)
+    generator = torch.Generator().manual_seed(seed)
+    pairs_per_prompt = max(1, config.images_per_prompt * (config.images_per_prompt - 1) // 4)  # half of all pairs
+    n_prompts = math.ceil(n_pairs / pairs_per_prompt)
+    # captions: user prompts of the grammar, mostly partial (those leave room for taste)
+    captions = [toy_caption(**{k: v for k, v in sample_toy_attributes(rng).items() if k == "shape" or rng.random() < 0.4})
+                for _ in range(n_prompts)]
+    names = list(backbones)
+    model_of = [[names[j % len(names)] for j in range(config.images_per_prompt)] for _ in captions]
+    images = torch.zeros(n_prompts, config.images_per_prompt, 3, config.image_size, config.image_size)
+    for name in names:  # one batched pipeline call per backbone and chunk
+        slots = [(i, j) for i in range(n_prompts) for j in range(config.images_per_prompt) if model_of[i][j] == name]
+        for start in range(0, len(slots), 128):
+            chunk = slots[start:start + 128]
+            sample = common.refined_sample(backbones[name], [captions[i] for i, _ in chunk],
+                                           num_steps=config.pair_steps, generator=generator)
+            for (i, j), image in zip(chunk, sample.images):
+                images[i, j] = image
+        log(f"{split}: {len(slots)} images from {name}")
+    scores = common.toy_aesthetic(images.flatten(0, 1)).view(n_prompts, config.images_per_prompt)
+    uids = [[str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(config.images_per_prompt)] for _ in captions]
+    jpegs = [[_jpeg(images[i, j]) for j in range(config.images_per_prompt)] for i in range(n_prompts)]
+    index_pairs = [(a, b) for a in range(config.images_per_prompt) for b in range(a + 1, config.images_per_prompt)]
+    rows, s0, s1 = [], [], []
+    start_time = datetime(2023, 4, 1)
+    for i, caption in enumerate(captions):
+        for a, b in rng.sample(index_pairs, pairs_per_prompt):
+            if rng.random() < 0.5:
+                a, b = b, a
+            rows.append(dict(
+                are_different=True, caption=caption, created_at=start_time + timedelta(seconds=rng.randrange(10**7)),
+                has_label=True, image_0_uid=uids[i][a], image_0_url="", image_1_uid=uids[i][b], image_1_url="",
+                jpg_0=jpegs[i][a], jpg_1=jpegs[i][b], model_0=model_of[i][a], model_1=model_of[i][b],
+                num_example_per_prompt=pairs_per_prompt, ranking_id=len(rows) + seed * 10**6,
+                user_id=rng.randrange(1, 200),
+                toy_aesthetic_0=float(scores[i, a]), toy_aesthetic_1=float(scores[i, b]),
+            ))
+            s0.append(float(scores[i, a]))
+            s1.append(float(scores[i, b]))
+    rows, s0, s1 = rows[:n_pairs], torch.tensor(s0[:n_pairs]), torch.tensor(s1[:n_pairs])
+    label_0 = thurstone_labels(s0, s1, config.label_noise, config.tie_margin, generator)
+    for row, label in zip(rows, label_0.tolist()):
+        row.update(label_0=label, label_1=1.0 - label,
+                   best_image_uid="" if label == 0.5 else (row["image_0_uid"] if label == 1 else row["image_1_uid"]))
+    return rows, s0, s1, label_0
+
+
+PICKAPIC_COLUMNS = [  # the Pick-a-Pic v2 parquet columns, in its order; toy_aesthetic_* are extra
+    "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid", "image_0_url",
+    "image_1_uid", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1",
+    "ranking_id", "user_id", "num_example_per_prompt", "toy_aesthetic_0", "toy_aesthetic_1",
+]
+
+
+def build_toy_pairs(config, out, log=print):
+    """Write pickapic-toy/{train,validation,test}.parquet from the saved toy backbones."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    backbones = {name: common.load_backbone(str(out / name)) for name in ("toy-sd15", "toy-sdxl")}
+    folder = out / "pickapic-toy"
+    folder.mkdir(parents=True, exist_ok=True)
+    metrics = {}
+    sizes = {"train": config.pairs_train, "validation": config.pairs_validation, "test": config.pairs_test}
+    for k, (split, n) in enumerate(sizes.items()):
+        rows, s0, s1, label_0 = toy_pairs(backbones, n, config, config.seed + 100 + k, split, log)
+        table = pa.Table.from_pylist([{c: row[c] for c in PICKAPIC_COLUMNS} for row in rows])
+        pq.write_table(table, folder / f"{split}.parquet")
+        metrics[split] = dict(pairs=len(rows), ties=float((label_0 == 0.5).float().mean()),
+                              noise_ceiling=noise_ceiling(s0, s1, label_0))
+        log(f"{split}: {len(rows)} pairs | ties {metrics[split]['ties']:.1%} | "
+            f"noise ceiling {metrics[split]['noise_ceiling']:.3f}")
+    metrics.update(label_noise=config.label_noise, tie_margin=config.tie_margin)
+    (folder / "labels.json").write_text(json.dumps(metrics, indent=1) + "\n")
+    return metrics
+
+
+# -----------------------------------------------------------------------------
+# toy refiner: a tiny Qwen2.5-VL taught the refinement format by supervised fine-tuning
+#
+# The policy GRPO starts from. It sees exactly what the refiner sees at inference (the chat
+# messages of common.refiner_messages with an x0_hat preview of a toy backbone) and is trained
+# on the answer tokens of common.format_answer(target), where the target is a *random* valid
+# refinement of the user's prompt: all the user's attributes, plus some of the missing ones.
+# So the supervised refiner writes well-formed prompts that keep the user's words, and is
+# uncommitted about what it adds; which additions raise the reward is left to GRPO.
+
+ANSWER_TAGS = ("<prompt>", "</prompt>")  # one token each: the format costs 2 tokens, not 17 bytes
+
+
+def refiner_vocabulary(prompts):
+    """Whole words of the refiner's fixed text (system prompt, message template) and of `prompts`.
+
+    Each becomes one token of the byte-level tokenizer, so a refinement state is ~160 tokens
+    instead of ~600 bytes."""
+    import re
+
+    template = common.refiner_messages("", "", 0, 0)[1]["content"][1]["text"]
+    texts = [common.REFINER_SYSTEM, template, *prompts]
+    return sorted({word for text in texts for word in re.findall(r"[A-Za-z]+", text)})
+
+
+def toy_refiner_processor():
+    """The toy refiner's Qwen2.5-VL processor: whole-word tokens for the grammar and the fixed
+    text, the answer tags as single (non-special, so decoded) tokens, a 56 px image -> 4 vision tokens."""
+    processor = tiny_qwen_processor(refiner_vocabulary(common.toy_prompts("train") + common.toy_prompts("test")))
+    processor.tokenizer.add_tokens(list(ANSWER_TAGS))
+    return processor
+
+
+def keeps_user_words(user_prompt, refined_prompt):
+    """Every word of the user's prompt appears in the refined prompt (case-insensitive)."""
+    return set(user_prompt.lower().split()) <= set(refined_prompt.lower().split())
+
+
+def keeps_user_attributes(user_prompt, refined_prompt):
+    """The refined prompt names every attribute the user's prompt names, with the same value
+    (stricter than keeping the words: "a red circle on a blue background" -> "a blue circle on a
+    red background" keeps the words but not the attributes)."""
+    user, refined = common.parse_toy_prompt(user_prompt), common.parse_toy_prompt(refined_prompt)
+    return all(refined.get(key) == value for key, value in user.items())
+
+
+def in_toy_grammar(prompt):
+    """The prompt is exactly a caption of the toy grammar (no missing or repeated word)."""
+    named = common.parse_toy_prompt(prompt)
+    return "shape" in named and toy_caption(**named) == prompt
+
+
+def refinement_target(user_prompt, rng, p_add=0.5):
+    """A random valid refinement of a toy prompt: the user's attributes kept, each missing one
+    (size, colour, background) added with probability `p_add`, its value drawn uniformly; the
+    background never takes the shape's colour (as in the grammar). rng: a random.Random."""
+    attributes = common.parse_toy_prompt(user_prompt)
+    if "shape" not in attributes:  # not a toy prompt: nothing to refine
+        return user_prompt
+    if "size" not in attributes and rng.random() < p_add:
+        attributes["size"] = rng.choice(list(TOY_SIZES))
+    if "colour" not in attributes and rng.random() < p_add:
+        attributes["colour"] = rng.choice([c for c in TOY_COLOURS if c != attributes.get("background")])
+    if "background" not in attributes and rng.random() < p_add:
+        attributes["background"] = rng.choice([c for c in TOY_COLOURS if c != attributes.get("colour")])
+    return toy_caption(**attributes)
+
+
+class PreviewRecorder:
+    """A refiner that keeps the prompt and records what a refiner would see: (preview (3, h, w),
+    step, num_steps) at every refinement of every sample."""
+
+    def __init__(self):
+        self.states = []
+
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        self.states += [(preview, step, num_steps) for preview in previews]
+        return common.RefinerOutput(list(current_prompts), list(current_prompts), torch.zeros(len(previews), dtype=torch.bool))
+
+
+def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16):
+    """x0_hat previews of `backbone` sampling `prompts` (its default steps, VAE previews), as
+    common.refined_sample shows them to a refiner: list of (preview, step, num_steps), grouped
+    by batch, then refinement, then prompt."""
+    recorder = PreviewRecorder()
+    for start in range(0, len(prompts), batch_size):
+        generator = torch.Generator().manual_seed(seed + start)
+        common.refined_sample(backbone, prompts[start:start + batch_size], recorder, refine_steps, generator=generator)
+    return recorder.states
+
+
+def refinement_state(preview, user_prompt, step, num_steps, rng):
+    """One training state as met at inference. The current prompt is the user's (first
+    refinement) or an earlier refinement; half the time (step, num_steps) are rescaled to
+    another number of sampling steps, so the state text also covers e.g. 4-step or 50-step runs."""
+    current = user_prompt if rng.random() < 0.5 else refinement_target(user_prompt, rng)
+    if rng.random() < 0.5:
+        new_num_steps = rng.choice([4, 8, 30, 50])
+        step = min(new_num_steps - 1, max(1, round(step * new_num_steps / num_steps)))
+        num_steps = new_num_steps
+    return preview, user_prompt, current, step, num_steps
+
+
+def sft_batch(processor, states, rng):
+    """One SFT batch: states (preview, user prompt, current prompt, step, num_steps) rendered
+    with the inference chat template, a fresh random target's answer appended.
+
+    Returns (inputs, labels): the processor's outputs for the whole sequences (right-padded)
+    and labels (B, L) = the answer's tokens and its end token, -100 elsewhere (the loss is on
+    the answer only)."""
+    tokenizer = processor.tokenizer
+    texts, answers = [], []
+    for _, user, current, step, num_steps in states:
+        messages = common.refiner_messages(user, current, step, num_steps)
+        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        answers.append(common.format_answer(refinement_target(user, rng)) + tokenizer.eos_token)
+        texts.append(prompt + answers[-1])
+    images = [common.to_pil(state[0][None])[0] for state in states]  # sizes differ (blank previews)
+    inputs = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
+    labels = torch.full_like(inputs["input_ids"], -100)
+    lengths = inputs["attention_mask"].sum(1)
+    for row, answer in enumerate(answers):
+        answer_ids = torch.tensor(tokenizer(answer)["input_ids"])
+        end = int(lengths[row])
+        # the answer must tokenize the same alone and after the prompt (the prompt ends in "\n")
+        if not torch.equal(inputs["input_ids"][row, end - len(answer_ids):end], answer_ids):
+            raise ValueError(f"answer tokens shift at the prompt boundary: {answer!r}")
+        labels[row, end - len(answer_ids):end] = answer_ids
+    return dict(inputs), labels
+
+
+def answer_loss(model, inputs, labels):
+    """Mean next-token cross-entropy over the answer tokens."""
+    logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, L-1, V): predicts tokens 1..L-1
+    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+
+
+@torch.no_grad()
+def refiner_sampling_stats(refiner, previews, user_prompts, step, num_steps, samples=8):
+    """Sample `samples` refinements of each user prompt in one batched call (at the refiner's
+    own temperature, current prompt = user prompt). previews: (P, 3, h, w), one per prompt.
+
+    Returns parse_rate (answers common.parse_answer accepts), keep_words_rate,
+    keep_attributes_rate and grammatical_rate (exactly a caption of the toy grammar; all three
+    among parsed prompts), distinct (mean distinct prompts per user
+    prompt), distinct_partial (the same over prompts that leave an attribute free) and
+    distinct_targets (mean distinct prompts among as many draws of refinement_target)."""
+    import random
+
+    users = [user for user in user_prompts for _ in range(samples)]
+    out = refiner.refine(previews.repeat_interleave(samples, 0), users, users, step, num_steps)
+    parsed = [common.parse_answer(answer, refiner.max_words) for answer in out.answers]
+    kept = [(user, prompt) for user, prompt in zip(users, parsed) if prompt is not None]
+    distinct = {u: len({p for user, p in zip(users, parsed) if user == u}) for u in user_prompts}
+    partial = [u for u in user_prompts if len(common.parse_toy_prompt(u)) < 4]
+    # the same count for draws of the SFT target distribution itself: the diversity to expect
+    rng = random.Random(0)
+    target_distinct = [len({refinement_target(u, rng) for _ in range(samples)}) for u in user_prompts]
+    return dict(
+        parse_rate=len(kept) / len(users),
+        keep_words_rate=sum(keeps_user_words(u, p) for u, p in kept) / max(1, len(kept)),
+        keep_attributes_rate=sum(keeps_user_attributes(u, p) for u, p in kept) / max(1, len(kept)),
+        grammatical_rate=sum(in_toy_grammar(p) for _, p in kept) / max(1, len(kept)),
+        distinct=sum(distinct.values()) / len(distinct),
+        distinct_partial=sum(distinct[u] for u in partial) / max(1, len(partial)),
+        distinct_targets=sum(target_distinct) / len(target_distinct),
+        samples=samples,
+    )
+
+
+def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr=3e-3, hidden=128, layers=2,
+                      heads=8, eval_prompts=24):
+    """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format; save it (model,
+    processor, chat template) to `out/toy-refiner`, then measure it sampled at temperature 1.
+
+    config: the ToyConfig (its `seed`); out: the toy world folder, whose toy backbones
+    (`toy-sd15`, `toy-sdxl`, built first) provide the x0_hat previews. ~2-5 minutes on 2 CPU
+    cores. Returns the metrics (parse / keep rates, distinct prompts, final loss)."""
+    import random
+
+    seed = config.seed
+    backbone_dirs = [out / name for name in ("toy-sd15", "toy-sdxl") if (out / name / "model_index.json").is_file()]
+    if not backbone_dirs:
+        raise common.UserError(f"the refiner stage needs the toy backbones in {out}: build the 'backbones' stage first")
+    rng = random.Random(seed)
+    train_prompts, test_prompts = common.toy_prompts("train"), common.toy_prompts("test", n=eval_prompts, seed=seed)
+
+    # previews of both backbones at the refinement steps of inference (K=5) and GRPO (K=2), and
+    # grey ones (refined_sample's blank_preview ablation)
+    start = time.time()
+    previews = []
+    for folder in backbone_dirs:
+        backbone = common.load_backbone(str(folder))
+        prompts = rng.sample(train_prompts, 16)
+        previews += record_previews(backbone, prompts, 5, seed) + record_previews(backbone, prompts, 2, seed + 1)
+    num_steps = previews[0][2]
+    previews += [(torch.full((3, 64, 64), 0.5), step, num_steps) for step in range(1, num_steps, 2)]
+    log(f"refiner: {len(previews)} previews from {', '.join(f.name for f in backbone_dirs)} in {time.time() - start:.0f}s")
+
+    processor = toy_refiner_processor()
+    # 8 heads of 16 dims learn to copy the user's words from the state sooner than 4 of 32
+    model = tiny_qwen_model(processor, hidden=hidden, layers=layers, heads=heads, seed=seed)
+    params = sum(p.numel() for p in model.parameters())
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=train_steps, pct_start=0.1)
+    model.train()
+    start, losses = time.time(), []
+    for step in range(1, train_steps + 1):
+        # the preview is drawn independently of the user prompt: the targets ignore the image
+        # (what the image is good for is GRPO's to learn), the model must not depend on it
+        states = []
+        for _ in range(batch_size):
+            preview, preview_step, preview_num_steps = previews[rng.randrange(len(previews))]
+            states.append(refinement_state(preview, rng.choice(train_prompts), preview_step, preview_num_steps, rng))
+        inputs, labels = sft_batch(processor, states, rng)
+        loss = answer_loss(model, inputs, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        losses.append(loss.item())
+        if step % 50 == 0 or step == train_steps:
+            log(f"refiner step {step:05d}/{train_steps} | loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
+                f"| {(time.time() - start) / step * 1000:.0f} ms/step")
+    train_seconds = time.time() - start
+    model.eval()
+    folder = out / "toy-refiner"
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+
+    # measure the saved folder, loaded the way sample.py loads it, sampled at temperature 1
+    torch.manual_seed(seed)
+    refiner = common.load_refiner(str(folder), temperature=1.0, max_new_tokens=32)
+    backbone = common.load_backbone(str(backbone_dirs[0]))
+    test_states = record_previews(backbone, test_prompts, 1, seed + 2)  # one refinement: one preview per prompt
+    test_previews = torch.stack([state[0] for state in test_states])
+    stats = refiner_sampling_stats(refiner, test_previews, test_prompts, test_states[0][1], test_states[0][2])
+    size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
+    log(f"refiner: {params / 1e6:.2f}M parameters, {size_mb:.1f} MB, trained in {train_seconds:.0f}s | "
+        f"held-out prompts x {stats['samples']} samples at temperature 1: parseable {stats['parse_rate']:.1%}, "
+        f"keep the user's words {stats['keep_words_rate']:.1%} (attributes {stats['keep_attributes_rate']:.1%}), "
+        f"in the grammar {stats['grammatical_rate']:.1%}, "
+        f"distinct prompts per user prompt {stats['distinct']:.2f} (partial prompts {stats['distinct_partial']:.2f}; "
+        f"SFT targets {stats['distinct_targets']:.2f})")
+    return dict(stats, parameters=params, size_mb=round(size_mb, 2), train_steps=train_steps,
+                final_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4), train_seconds=round(train_seconds, 1))
+
+
+# -----------------------------------------------------------------------------
+# build: python toy.py [--stages data,backbones,pairs,refiner]
+
+STAGES = ("data", "backbones", "measure", "pairs", "refiner")  # measure: re-measure saved backbones
+
+
+def build_toy_data(config, out, log=print):
+    """The procedural data set as a parquet file (PNG bytes + caption + attributes), for reference:
+    the backbone stage regenerates the same images from the seed."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    images, captions, attributes = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
+    rows = []
+    for pil, caption, attrs in zip(common.to_pil(images), captions, attributes):
+        buffer = io.BytesIO()
+        pil.save(buffer, format="PNG")
+        rows.append(dict(image=buffer.getvalue(), caption=caption, **attrs))
+    out.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), out / "data.parquet")
+    log(f"data: {len(rows)} images of {config.image_size} px -> {out / 'data.parquet'}")
+    return dict(images=len(rows), partial_captions=sum(len(common.parse_toy_prompt(c)) < 4 for c in captions))
+
+
+def main(args=None):
+    config = common.parse_config(ToyConfig, args)
+    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown or not stages:
+        raise common.UserError(f"unknown stage(s) {', '.join(unknown) or '(none)'}: use some of {', '.join(STAGES)}")
+    if config.images_per_prompt < 2:
+        raise common.UserError(f"--images_per_prompt must be >= 2 (a pair needs two images), got {config.images_per_prompt}")
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    common.seed_everything(config.seed)
+    out = Path(config.out)
+    out.mkdir(parents=True, exist_ok=True)
+    metrics_path = out / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    builders = dict(data=build_toy_data, backbones=build_toy_backbones, measure=measure_toy_backbones, pairs=build_toy_pairs,
+                    refiner=lambda config, out, log: build_toy_refiner(config, out, log=log, train_steps=config.refiner_steps))
+    for stage in STAGES:
+        if stage not in stages:
+            continue
+        start = time.time()
+        print(f"== {stage}", flush=True)
+        result = builders[stage](config, out, log=lambda line: print(line, flush=True))
+        seconds = round(time.time() - start, 1)
+        metrics[stage] = dict(result or {}, seconds=seconds)
+        print(f"== {stage} done in {seconds}s", flush=True)
+        metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")  # after each stage: a partial build keeps its numbers
+    print(json.dumps(metrics, indent=1))
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

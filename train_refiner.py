@@ -45,6 +45,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 import common
 
@@ -95,7 +96,7 @@ class Config:
 
 
 # fields that may change when resuming (everything else must match the checkpoint)
-RESUMABLE_CHANGES = {"steps", "resume", "monitor_every", "save_every", "device"}
+RESUMABLE_CHANGES = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing"}
 
 
 def check_config(config):
@@ -208,8 +209,6 @@ def select_rows(inputs, rows):
 
 def add_lora(refiner, config):
     """Wrap the refiner's model in a peft LoRA on the language model's linear layers only."""
-    from peft import LoraConfig, get_peft_model
-
     names = [n.strip() for n in config.lora_targets.split(",") if n.strip()]
     # a regex, so that the vision tower's layers of the same name (mlp.gate_proj, ...) stay frozen
     target = rf".*language_model.*\.({'|'.join(names)})"
@@ -322,10 +321,12 @@ def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
 
 
 def score(reward, sample):
-    """Terminal reward of each trajectory: (B*G,) float32 (NaN where the reward is not finite)."""
+    """Terminal reward of each trajectory: (B*G,) float32 (NaN where the reward is not finite).
+
+    answers[k][b]: the raw answer of refinement k (None for an unrefined sample)."""
     return reward(
         sample.images, sample.prompts[0], refined_prompts=sample.final_prompts,
-        answers=[out.answers for out in sample.refiner_outputs], latents=sample.latents,
+        answers=[out.answers for out in sample.refiner_outputs] or None, latents=sample.latents,
     ).float()
 
 
@@ -404,10 +405,15 @@ def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder,
         generator=generator, latents=latents, preview_decoder=preview_decoder, blank_preview=config.blank_preview,
         size=config.size or None,
     )
-    result = {"reward": nanmean(score(reward, sample))}
-    if others is not None:
-        score(others, sample)
-        result.update(others.term_means())
+    try:
+        result = {"reward": nanmean(score(reward, sample))}
+        if others is not None:
+            score(others, sample)
+            result.update(others.term_means())
+    except common.UserError:  # e.g. `structure` scores answers: an unrefined sample has none
+        if refined:
+            raise
+        result = {"reward": math.nan}
     return result
 
 
@@ -436,6 +442,14 @@ def load_prompt_sets(config):
     return train, heldout
 
 
+def log_step(line):
+    """Step of a log.jsonl line; a line cut off by a kill counts as after any checkpoint."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError):
+        return math.inf
+
+
 def train(config, reward=None, monitor_reward=None):
     """The training run; `reward` / `monitor_reward` (callables like common.Reward) override the
     registry specs -- the tests use that to train on rewards they define."""
@@ -448,28 +462,28 @@ def train(config, reward=None, monitor_reward=None):
     checkpoint_path = out_dir / "checkpoint.pt"
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
-    # ---- models, rewards, prompts
+    # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
+    reward = reward or common.build_reward(config.reward, device, dtype)
+    others = monitor_reward or (common.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
+    train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype)
+    if device.type == "cuda":
+        backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
     base = common.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
                                max_new_tokens=config.max_new_tokens)
-    if isinstance(base.model, __import__("peft").PeftModel):
+    if isinstance(base.model, PeftModel):
         raise common.UserError(f"--refiner '{config.refiner}' is an adapter folder: start from a base refiner (use --resume to continue a run)")
     use_checkpointing = config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and device.type == "cuda")
     if use_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = add_lora(base, config)
     refiner = base
-    reward = reward or common.build_reward(config.reward, device, dtype)
-    others = monitor_reward or (common.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
-    train_prompts, heldout_prompts = load_prompt_sets(config)
     preview_decoder = None if config.blank_preview else common.PreviewDecoder(config.preview_decoder, backbone)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
     start_step = 0
     if config.resume and checkpoint_path.is_file():
-        from peft import set_peft_model_state_dict
-
         state = common.load_checkpoint(checkpoint_path)
         changed = {k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and getattr(config, k, None) != v}
         if changed:
@@ -488,7 +502,7 @@ def train(config, reward=None, monitor_reward=None):
     log_path = out_dir / "log.jsonl"
     if dist_info.is_main:  # keep only the log lines the checkpoint covers (a killed run may have more)
         lines = log_path.read_text().splitlines() if log_path.exists() and start_step > 0 else []
-        log_path.write_text("".join(line + "\n" for line in lines if json.loads(line).get("step", 0) <= start_step))
+        log_path.write_text("".join(line + "\n" for line in lines if log_step(line) <= start_step))
     log(f"train prompts {len(train_prompts)} | held-out {len(heldout_prompts)} | trainable LoRA parameters "
         f"{sum(p.numel() for p in params):,} | world {dist_info.world_size} | device {device} {dtype}")
 
@@ -544,6 +558,7 @@ def train(config, reward=None, monitor_reward=None):
             logprob_gap=logprob_gap,
             **stats,
             seconds=time.time() - t0,
+            example=[sample.prompts[0][0], sample.final_prompts[0]],  # user prompt -> final prompt
         )
         if hasattr(reward, "term_means") and len(getattr(reward, "terms", [])) > 1:
             record["reward_terms"] = reward.term_means()
@@ -558,8 +573,6 @@ def train(config, reward=None, monitor_reward=None):
         if step % config.save_every == 0 or step == config.steps:
             divergence = rank_divergence(params, dist_info.world_size, device)
             if dist_info.is_main:
-                from peft import get_peft_model_state_dict
-
                 save_adapter(refiner.model, out_dir, base_model_name(config.refiner))
                 common.save_checkpoint(checkpoint_path, dict(
                     lora=get_peft_model_state_dict(refiner.model), optimizer=optimizer.state_dict(),

@@ -55,7 +55,7 @@ class Config:
     batch_size: int = field(default=32, metadata={"help": "pairs per step, over all processes"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay"})
-    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps, then cosine decay to 10%"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps, then cosine decay to 10%%"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     loss: str = field(default="thurstone-nll", metadata={"help": "thurstone-nll | thurstone-fidelity | bradley-terry"})
     variance: str = field(default="fixed", metadata={"help": "Thurstone v(t) = v0 + kappa (1 - abar_t): fixed | learned"})
@@ -75,10 +75,12 @@ class Config:
     ensemble_t_max: int = field(default=400, metadata={"help": "noise ensembling: t ~ U[0, ensemble_t_max)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     dtype: str = field(default="auto", metadata={"help": "backbone dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (1 is fastest for toy models on a busy machine)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
 
 
 NOISE_BUCKETS = [(lo, lo + 200) for lo in range(0, 1000, 200)]
+RESUME_MAY_CHANGE = {"resume", "steps", "eval_every", "save_every", "threads", "device"}
 
 
 def check_config(cfg):
@@ -277,6 +279,8 @@ def main():
     if cfg.batch_size % dist.world_size:
         raise common.UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
     common.seed_everything(cfg.seed)
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     device, dtype = dist.device, common.pick_dtype(cfg.dtype, dist.device)
     ckpt_path = out / "ckpt.pt"
@@ -309,8 +313,9 @@ def main():
     start_step, history = 0, []
     if cfg.resume:
         ckpt = common.load_checkpoint(ckpt_path)
-        if ckpt["config"] != asdict(cfg) | {"resume": ckpt["config"]["resume"], "steps": ckpt["config"]["steps"]}:
-            raise common.UserError(f"--resume: {ckpt_path} was written with a different config (only --steps may change)")
+        changed = sorted(k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v and k not in RESUME_MAY_CHANGE)
+        if changed:
+            raise common.UserError(f"--resume: {ckpt_path} was written with different {', '.join(changed)}")
         model.load_trainable_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         torch.set_rng_state(ckpt["rng"])
@@ -398,9 +403,9 @@ def main():
             skipped_steps=skipped_steps, cache_latents=cfg.cache_latents, mean_step_s=mean_dt,
             epoch_time_s=mean_dt * steps_per_epoch, world_size=dist.world_size, config=asdict(cfg),
         )
-        toy_metrics = common.TOY_DIR / "metrics.json"
-        if toy_metrics.is_file():  # the toy world's label noise ceiling, for comparison
-            metrics["toy_world"] = json.loads(toy_metrics.read_text())
+        labels_info = Path(val_source) / "labels.json"
+        if labels_info.is_file():  # the toy pairs' noise ceiling: what a perfect reward model would reach
+            metrics["noise_ceiling"] = json.loads(labels_info.read_text()).get(cfg.val_split, {}).get("noise_ceiling")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.close()
     barrier(dist)

@@ -8,6 +8,7 @@ loaded straight from their files, under their own package names, with stubs for 
 (no behaviour is replaced: a stub is a name the import needs, never one the scoring calls).
 """
 
+import contextlib
 import importlib
 import importlib.util
 import sys
@@ -34,15 +35,24 @@ def _empty_package(name, path):
     return module
 
 
-def _stub(name, **attributes):
-    if name in sys.modules:
-        return
-    try:
-        importlib.import_module(name)
-    except ImportError:
+@contextlib.contextmanager
+def _import_stubs(**stubs):
+    """Make `import NAME` / `from NAME import x` succeed for modules that are not installed, during
+    the imports of the reference code only (stubs[NAME] = the attributes the import statement names)."""
+    added = []
+    for name, attributes in stubs.items():
+        top = name.split(".")[0]
+        if name in sys.modules or (top not in added and importlib.util.find_spec(top) is not None):
+            continue
         module = types.ModuleType(name)
         module.__dict__.update(attributes)
         sys.modules[name] = module
+        added.append(name)
+    try:
+        yield
+    finally:
+        for name in added:
+            del sys.modules[name]
 
 
 def openai_clip():
@@ -50,15 +60,14 @@ def openai_clip():
     import packaging.version
 
     root = _package_dir("clip")
-    _stub("pkg_resources", packaging=types.SimpleNamespace(version=packaging.version))
     _empty_package("clip", root)
-    return importlib.import_module("clip.model"), importlib.import_module("clip.clip")
+    with _import_stubs(pkg_resources=dict(packaging=types.SimpleNamespace(version=packaging.version))):
+        return importlib.import_module("clip.model"), importlib.import_module("clip.clip")
 
 
 def hpsv2_open_clip():
     """HPSv2's open_clip fork (hpsv2/src/open_clip) without hpsv2/__init__ (needs clint, requests)."""
     root = _package_dir("hpsv2")
-    _stub("turtle", forward=None)  # factory.py has a stray `from turtle import forward`
     _empty_package("hpsv2", root)
     _empty_package("hpsv2.src", root + "/src")
     _empty_package("hpsv2.src.open_clip", root + "/src/open_clip")
@@ -70,8 +79,10 @@ def hpsv2_open_clip():
         module.__file__ = _package_dir("clip") + "/tokenizer.py"
         sys.modules[spec.name] = module
         spec.loader.exec_module(module)
-    del sys.modules["hpsv2.src.open_clip"]  # now import the real package __init__
-    return importlib.import_module("hpsv2.src.open_clip")
+    if not hasattr(sys.modules["hpsv2.src.open_clip"], "create_model"):
+        del sys.modules["hpsv2.src.open_clip"]  # now import the real package __init__
+    with _import_stubs(turtle=dict(forward=None)):  # factory.py has a stray `from turtle import forward`
+        return importlib.import_module("hpsv2.src.open_clip")
 
 
 def imagereward():
@@ -80,26 +91,30 @@ def imagereward():
     import transformers.modeling_utils as modeling_utils
     import transformers.pytorch_utils as pytorch_utils
 
-    # med.py imports these from transformers.modeling_utils (transformers 4 layout)
-    for name in ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer"):
-        if not hasattr(modeling_utils, name):
-            setattr(modeling_utils, name, getattr(pytorch_utils, name, None))
-    _stub("fairscale")
-    _stub("fairscale.nn")
-    _stub("fairscale.nn.checkpoint")
-    _stub("fairscale.nn.checkpoint.checkpoint_activations", checkpoint_wrapper=None)  # grad checkpointing only
     _empty_package("ImageReward", root)
     _empty_package("ImageReward.models", root + "/models")
     _empty_package("ImageReward.models.BLIP", root + "/models/BLIP")
-    return (
-        importlib.import_module("ImageReward.ImageReward"),
-        importlib.import_module("ImageReward.models.BLIP.vit"),
-        importlib.import_module("ImageReward.models.BLIP.med"),
-        importlib.import_module("ImageReward.models.BLIP.blip_pretrain"),
-    )
+    # med.py imports these three from transformers.modeling_utils (their transformers 4 home)
+    moved = [n for n in ("apply_chunking_to_forward", "find_pruneable_heads_and_indices", "prune_linear_layer")
+             if not hasattr(modeling_utils, n)]
+    for name in moved:
+        setattr(modeling_utils, name, getattr(pytorch_utils, name, None))
+    fairscale = {"fairscale": {}, "fairscale.nn": {}, "fairscale.nn.checkpoint": {},  # vit.py: grad checkpointing only
+                 "fairscale.nn.checkpoint.checkpoint_activations": dict(checkpoint_wrapper=None)}
+    try:
+        with _import_stubs(**fairscale):
+            return (
+                importlib.import_module("ImageReward.ImageReward"),
+                importlib.import_module("ImageReward.models.BLIP.vit"),
+                importlib.import_module("ImageReward.models.BLIP.med"),
+                importlib.import_module("ImageReward.models.BLIP.blip_pretrain"),
+            )
+    finally:
+        for name in moved:
+            delattr(modeling_utils, name)
 
 
-def openai_clip_to_transformers(state_dict, prefix_map=(("visual.", "vision_model."), ("", "text_model."))):
+def openai_clip_to_transformers(state_dict):
     """openai/CLIP tensor names -> transformers CLIPModel names (the layout of the hub's
     openai/clip-vit-large-patch14, which holds the same weights as openai's ViT-L-14.pt)."""
     import torch

@@ -18,67 +18,22 @@ import evaluate
 
 REPO = Path(__file__).resolve().parents[1]
 
-# -----------------------------------------------------------------------------
-# weight-free stand-in rewards with the registry's call signature; used next to (not instead of)
-# common.build_reward, so the tests do not depend on which scorers the registry holds.
-
-
-class StandInReward:
-    """(images, prompts, *, refined_prompts, answers, latents) -> (B,) float32 CPU tensor."""
-
-    def __init__(self, fn):
-        self.fn, self.last_terms = fn, {}
-
-    def __call__(self, images, prompts, *, refined_prompts=None, answers=None, latents=None):
-        scores = self.fn(images).float().cpu()
-        self.last_terms = {"score": scores}
-        return scores
-
-
-STAND_INS = {
-    "test-brightness": lambda images: images.mean(dim=(1, 2, 3)),
-    "test-redness": lambda images: images[:, 0].mean(dim=(1, 2)) - images[:, 1:].mean(dim=(1, 2, 3)),
-}
-
-
-def install_stand_ins(module, set_attribute=setattr):
-    """Stand-in rewards by name on top of the registry; a text-file prompt reader if none exists yet.
-    (In-process tests pass monkeypatch.setattr so that common is restored afterwards.)"""
-    real_build = getattr(module, "build_reward", None)
-
-    def build_reward(spec, device="cpu", dtype=torch.float32):
-        if spec in STAND_INS:
-            return StandInReward(STAND_INS[spec])
-        if real_build is not None:
-            return real_build(spec, device, dtype)
-        raise common.UserError(f"unknown reward '{spec}': use one of {', '.join(STAND_INS)}")
-
-    set_attribute(module, "build_reward", build_reward)
-    if not hasattr(module, "load_prompts"):
-
-        def load_prompts(source, split="test", limit=None, seed=0):
-            lines = [line.strip() for line in Path(source).read_text().splitlines() if line.strip()]
-            if not lines:
-                raise common.UserError(f"no prompts in '{source}'")
-            return lines[:limit] if limit else lines
-
-        set_attribute(module, "load_prompts", load_prompts)
-
-
-DRIVER = f"""
-import sys
-sys.path[:0] = [{str(REPO)!r}, {str(REPO / 'tests')!r}]
-import common, evaluate, test_evaluate
-test_evaluate.install_stand_ins(common)
-sys.argv[0] = "evaluate.py"
-common.run_cli(evaluate.main)
-"""
+REWARDS = ("toy-aesthetic", "jpeg")  # weight-free rewards of the registry: they score any image
 
 
 def run_evaluate(args):
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1")
-    return subprocess.run([sys.executable, "-c", DRIVER, *map(str, args)], cwd=REPO, env=env,
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TQDM_DISABLE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "evaluate.py", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models on a shared machine: one intra-op thread avoids oversubscription (20x slower with 2)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture
@@ -156,10 +111,12 @@ class ScriptedRefiner:
     """Returns `rewrite(prompt)` for every prompt (identity by default), with the Refiner's output shape."""
 
     def __init__(self, rewrite=lambda p: p):
-        self.rewrite = rewrite
+        self.rewrite, self.previews = rewrite, []
 
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         from types import SimpleNamespace
+
+        self.previews.append(previews)
 
         prompts = [self.rewrite(p) for p in current_prompts]
         return SimpleNamespace(prompts=prompts, answers=[common.format_answer(p) for p in prompts],
@@ -175,7 +132,7 @@ def _config(**overrides):
 
 def test_baseline_is_the_stock_pipeline_and_the_pairs_share_their_noise(sd15):
     prompts = ["a red circle", "a blue square", "a large triangle"]
-    rewards = {name: StandInReward(fn) for name, fn in STAND_INS.items()}
+    rewards = {name: common.build_reward(name) for name in REWARDS}
 
     # an identity refiner changes nothing: the refined image is the baseline image, bit for bit
     records, seconds, fallbacks, refinements, sheet = evaluate.evaluate_backbone(
@@ -188,9 +145,9 @@ def test_baseline_is_the_stock_pipeline_and_the_pairs_share_their_noise(sd15):
     # baseline = stock diffusers with that image's own generator (seed 1, prompt 2)
     stock = sd15.pipe(prompts[2], num_inference_steps=3, guidance_scale=sd15.spec.guidance,
                       generator=evaluate.image_generators(1, [2])[0], output_type="pt").images
-    expected = STAND_INS["test-brightness"](stock.float())[0].item()
+    expected = rewards["toy-aesthetic"](stock.float(), prompts[2:])[0].item()
     (record,) = [r for r in records if r["seed"] == 1 and r["prompt_index"] == 2]
-    assert record["scores"]["baseline"]["test-brightness"] == pytest.approx(expected, abs=1e-6)
+    assert record["scores"]["baseline"]["toy-aesthetic"] == pytest.approx(expected, abs=1e-6)
 
     # the batch does not change an image's noise: batch size 1 gives the same baseline scores
     single, *_ = evaluate.evaluate_backbone(sd15, None, rewards, prompts, [0, 1], _config(batch_size=1))
@@ -204,11 +161,18 @@ def test_baseline_is_the_stock_pipeline_and_the_pairs_share_their_noise(sd15):
     assert records[0]["scores"]["baseline"] != records[3]["scores"]["baseline"]
 
     # a refiner that rewrites the prompt changes the refined image only
-    rewritten, *_ = evaluate.evaluate_backbone(
-        sd15, ScriptedRefiner(lambda p: "a green square on a red background"), rewards, prompts, [0, 1], _config())
+    rewriter = ScriptedRefiner(lambda p: "a green square on a red background")
+    rewritten, *_ = evaluate.evaluate_backbone(sd15, rewriter, rewards, prompts, [0, 1], _config())
     assert [r["scores"]["baseline"] for r in rewritten] == [r["scores"]["baseline"] for r in records]
     assert all(r["refined_prompt"] == "a green square on a red background" for r in rewritten)
     assert any(r["scores"]["refined"] != r["scores"]["baseline"] for r in rewritten)
+    assert all(p.std() > 0 for p in rewriter.previews)  # the refiner saw the denoised estimate
+
+    # the no-feedback ablation: the refiner sees grey previews, the prompt rewrite still applies
+    blind = ScriptedRefiner(lambda p: "a green square on a red background")
+    blinded, *_ = evaluate.evaluate_backbone(sd15, blind, rewards, prompts[:1], [0], _config(blank_preview=True))
+    assert blind.previews and all(torch.all(p == 0.5) for p in blind.previews)
+    assert blinded[0]["scores"]["refined"] == pytest.approx(rewritten[0]["scores"]["refined"], abs=1e-6)
 
 
 # -----------------------------------------------------------------------------
@@ -219,8 +183,9 @@ def test_full_evaluation_end_to_end(tiny_sd15_dir, tiny_sdxl_dir, tiny_refiner_d
     out = tmp_path / "eval"
     result = run_evaluate([
         "--backbones", f"{tiny_sd15_dir},{tiny_sdxl_dir}", "--refiner", tiny_refiner_dir,
-        "--rewards", "test-brightness,test-redness", "--prompts", prompt_file, "--seeds", "0,1",
+        "--rewards", ",".join(REWARDS), "--prompts", prompt_file, "--seeds", "0,1",
         "--steps", "3", "--refine-steps", "2", "--batch-size", "2", "--sheet-prompts", "2", "--out", out,
+        "--max-new-tokens", "12", "--temperature", "0", "--preview-decoder", "linear",
     ])
     assert result.returncode == 0, result.stderr[-3000:]
     for name in ("results.md", "results.csv", "results.json", "results.png", "samples.png"):
@@ -229,11 +194,11 @@ def test_full_evaluation_end_to_end(tiny_sd15_dir, tiny_sdxl_dir, tiny_refiner_d
     data = json.loads((out / "results.json").read_text())
     assert data["num_prompts"] == 3 and data["seeds"] == [0, 1]
     assert len(data["images"]) == 2 * 3 * 2  # backbones x prompts x seeds, each scored by both rewards
-    assert all(set(r["scores"]["refined"]) == {"test-brightness", "test-redness"} for r in data["images"])
+    assert all(set(r["scores"]["refined"]) == set(REWARDS) for r in data["images"])
     with open(out / "results.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [(Path(r["backbone"]).name, r["reward"]) for r in rows] == [
-        (Path(b).name, w) for b in (tiny_sd15_dir, tiny_sdxl_dir) for w in ("test-brightness", "test-redness")]
+    assert [(r["backbone"], r["reward"]) for r in rows] == [  # folders are labelled by their name
+        (b.name, w) for b in (tiny_sd15_dir, tiny_sdxl_dir) for w in REWARDS]
 
     # every number of the table can be recomputed from the per-image scores in results.json
     for row in data["rows"]:
@@ -250,51 +215,130 @@ def test_full_evaluation_end_to_end(tiny_sd15_dir, tiny_sdxl_dir, tiny_refiner_d
     assert timing["schedule"] == [1, 2] and timing["refinements"] == 6 * 2
 
     md = (out / "results.md").read_text()
-    assert "| backbone | reward |" in md and "test-redness" in md and "python evaluate.py" in md
+    assert "| backbone | reward |" in md and "toy-aesthetic" in md and "python evaluate.py" in md
     from PIL import Image
 
-    assert Image.open(out / "samples.png").size[0] == 4 * evaluate.CELL  # 2 backbones x (baseline, refined)
+    assert Image.open(out / "samples.png").size[0] >= 4 * evaluate.CELL  # 2 backbones x (baseline, refined)
 
 
-def test_baseline_only_with_an_aligned_unet(tiny_sd15_dir, prompt_file, tmp_path, monkeypatch):
-    """--refiner none evaluates the backbone alone; --unet puts another UNet over it (composition runs)."""
-    install_stand_ins(common, monkeypatch.setattr)
-    out = tmp_path / "eval"
-    monkeypatch.setattr(sys, "argv", [
-        "evaluate.py", "--backbones", str(tiny_sd15_dir), "--unet", str(tiny_sd15_dir), "--refiner", "none",
-        "--rewards", "test-brightness", "--prompts", str(prompt_file), "--limit", "2", "--seeds", "3",
-        "--steps", "2", "--out", str(out),
-    ])
-    evaluate.main()
-    data = json.loads((out / "results.json").read_text())
-    (row,) = data["rows"]
-    assert row["backbone"].endswith(f"+unet:{tiny_sd15_dir.name}") and row["n"] == 2
-    assert row["refined_mean"] is None and row["win_rate"] is None
-    assert "| – |" in (out / "results.md").read_text()
+def test_baseline_only_with_an_aligned_unet_and_a_lora(tiny_sd15_dir, prompt_file, tmp_path, monkeypatch):
+    """--refiner none evaluates the backbone alone; --unet / --lora put an aligned variant over it
+    (the paper's composition runs)."""
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    unet = common.load_backbone(str(tiny_sd15_dir)).pipe.unet
+    unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+
+    def run(*variant):
+        out = tmp_path / f"eval{len(variant)}"
+        monkeypatch.setattr(sys, "argv", [
+            "evaluate.py", "--backbones", str(tiny_sd15_dir), "--refiner", "none", "--rewards", "toy-aesthetic+jpeg:0.01",
+            "--prompts", str(prompt_file), "--limit", "2", "--seeds", "3", "--steps", "2", "--out", str(out), *variant,
+        ])
+        evaluate.main()
+        return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+    (plain, _), (aligned, md) = run(), run("--unet", str(tiny_sd15_dir), "--lora", str(tmp_path / "lora"))
+    (row,) = aligned["rows"]
+    assert row["backbone"] == f"{tiny_sd15_dir.name}+unet:{tiny_sd15_dir.name}+lora:lora" and row["n"] == 2
+    assert row["reward"] == "toy-aesthetic+jpeg:0.01"  # a composite, written with '+' in the list
+    assert row["refined_mean"] is None and row["win_rate"] is None and "| – |" in md
+    assert row["baseline_mean"] != plain["rows"][0]["baseline_mean"]  # the LoRA changed the images
 
 
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, exit 2, no traceback
 
 
-@pytest.mark.parametrize("case", ["backbone", "reward", "empty prompts", "seeds"])
-def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, tiny_refiner_dir, prompt_file, tmp_path):
-    args = {"--backbones": str(tiny_sd15_dir), "--refiner": "none", "--rewards": "test-brightness",
+@pytest.mark.parametrize("case", ["backbone", "reward", "empty prompts", "seeds", "answers reward"])
+def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path, monkeypatch, capsys):
+    args = {"--backbones": str(tiny_sd15_dir), "--refiner": "none", "--rewards": "toy-aesthetic",
             "--prompts": str(prompt_file), "--seeds": "0", "--out": str(tmp_path / "eval")}
     if case == "backbone":
         args["--backbones"] = f"{tiny_sd15_dir},no-such-backbone"
     elif case == "reward":
-        args["--rewards"] = "test-brightness,no-such-reward"
+        args["--rewards"] = "toy-aesthetic,no-such-reward"
     elif case == "empty prompts":
         empty = tmp_path / "empty.txt"
         empty.write_text("\n  \n")
         args["--prompts"] = str(empty)
-    else:
+    elif case == "seeds":
         args["--seeds"] = "0,one"
-    result = run_evaluate([x for pair in args.items() for x in pair])
-    assert result.returncode == 2
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:"), result.stderr
-    keyword = {"backbone": "no-such-backbone", "reward": "no-such-reward", "empty prompts": "prompt", "seeds": "seeds"}[case]
+    else:  # `structure` scores the refiner's answers: a baseline image has none
+        args["--rewards"] = "toy-aesthetic,structure"
+    argv = [x for pair in args.items() for x in pair]
+    if case == "backbone":  # once as a user meets it: a fresh process
+        result = run_evaluate(argv)
+        code, stderr = result.returncode, result.stderr
+    else:  # the same path (common.run_cli around main) in-process: no interpreter start-up per case
+        monkeypatch.setattr(sys, "argv", ["evaluate.py", *argv])
+        with pytest.raises(SystemExit) as exit_info:
+            common.run_cli(evaluate.main)
+        code, stderr = exit_info.value.code, capsys.readouterr().err
+    assert code == 2
+    assert "Traceback" not in stderr
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:"), stderr
+    keyword = {"backbone": "no-such-backbone", "reward": "no-such-reward", "empty prompts": "prompt", "seeds": "seeds",
+               "answers reward": "structure"}[case]
     assert keyword in lines[0]
+
+
+# -----------------------------------------------------------------------------
+# the latent reward model's preference accuracy per noise bucket, next to a pixel reward
+
+
+def _jpeg(image):
+    import io
+
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=95)
+    return buffer.getvalue()
+
+
+def _toy_image(with_shape):
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (32, 32), (0, 0, 230))
+    if with_shape:
+        ImageDraw.Draw(image).rectangle([6, 6, 25, 25], fill=(230, 0, 0))
+    return image
+
+
+def test_preference_accuracy_per_noise_bucket(tiny_sd15_dir, prompt_file, tmp_path, monkeypatch):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    torch.manual_seed(0)
+    backbone = common.load_backbone(str(tiny_sd15_dir))
+    lrm_dir = tmp_path / "lrm"
+    common.save_lrm(common.LatentRewardModel(backbone, common.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16, ensemble_draws=2)), lrm_dir)
+    shape, blank = _jpeg(_toy_image(True)), _jpeg(_toy_image(False))
+    # label_0 = P(image 0 preferred). toy-aesthetic prefers the large contrasting shape: it agrees
+    # with pairs 0-2, disagrees with pair 3; pair 4 is a tie (left out), pair 5 has no label (skipped)
+    rows = [(shape, blank, 1.0), (blank, shape, 0.0), (shape, blank, 1.0), (shape, blank, 0.0), (shape, blank, 0.5), (shape, blank, None)]
+    table = pa.table({
+        "caption": ["a red square on a blue background"] * len(rows), "jpg_0": [r[0] for r in rows], "jpg_1": [r[1] for r in rows],
+        "label_0": [r[2] for r in rows], "label_1": [None if r[2] is None else 1 - r[2] for r in rows],
+        "has_label": [r[2] is not None for r in rows], "are_different": [True] * len(rows),
+    })
+    pq.write_table(table, tmp_path / "test.parquet")
+
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate.py", "--backbones", str(tiny_sd15_dir), "--refiner", "none", "--rewards", "toy-aesthetic",
+        "--prompts", str(prompt_file), "--limit", "1", "--seeds", "0", "--steps", "1", "--out", str(out),
+        "--lrm", str(lrm_dir), "--preference-data", str(tmp_path / "test.parquet"),
+    ])
+    evaluate.main()
+    data = json.loads((out / "results.json").read_text())
+    accuracy = {(r["scorer"], r["bucket"]): r for r in data["lrm_accuracy"]}
+    assert [b for s, b in accuracy if s == "lrm"] == [f"t {lo}-{hi}" for lo, hi in evaluate.NOISE_BUCKETS]
+    assert all(r["n"] == 4 and 0 <= r["accuracy"] <= 1 for r in data["lrm_accuracy"])
+    assert accuracy[("toy-aesthetic", "clean")]["accuracy"] == pytest.approx(0.75)
+    assert data["preference_pairs"]["used"] == 5 and data["preference_pairs"]["no_label"] == 1
+    assert data["preference_pairs"]["ties"] == 1
+    assert "## Preference accuracy" in (out / "results.md").read_text()

@@ -1,0 +1,705 @@
+"""
+bench.py: the performance ratios that justify the design, measured side by side in one run.
+
+    python bench.py                                # every row at full size (SD1.5-sized random weights)
+    python bench.py --rows 1,2,5 --threads 1       # the full-size CPU rows (~17 min on one busy core)
+    python bench.py --rows 3,4 --repeats 5         # the toy-size sampling rows, more repeats
+    python bench.py --quick                        # tiny architectures, seconds: a smoke test
+    python bench.py --device cuda                  # with a GPU the full-size GPU rows (3b, 6) run too (bf16)
+
+On a CPU shared with other jobs, --threads 1 gives steadier numbers: with more threads than free
+cores, every parallel op waits for its slowest thread.
+
+Rows (each: what is compared, the median of >= 3 repeats after a warm-up, the ratio, the device):
+  1  reward per image: LRM (UNet down blocks + mid block on the latent) vs VAE decode + a pixel
+     scorer (CLIP ViT-L/14 aesthetic, ImageReward's BLIP ViT-L), and the LRM's noise ensemble
+  2  preview decoder per refinement step: full VAE vs TAESD vs the linear latent->RGB map
+  3  refined (K refinements) vs plain sampling on the same backbone: toy size; full size
+     (SD1.5 + Qwen2.5-VL-3B) on a GPU only
+  4  GRPO rollouts: all B*G trajectories in one refined_sample call vs one trajectory at a time
+  5  an LRM training step from cached latents vs encoding the pair with the VAE every step
+  6  peak GPU memory of a train_refiner and a train_reward step at full size (GPU only)
+
+Results go to the terminal (a table) and to OUT/metrics.json. Only ratios are meant to be quoted:
+the absolute times of a shared machine are noise, but variants timed in turn, round after round,
+see the same load.
+
+Simplifications on purpose: the full-size models are *random-weight* architectures built from
+their configs (SD1.5's UNet / VAE / CLIP text encoder, CLIP ViT-L/14, ImageReward's BLIP ViT-L +
+BERT, TAESD, Qwen2.5-VL-3B): speed and memory depend on the architecture, not on the weights, and
+nothing is downloaded. Their tokenizers are the tiny byte-level ones of toy.py: CLIP pads every
+prompt to 77 tokens anyway; the refiner's chat prompt comes out longer than with Qwen's own BPE, and
+a random refiner never ends its answer early (it writes --max-new-tokens tokens), so the full-size
+refined-sampling overhead is an upper bound.
+"""
+
+import gc
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+import common
+
+# -----------------------------------------------------------------------------
+# config
+
+ROWS = ("1", "2", "3", "4", "5", "6")
+
+
+@dataclass
+class Config:
+    rows: str = field(default="1,2,3,4,5,6", metadata={"help": "comma-separated rows to run (see the module docstring): 1..6"})
+    repeats: int = field(default=3, metadata={"help": "timed repeats per variant (>= 3); the median is reported"})
+    warmup: int = field(default=1, metadata={"help": "untimed warm-up calls per variant before the repeats"})
+    size: str = field(default="full", metadata={"help": "architectures of rows 1, 2, 5: full (SD1.5-sized, 512 px) or tiny (the test-sized ones)"})
+    quick: bool = field(default=False, metadata={"help": "smoke test: --size tiny, 4 sampling steps, 8-token answers, B=1 G=2 in row 4"})
+    batch: int = field(default=1, metadata={"help": "images (rows 1, 2, 3) or pairs (row 5) per call"})
+    resolution: int = field(default=512, metadata={"help": "image side in pixels at --size full (latents are 1/8 of it)"})
+    sampling_steps: int = field(default=20, metadata={"help": "denoising steps of the toy-size sampling rows (3a, 4)"})
+    refine_steps: int = field(default=5, metadata={"help": "K of row 3 (inference); row 4 uses 2, the training value"})
+    prompts_per_step: int = field(default=2, metadata={"help": "B of row 4 (GRPO prompts per step)"})
+    group_size: int = field(default=4, metadata={"help": "G of row 4 (trajectories per prompt); its target is >= 0.7 G"})
+    preview_decoder: str = field(default="vae", metadata={"help": "preview decoder of the sampling rows 3 and 4: vae | taesd | linear"})
+    max_new_tokens: int = field(default=96, metadata={"help": "longest refiner answer in tokens (the Refiner's default)"})
+    lrm_draws: int = field(default=8, metadata={"help": "noise-ensemble draws of row 1c (the lrm reward's default)"})
+    memory_batch: int = field(default=8, metadata={"help": "row 6: pairs per train_reward step and trajectories per train_refiner minibatch"})
+    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={"help": "CPU threads of torch (0 = its default, one per core)"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+    seed: int = field(default=0, metadata={"help": "seed of the random weights, latents and noise"})
+    out: str = field(default="runs/bench", metadata={"help": "output folder: metrics.json"})
+
+
+def parse_config(args=None):
+    return common.parse_config(Config, args)
+
+
+def check_config(cfg):
+    """Apply --quick, check the invariants; returns the rows to run."""
+    if cfg.quick:
+        cfg.size, cfg.sampling_steps, cfg.max_new_tokens, cfg.lrm_draws = "tiny", 4, 8, 2
+        cfg.prompts_per_step, cfg.group_size, cfg.memory_batch = 1, 2, 2
+    rows = [r.strip() for r in cfg.rows.split(",") if r.strip()]
+    unknown = [r for r in rows if r not in ROWS]
+    if not rows or unknown:
+        raise common.UserError(f"--rows must name rows among {','.join(ROWS)}, got '{cfg.rows}'")
+    if cfg.repeats < 3:
+        raise common.UserError(f"--repeats must be >= 3 (a median of fewer is not a measurement), got {cfg.repeats}")
+    if cfg.threads < 0:
+        raise common.UserError(f"--threads must be >= 0, got {cfg.threads}")
+    if cfg.warmup < 0:
+        raise common.UserError(f"--warmup must be >= 0, got {cfg.warmup}")
+    if cfg.size not in ("full", "tiny"):
+        raise common.UserError(f"--size must be full or tiny, got '{cfg.size}'")
+    if cfg.preview_decoder not in common.PreviewDecoder.KINDS:
+        raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
+    for name in ("batch", "sampling_steps", "refine_steps", "prompts_per_step", "group_size", "max_new_tokens", "lrm_draws", "memory_batch"):
+        if getattr(cfg, name) < 1:
+            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.resolution < 64 or cfg.resolution % 64:
+        raise common.UserError(f"--resolution must be a multiple of 64, got {cfg.resolution}")
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# timing: variants interleaved, round after round, median per variant
+
+PROMPT = "a large red circle on a blue background"
+
+
+def synchronize(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_side_by_side(variants, repeats, warmup, device):
+    """{label: fn()} -> {label: [seconds per repeat]}.
+
+    Every variant is warmed up, then each round times every variant once, in turn: a change of load
+    on a shared machine hits all variants alike, so their ratio stays meaningful."""
+    for fn in variants.values():
+        for _ in range(warmup):
+            fn()
+    times = {label: [] for label in variants}
+    for _ in range(repeats):
+        for label, fn in variants.items():
+            synchronize(device)
+            start = time.perf_counter()
+            fn()
+            synchronize(device)
+            times[label].append(time.perf_counter() - start)
+    return times
+
+
+def summary(times):
+    return dict(median_s=statistics.median(times), times_s=[round(t, 4) for t in times])
+
+
+def ratio_row(row, compared, baseline, candidate, ratio, target, device, notes="", target_ok=None):
+    """One table row: two measured variants (label, times) and their ratio (> 1 = the design wins,
+    except overhead rows, where the target says which way)."""
+    return dict(row=row, compared=compared, baseline=dict(label=baseline[0], **summary(baseline[1])),
+                candidate=dict(label=candidate[0], **summary(candidate[1])), ratio=ratio, target=target,
+                meets_target=target_ok, device=device_name(device), notes=notes)
+
+
+def skipped_row(row, compared, target, device, reason="needs a GPU (CUDA)"):
+    return dict(row=row, compared=compared, skipped=reason, ratio=None, target=target, meets_target=None,
+                device=device_name(device), notes="")
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    return f"cpu ({torch.get_num_threads()} threads)"
+
+
+def free_memory():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+# -----------------------------------------------------------------------------
+# architectures with random weights, built from their configs (nothing is downloaded)
+
+# stable-diffusion-v1-5: unet/config.json, vae/config.json, text_encoder/config.json
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8,
+)
+SD15_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, block_out_channels=(128, 256, 512, 512),
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, sample_size=512,
+    scaling_factor=0.18215,
+)
+SD15_TEXT = dict(  # CLIP ViT-L/14's text tower
+    vocab_size=49408, hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    max_position_embeddings=77, hidden_act="quick_gelu", projection_dim=768,
+)
+CLIP_L14_VISION = dict(  # openai/clip-vit-large-patch14 (the LAION aesthetic predictor's tower)
+    hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16, image_size=224,
+    patch_size=14, hidden_act="quick_gelu",
+)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8)
+TINY_TEXT = dict(vocab_size=30524, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64, pad_token_id=0)
+# Qwen/Qwen2.5-VL-3B-Instruct config.json (text and vision tower)
+QWEN25_VL_3B_TEXT = dict(
+    vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36, num_attention_heads=16,
+    num_key_value_heads=2, max_position_embeddings=128000, rms_norm_eps=1e-6, tie_word_embeddings=True,
+    rope_parameters={"rope_type": "default", "rope_theta": 1000000.0, "mrope_section": [16, 24, 24]},
+)
+QWEN25_VL_3B_VISION = dict(
+    depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=2048, patch_size=14,
+    spatial_merge_size=2, temporal_patch_size=2, window_size=112, fullatt_block_indexes=[7, 15, 23, 31],
+    tokens_per_second=2, hidden_act="silu",
+)
+
+
+def sd15_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1)
+
+
+def random_sd15(size, resolution, device, dtype, seed=0):
+    """A common.Backbone: SD1.5's architecture with random weights (size full) or the tiny test one."""
+    from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    import toy
+
+    if size == "tiny":
+        pipe = toy.tiny_sd15_pipeline(common.TOY_WORDS, image_size=64, seed=seed)
+        resolution = 64
+    else:
+        tokenizer = toy.tiny_clip_tokenizer(common.TOY_WORDS)
+        torch.manual_seed(seed)
+        text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                            pad_token_id=tokenizer.pad_token_id))
+        pipe = StableDiffusionPipeline(
+            vae=AutoencoderKL(**SD15_VAE), text_encoder=text.eval(), tokenizer=tokenizer,
+            unet=UNet2DConditionModel(**SD15_UNET), scheduler=sd15_scheduler(), safety_checker=None,
+            feature_extractor=None, requires_safety_checker=False,
+        )
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    spec = common.BackboneSpec(source=f"random {size} SD1.5 architecture", steps=50, guidance=7.5, size=resolution)
+    return common.Backbone(pipe, f"sd15-random-{size}", spec)
+
+
+def latent_shape(backbone):
+    pipe = backbone.pipe
+    side = backbone.spec.size // pipe.vae_scale_factor
+    return (pipe.unet.config.in_channels, side, side)
+
+
+def random_aesthetic(size, folder, device, dtype, seed=0):
+    """common.aesthetic_reward on a folder holding a random CLIP ViT-L/14 (tiny text tower: the
+    aesthetic predictor never runs it) and a random head, saved like the official files."""
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(seed)
+    vision = CLIP_L14_VISION if size == "full" else TINY_VISION
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
+    projection = 768 if size == "full" else 32
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)).save_pretrained(folder)
+    head = common.aesthetic_mlp(projection)
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, Path(folder) / common.AESTHETIC_HEAD[1])
+    return common.aesthetic_reward(str(folder), device, dtype)
+
+
+def bert_tokenizer(folder):
+    """A BERT WordPiece tokenizer over a small vocabulary, with BLIP's [DEC] / [ENC] tokens added."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *common.TOY_WORDS]
+    (Path(folder) / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(Path(folder) / "vocab.txt"))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    return tokenizer
+
+
+def random_imagereward(size, folder, device, dtype, seed=0):
+    """common.imagereward_scorer on ImageReward's architecture (BLIP ViT-L/16 + BERT with
+    cross-attention + MLP head) with random weights."""
+    torch.manual_seed(seed)
+    if size == "full":
+        model = common.ImageRewardModel()
+    else:
+        model = common.ImageRewardModel(text_config=TINY_TEXT, vision_config=dict(TINY_VISION, layer_norm_eps=1e-6))
+    return common.imagereward_scorer(model.to(device, dtype).eval(), bert_tokenizer(folder), device, dtype)
+
+
+def random_taesd_folder(folder, seed=0):
+    """AutoencoderTiny's default config *is* TAESD's architecture; saved so PreviewDecoder loads it."""
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(seed)
+    AutoencoderTiny().save_pretrained(folder)
+    return str(folder)
+
+
+def random_qwen_refiner(size, device, dtype, max_new_tokens, seed=0):
+    """A common.Refiner: Qwen2.5-VL-3B's architecture with random weights (size full, previews
+    resized to 448 px as Refiner.from_pretrained does for hub models) or the tiny test one."""
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    import toy
+
+    if size == "tiny":
+        processor = toy.tiny_qwen_processor(common.TOY_WORDS)
+        model = toy.tiny_qwen_model(processor, seed=seed)
+        return common.Refiner(model.to(device, dtype), processor, max_new_tokens=max_new_tokens)
+    processor = toy.tiny_qwen_processor(common.TOY_WORDS, image_pixels=448 * 448)  # 16x16 merged vision tokens
+    ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in toy.QWEN_SPECIAL_TOKENS}
+    config = Qwen2_5_VLConfig(
+        text_config=dict(QWEN25_VL_3B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                         pad_token_id=ids["<|endoftext|>"]),
+        vision_config=QWEN25_VL_3B_VISION, image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    model.generation_config.pad_token_id = ids["<|endoftext|>"]
+    model.generation_config.eos_token_id = ids["<|im_end|>"]
+    return common.Refiner(model.eval(), processor, max_new_tokens=max_new_tokens, preview_size=448)
+
+
+def toy_models(cfg, device, dtype):
+    """The toy world's backbone and refiner where built (python toy.py), else the tiny random ones
+    of the tests. Returns (backbone, refiner, which: a line saying which were used)."""
+    import toy
+
+    if (Path(common.BACKBONES["toy"].source) / "model_index.json").is_file():
+        backbone, which = common.load_backbone("toy", device=device, dtype=dtype), ["backbone toy"]
+    else:
+        pipe = toy.tiny_sd15_pipeline(common.TOY_WORDS, image_size=32, seed=cfg.seed).to(device, dtype)
+        pipe.set_progress_bar_config(disable=True)
+        backbone = common.Backbone(pipe, "tiny-sd15", common.BackboneSpec("tiny random SD1.5-shaped pipeline", 20, 4.0, 32))
+        which = ["tiny random backbone (toy world not built)"]
+    if (Path(common.REFINERS["toy-refiner"]) / "config.json").is_file():
+        refiner = common.load_refiner("toy-refiner", device=device, dtype=dtype, max_new_tokens=cfg.max_new_tokens)
+        which.append("refiner toy-refiner")
+    else:
+        refiner = random_qwen_refiner("tiny", device, dtype, cfg.max_new_tokens, cfg.seed)
+        which.append("tiny random refiner (toy refiner not built)")
+    return backbone, refiner, ", ".join(which)
+
+
+def make_preview_decoder(kind, backbone, folder):
+    source = random_taesd_folder(Path(folder) / "taesd") if kind == "taesd" and backbone.spec.taesd is None else None
+    return common.PreviewDecoder(kind, backbone, taesd_source=source)
+
+
+# -----------------------------------------------------------------------------
+# row 1: latent reward vs decode + pixel scorer
+
+
+def row_lrm_vs_pixel(cfg, device, dtype, tmp):
+    backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
+    lrm = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name)).eval()
+    decoder = common.PreviewDecoder("vae", backbone)  # the full VAE decode a pixel reward needs
+    aesthetic = random_aesthetic(cfg.size, Path(tmp) / "aesthetic", device, dtype, cfg.seed)
+    imagereward = random_imagereward(cfg.size, tmp, device, dtype, cfg.seed)
+    latents = torch.randn((cfg.batch, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
+    prompts = [PROMPT] * cfg.batch
+    images = {}
+
+    def lrm_score(draws):
+        # what the `lrm:` reward runs: text conditioning + `draws` noisy copies through down+mid blocks
+        return lambda: lrm.ensemble_score(latents, prompts, draws=draws, generator=torch.Generator().manual_seed(0))
+
+    def decode():
+        images["x"] = decoder(latents)
+
+    times = time_side_by_side({
+        "lrm": lrm_score(1), "lrm_ensemble": lrm_score(cfg.lrm_draws), "decode": decode,
+        "aesthetic": lambda: aesthetic(images["x"], prompts), "imagereward": lambda: imagereward(images["x"], prompts),
+    }, cfg.repeats, cfg.warmup, device)
+    # a pixel reward = the decode of that round + the scorer on its images
+    pixel = {name: [d + s for d, s in zip(times["decode"], times[name])] for name in ("aesthetic", "imagereward")}
+    lrm_1, lrm_d = statistics.median(times["lrm"]), statistics.median(times["lrm_ensemble"])
+    shape = f"batch {cfg.batch}, {backbone.spec.size} px, latents {tuple(latents.shape[1:])}, {cfg.size} size"
+    rows = []
+    for row, name, label in (("1a", "aesthetic", "CLIP ViT-L/14 aesthetic"), ("1b", "imagereward", "ImageReward (BLIP ViT-L)")):
+        ratio = statistics.median(pixel[name]) / lrm_1
+        rows.append(ratio_row(row, f"reward per image: VAE decode + {label} vs LRM (1 draw)", (f"decode+{name}", pixel[name]),
+                              ("lrm", times["lrm"]), ratio, ">= 8x", device, shape, ratio >= 8))
+    ratio = statistics.median(pixel["imagereward"]) / lrm_d
+    rows.append(ratio_row("1c", f"reward per image: VAE decode + ImageReward vs LRM noise ensemble ({cfg.lrm_draws} draws)",
+                          ("decode+imagereward", pixel["imagereward"]), ("lrm_ensemble", times["lrm_ensemble"]), ratio, ">= 8x",
+                          device, f"{shape}; the draws run one after another (LatentRewardModel.ensemble_score)", ratio >= 8))
+    decode_over_unet = statistics.median(times["decode"]) / lrm_1
+    rows[0]["notes"] += f"; VAE decode alone = {decode_over_unet:.1f}x the LRM"
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# row 2: preview decoders
+
+
+def row_preview_decoders(cfg, device, dtype, tmp):
+    backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
+    decoders = {kind: make_preview_decoder(kind, backbone, tmp) for kind in common.PreviewDecoder.KINDS}
+    x0 = torch.randn((cfg.batch, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
+    decoders["linear"](x0)  # the linear map is fitted once, on the first preview (one VAE decode), before timing
+    times = time_side_by_side({kind: (lambda d=d: d(x0)) for kind, d in decoders.items()}, cfg.repeats, cfg.warmup, device)
+    notes = f"cost per refinement step; batch {cfg.batch}, latents {tuple(x0.shape[1:])}, {cfg.size} size; random TAESD (AutoencoderTiny default config)"
+    return [
+        ratio_row("2a", "preview per refinement step: VAE decode vs TAESD", ("vae", times["vae"]), ("taesd", times["taesd"]),
+                  statistics.median(times["vae"]) / statistics.median(times["taesd"]), "report (~16x at 512 px)", device, notes),
+        ratio_row("2b", "preview per refinement step: VAE decode vs linear latent->RGB", ("vae", times["vae"]),
+                  ("linear", times["linear"]), statistics.median(times["vae"]) / statistics.median(times["linear"]), "report",
+                  device, notes + "; linear previews are at latent resolution"),
+    ]
+
+
+# -----------------------------------------------------------------------------
+# row 3: refined vs plain sampling
+
+
+class TimedRefiner:
+    """A Refiner whose refine() calls are timed and whose generated tokens are counted (for the notes)."""
+
+    def __init__(self, refiner):
+        self.refiner, self.seconds, self.tokens, self.answers = refiner, 0.0, 0, 0
+
+    def refine(self, *args):
+        start = time.perf_counter()
+        out = self.refiner.refine(*args)  # returns CPU tensors: the device work is done
+        self.seconds += time.perf_counter() - start
+        self.tokens += int(out.completion_mask.sum())
+        self.answers += len(out.prompts)
+        return out
+
+
+def overhead_times(cfg, backbone, refiner, decoder, num_steps, guidance, device):
+    """Plain vs refined sampling of the same batch from the same initial latents.
+
+    Returns (times, notes): the notes say how much of a refined run the refiner's generate took."""
+    prompts = [PROMPT] * cfg.batch
+    latents = torch.randn((cfg.batch, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
+    latents = latents.to(device, backbone.pipe.unet.dtype)
+    timed = TimedRefiner(refiner)
+
+    def sample(refined):
+        torch.manual_seed(cfg.seed)  # the refiner's token sampling
+        return common.refined_sample(backbone, prompts, timed if refined else None, refine_steps=cfg.refine_steps,
+                                     num_steps=num_steps, guidance=guidance, generator=torch.Generator().manual_seed(cfg.seed),
+                                     latents=latents, preview_decoder=decoder)
+
+    if decoder.kind == "linear":
+        decoder(latents)  # the linear map is fitted on its first preview: before timing
+    times = time_side_by_side({"plain": lambda: sample(False), "refined": lambda: sample(True)}, cfg.repeats, cfg.warmup, device)
+    runs = cfg.repeats + cfg.warmup
+    notes = (f"refiner generate {timed.seconds / runs:.3f}s of a refined run, {timed.tokens / max(1, timed.answers):.0f} "
+             f"tokens per answer (max {cfg.max_new_tokens})")
+    return times, notes
+
+
+def row_refined_overhead(cfg, device, dtype, tmp):
+    rows = []
+    toy_dtype = torch.float32 if device.type == "cpu" else dtype
+    backbone, refiner, which = toy_models(cfg, device, toy_dtype)
+    decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
+    times, notes = overhead_times(cfg, backbone, refiner, decoder, cfg.sampling_steps, backbone.spec.guidance, device)
+    ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
+    rows.append(ratio_row("3a", f"sampling, toy size: refined (K={cfg.refine_steps}) vs plain", ("plain", times["plain"]),
+                          ("refined", times["refined"]), ratio, "report (overhead; <= 1.3x is the full-size target)", device,
+                          f"{which}; batch {cfg.batch}, {cfg.sampling_steps} steps, preview {cfg.preview_decoder}; {notes}"))
+    del backbone, refiner, decoder
+    free_memory()
+    compared = f"sampling, full size (SD1.5 + Qwen2.5-VL-3B): refined (K={cfg.refine_steps}) vs plain"
+    if device.type != "cuda":
+        rows.append(skipped_row("3b", compared, "<= 1.3x", device))
+        return rows
+    backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
+    refiner = random_qwen_refiner(cfg.size, device, dtype, cfg.max_new_tokens, cfg.seed)
+    decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
+    times, notes = overhead_times(cfg, backbone, refiner, decoder, 50, 7.5, device)
+    ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
+    rows.append(ratio_row("3b", compared, ("plain", times["plain"]), ("refined", times["refined"]), ratio, "<= 1.3x", device,
+                          f"{cfg.size} size, {dtype}; batch {cfg.batch}, 50 steps, CFG 7.5, {backbone.spec.size} px, preview "
+                          f"{cfg.preview_decoder}; {notes}; a random refiner never stops early (upper bound)", ratio <= 1.3))
+    return rows
+
+
+# -----------------------------------------------------------------------------
+# row 4: GRPO rollouts batched vs one at a time
+
+
+def row_grpo_batching(cfg, device, dtype, tmp):
+    toy_dtype = torch.float32 if device.type == "cpu" else dtype
+    backbone, refiner, which = toy_models(cfg, device, toy_dtype)
+    decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
+    b, g, k = cfg.prompts_per_step, cfg.group_size, 2
+    words = ["circle", "square", "triangle"]
+    rows = [f"a {words[i % 3]}" for i in range(b) for _ in range(g)]  # (B*G,) group members adjacent
+    # a group shares its initial noise (common random numbers), as train_refiner.py rolls out
+    latents = torch.randn((b, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
+    latents = latents.repeat_interleave(g, 0).to(device, toy_dtype)
+    if decoder.kind == "linear":
+        decoder(latents)  # the linear map is fitted on its first preview: before timing
+
+    def rollout(indices, policy=refiner):
+        torch.manual_seed(cfg.seed)
+        return common.refined_sample(backbone, [rows[i] for i in indices], policy, refine_steps=k, num_steps=cfg.sampling_steps,
+                                     generator=torch.Generator().manual_seed(cfg.seed), latents=latents[indices],
+                                     preview_decoder=decoder)
+
+    everything = list(range(b * g))
+    times = time_side_by_side({
+        "one_at_a_time": lambda: [rollout([i]) for i in everything], "batched": lambda: rollout(everything),
+        # the same without the refiner: how well the backbone alone batches on this device (the ceiling)
+        "plain_one_at_a_time": lambda: [rollout([i], None) for i in everything], "plain_batched": lambda: rollout(everything, None),
+    }, cfg.repeats, cfg.warmup, device)
+    median = {label: statistics.median(t) for label, t in times.items()}
+    ratio = median["one_at_a_time"] / median["batched"]
+    plain = median["plain_one_at_a_time"] / median["plain_batched"]
+    target = 0.7 * g
+    return [ratio_row("4", f"GRPO rollouts, B={b} G={g}: one trajectory at a time vs all B*G in one refined_sample call",
+                      ("one_at_a_time", times["one_at_a_time"]), ("batched", times["batched"]), ratio, f">= {target:.1f}x (0.7 G)",
+                      device, f"{which}; K={k}, {cfg.sampling_steps} steps, preview {cfg.preview_decoder}; throughput ratio; "
+                      f"plain sampling (no refiner) batches {plain:.2f}x on this device", ratio >= target)]
+
+
+# -----------------------------------------------------------------------------
+# row 5: LRM training from cached latents vs encoding every step
+
+
+def lrm_train_step(model, optimizer, latents_0, latents_1, captions, targets, generator):
+    """One train_reward.py step: both images of a pair noised with the same (t, eps), rewards in one
+    forward, noise-calibrated Thurstone NLL, AdamW on the trainable weights."""
+    t = torch.randint(0, model.num_timesteps, (len(latents_0),), generator=generator)
+    noise = torch.randn(latents_0.shape, generator=generator).to(latents_0.device, latents_0.dtype)
+    alpha_bar = model.alphas_cumprod[t].to(latents_0.device)
+    x_t = torch.cat([common.noisy_latents(latents_0, noise, alpha_bar), common.noisy_latents(latents_1, noise, alpha_bar)])
+    rewards = model(x_t, torch.cat([t, t]), model.text_conditioning(captions + captions))
+    r_0, r_1 = rewards.chunk(2)
+    loss = common.preference_loss("thurstone-nll", r_0, r_1, model.variance(t.to(r_0.device)), targets)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach()
+
+
+def row_lrm_cached_latents(cfg, device, dtype, tmp):
+    backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
+    model = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    side = backbone.spec.size
+    generator = torch.Generator().manual_seed(cfg.seed)
+    # uint8 pixels, as train_reward.py holds the decoded pairs in memory
+    pixels = torch.randint(0, 256, (2 * cfg.batch, 3, side, side), dtype=torch.uint8, generator=generator)
+    vae = backbone.pipe.vae
+    cache = common.encode_latents(vae, pixels.float() / 127.5 - 1).float().cpu()  # (2B, C, h, w): the cache, encoded once
+    captions, targets = [PROMPT] * cfg.batch, torch.ones(cfg.batch, device=device)
+
+    def step(latents):
+        latents = latents.to(device, dtype)
+        return lrm_train_step(model, optimizer, latents[: cfg.batch], latents[cfg.batch:], captions, targets, generator)
+
+    times = time_side_by_side({
+        "encode_each_step": lambda: step(common.encode_latents(vae, pixels.float() / 127.5 - 1)),
+        "cached_latents": lambda: step(cache[torch.arange(2 * cfg.batch)]),
+    }, cfg.repeats, cfg.warmup, device)
+    return [ratio_row("5", "LRM training step: encode the pair with the VAE every step vs cached latents",
+                      ("encode_each_step", times["encode_each_step"]), ("cached_latents", times["cached_latents"]),
+                      statistics.median(times["encode_each_step"]) / statistics.median(times["cached_latents"]), "report", device,
+                      f"batch {cfg.batch} pair(s), {side} px, {cfg.size} size; frozen UNet (down+mid), head trained")]
+
+
+# -----------------------------------------------------------------------------
+# row 6: peak GPU memory of the training steps
+
+
+def peak_memory(fn, device):
+    """Peak allocated GPU memory (GiB) while fn() runs, weights already resident included."""
+    free_memory()
+    torch.cuda.reset_peak_memory_stats(device)
+    fn()
+    synchronize(device)
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+def refiner_train_step(refiner, params, optimizer, outputs):
+    """The memory-relevant part of a train_refiner.py update: teacher-forced log-probs of every
+    refinement action of a minibatch, one backward per action (as train_refiner.py does), AdamW on
+    the LoRA weights. A policy-gradient surrogate stands in for the clipped GRPO loss (same graph)."""
+    refiner.model.train()
+    optimizer.zero_grad(set_to_none=True)
+    for out in outputs:
+        logprobs = refiner.token_logprobs(out.inputs, out.completion_ids, out.completion_mask)
+        advantages = torch.linspace(-1, 1, len(logprobs), device=logprobs.device).unsqueeze(1)
+        loss = -(logprobs.float() * advantages).sum() / out.completion_mask.sum().clamp(min=1)
+        loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    refiner.model.eval()
+
+
+def add_refiner_lora(refiner, rank=16):
+    """LoRA on the language model's linear layers, as train_refiner.py's add_lora (rank 16)."""
+    from peft import LoraConfig, get_peft_model
+
+    target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+    refiner.model = get_peft_model(refiner.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=target))
+    return [p for p in refiner.model.parameters() if p.requires_grad]
+
+
+def refiner_rollout_outputs(refiner, batch, refine_steps):
+    """K RefinerOutputs of a minibatch of `batch` trajectories (random 512 px previews)."""
+    previews = torch.rand((batch, 3, 512, 512), generator=torch.Generator().manual_seed(0))
+    return [refiner.refine(previews, [PROMPT] * batch, [PROMPT] * batch, s, 50) for s in range(1, refine_steps + 1)]
+
+
+def row_peak_memory(cfg, device, dtype, tmp):
+    compared = ("train_refiner step (Qwen2.5-VL-3B + LoRA r16): gradient checkpointing off vs on",
+                "train_reward step (SD1.5 LRM, LoRA r8 on down/mid attention): gradient checkpointing off vs on",
+                "train_reward step (SD1.5 LRM): LoRA r8 (checkpointing off) vs frozen UNet")
+    if device.type != "cuda":
+        return [skipped_row(f"6{c}", text, "report", device) for c, text in zip("abc", compared)]
+    rows = []
+    # train_refiner: a minibatch of memory_batch trajectories x K=2 actions of <= 64 tokens
+    refiner = random_qwen_refiner(cfg.size, device, dtype, 64, cfg.seed)
+    params = add_refiner_lora(refiner)
+    optimizer = torch.optim.AdamW(params, lr=1e-4)
+    outputs = refiner_rollout_outputs(refiner, cfg.memory_batch, 2)
+    step = lambda: refiner_train_step(refiner, params, optimizer, outputs)  # noqa: E731
+    off = peak_memory(step, device)
+    refiner.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    on = peak_memory(step, device)
+    rows.append(memory_row("6a", compared[0], ("checkpointing off", off), ("checkpointing on", on), device,
+                           f"{cfg.size} size, {dtype}; {cfg.memory_batch} trajectories x K=2 actions x 64 tokens, 448 px previews"))
+    del refiner, params, optimizer, outputs, step
+    free_memory()
+    # train_reward: memory_batch pairs at the backbone's size
+    peaks = {}
+    for name, rank, checkpointing in (("frozen", 0, False), ("lora", 8, False), ("lora+checkpointing", 8, True)):
+        backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
+        model = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name, lora_rank=rank)).train()
+        if checkpointing:
+            backbone.pipe.unet.enable_gradient_checkpointing()
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+        latents = torch.randn((2 * cfg.memory_batch, *latent_shape(backbone)), device=device, dtype=dtype)
+        captions, targets = [PROMPT] * cfg.memory_batch, torch.ones(cfg.memory_batch, device=device)
+        generator = torch.Generator().manual_seed(cfg.seed)
+        peaks[name] = peak_memory(lambda: lrm_train_step(model, optimizer, latents[: cfg.memory_batch], latents[cfg.memory_batch:],
+                                                          captions, targets, generator), device)
+        del backbone, model, optimizer, latents
+        free_memory()
+    notes = f"{cfg.size} size, {dtype}; {cfg.memory_batch} pairs at {cfg.resolution if cfg.size == 'full' else 64} px"
+    rows.append(memory_row("6b", compared[1], ("checkpointing off", peaks["lora"]), ("checkpointing on", peaks["lora+checkpointing"]), device, notes))
+    rows.append(memory_row("6c", compared[2], ("lora r8", peaks["lora"]), ("frozen", peaks["frozen"]), device, notes))
+    return rows
+
+
+def memory_row(row, compared, baseline, candidate, device, notes):
+    """Peak GiB of two variants; ratio = baseline / candidate (> 1: the candidate saves memory)."""
+    return dict(row=row, compared=compared, baseline=dict(label=baseline[0], peak_gib=round(baseline[1], 3)),
+                candidate=dict(label=candidate[0], peak_gib=round(candidate[1], 3)), ratio=baseline[1] / candidate[1],
+                target="report", meets_target=None, device=device_name(device), notes=notes)
+
+
+# -----------------------------------------------------------------------------
+# main: run the rows, print the table, write the JSON
+
+ROW_FUNCTIONS = {"1": row_lrm_vs_pixel, "2": row_preview_decoders, "3": row_refined_overhead, "4": row_grpo_batching,
+                 "5": row_lrm_cached_latents, "6": row_peak_memory}
+
+
+def format_row(row):
+    if row.get("skipped"):
+        return f"{row['row']:<3} {row['compared'][:78]:<78} {'skipped: ' + row['skipped']:>36}  {row['device']}"
+    base, cand = row["baseline"], row["candidate"]
+    if "peak_gib" in base:
+        numbers = f"{base['peak_gib']:.2f} / {cand['peak_gib']:.2f} GiB"
+    else:
+        numbers = f"{base['median_s']:.3f}s / {cand['median_s']:.3f}s"
+    ratio = "-" if row["ratio"] is None else f"{row['ratio']:.2f}x" if row["ratio"] < 1000 else f"{row['ratio']:.2e}x"
+    verdict = {True: "ok", False: "MISSED", None: ""}[row["meets_target"]]
+    return f"{row['row']:<3} {row['compared'][:78]:<78} {numbers:>24} {ratio:>8} {row['target'][:20]:>20} {verdict:<6} {row['device']}"
+
+
+def main():
+    cfg = parse_config()
+    rows = check_config(cfg)
+    device = common.pick_device(cfg.device)
+    dtype = common.pick_dtype(cfg.dtype, device)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path on CPU
+    common.seed_everything(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"bench: rows {','.join(rows)} | size {cfg.size} | repeats {cfg.repeats} after {cfg.warmup} warm-up | {device_name(device)}, {dtype}")
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for number in rows:
+            start = time.perf_counter()
+            new = ROW_FUNCTIONS[number](cfg, device, dtype, tmp)
+            free_memory()
+            for row in new:
+                print(format_row(row), flush=True)
+            print(f"    (row {number} took {time.perf_counter() - start:.0f}s)", flush=True)
+            results.extend(new)
+    metrics = dict(config=asdict(cfg), device=device_name(device), dtype=str(dtype), torch=torch.__version__, rows=results)
+    tmp_path = out / "metrics.json.tmp"
+    tmp_path.write_text(json.dumps(metrics, indent=2))
+    tmp_path.replace(out / "metrics.json")
+    print(f"wrote {out / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    common.run_cli(main)

@@ -1,0 +1,85 @@
+"""bench.py: the timing helper, the training steps that rows 5 and 6 measure, the CLI smoke run."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import bench
+import common
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "4", "5", "6a", "6b", "6c"}
+GPU_ROWS = {"3b", "6a", "6b", "6c"}
+
+
+def test_time_side_by_side_interleaves_variants_after_warmup():
+    calls = []
+    times = bench.time_side_by_side({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                    repeats=3, warmup=2, device=torch.device("cpu"))
+    assert calls == ["a", "a", "b", "b"] + ["a", "b"] * 3  # warm-ups, then one of each per round
+    assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
+
+
+def test_lrm_train_step_trains_the_head_only():
+    backbone = bench.random_sd15("tiny", 64, torch.device("cpu"), torch.float32)
+    model = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name)).train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+    head_before = [p.detach().clone() for p in model.head.parameters()]
+    unet_before = next(model.unet.parameters()).detach().clone()
+    latents = torch.randn(4, *bench.latent_shape(backbone))
+    loss = bench.lrm_train_step(model, optimizer, latents[:2], latents[2:], ["a circle"] * 2, torch.ones(2),
+                                torch.Generator().manual_seed(0))
+    assert torch.isfinite(loss)
+    assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
+    assert torch.equal(unet_before, next(model.unet.parameters()))  # the backbone stays frozen
+
+
+def test_refiner_train_step_updates_lora_weights():
+    """The step whose peak memory row 6a measures on a GPU, run here at tiny size."""
+    refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, max_new_tokens=6)
+    params = bench.add_refiner_lora(refiner)
+    assert params and all(p.requires_grad for p in params)
+    outputs = bench.refiner_rollout_outputs(refiner, batch=2, refine_steps=2)
+    assert len(outputs) == 2 and outputs[0].completion_ids.shape[0] == 2
+    before = [p.detach().clone() for p in params]
+    bench.refiner_train_step(refiner, params, torch.optim.AdamW(params, lr=1e-2), outputs)
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--repeats", "2"], "--repeats must be >= 3"),
+    (["--rows", "1,7"], "--rows must name rows"),
+    (["--size", "huge"], "--size must be full or tiny"),
+])
+def test_bad_flags_are_one_line_errors(flags, message):
+    run = subprocess.run([sys.executable, "bench.py", *flags], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.strip().startswith("error:") and message in run.stderr and "Traceback" not in run.stderr
+
+
+def test_quick_run_writes_every_row(tmp_path):
+    run = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(tmp_path)],
+                         cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    rows = {row["row"]: row for row in metrics["rows"]}
+    assert set(rows) == ROW_IDS
+    for name, row in rows.items():
+        assert row["device"] and row["compared"] and row["target"]
+        if row.get("skipped"):  # only the GPU rows may be skipped, and only without CUDA
+            assert name in GPU_ROWS and not torch.cuda.is_available() and "GPU" in row["skipped"]
+            assert row["ratio"] is None
+            continue
+        assert row["ratio"] > 0, name
+        if "median_s" in row["baseline"]:
+            for side in ("baseline", "candidate"):
+                assert len(row[side]["times_s"]) == 3 and row[side]["median_s"] > 0, (name, side)
+    for name in ROW_IDS - GPU_ROWS:
+        assert f"{name} " in run.stdout  # the printed table has the row
