@@ -1710,6 +1710,10 @@ def expected_calibration_error(p, target, bins=10):
     return ece
 
 
+# noise buckets of the evaluation (train_reward.py, evaluate.py): timestep ranges of 200
+NOISE_BUCKETS = [(lo, lo + 200) for lo in range(0, 1000, 200)]
+
+
 def noisy_latents(latents, noise, alpha_bar):
     """Forward diffusion x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps, abar_t: (B,).
 

@@ -507,9 +507,6 @@ def sample_sheet(sheets, prompts, title):
 # optional: preference accuracy of the latent reward model per noise bucket
 
 
-NOISE_BUCKETS = ((0, 200), (200, 400), (400, 600), (600, 800), (800, 1000))  # t ranges, as train_reward.py
-
-
 @torch.no_grad()
 def preference_accuracy(config, rewards, device, dtype, batch_size=16):
     """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
@@ -535,7 +532,7 @@ def preference_accuracy(config, rewards, device, dtype, batch_size=16):
     n = int((labels != 0.5).sum())
 
     rows, generator = [], torch.Generator().manual_seed(config.seed)
-    for lo, hi in NOISE_BUCKETS:
+    for lo, hi in common.NOISE_BUCKETS:
         hi = min(hi, model.num_timesteps)
         p = []
         for b in batches:

@@ -79,7 +79,6 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
 
 
-NOISE_BUCKETS = [(lo, lo + 200) for lo in range(0, 1000, 200)]
 RESUME_MAY_CHANGE = {"resume", "steps", "eval_every", "save_every", "threads", "device"}
 
 
@@ -231,7 +230,7 @@ def evaluate(model, data, cfg, device, batch_size=64):
     labels = data["labels"]
     generator = torch.Generator().manual_seed(1234)  # the same validation noise at every evaluation
     result = {"pairs": n, "ties": int((labels == 0.5).sum()), "buckets": {}}
-    for lo, hi in NOISE_BUCKETS:
+    for lo, hi in common.NOISE_BUCKETS:
         probs, losses = [], []
         for i in range(0, n, batch_size):
             idx = torch.arange(i, min(n, i + batch_size))

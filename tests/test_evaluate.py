@@ -336,7 +336,7 @@ def test_preference_accuracy_per_noise_bucket(tiny_sd15_dir, prompt_file, tmp_pa
     evaluate.main()
     data = json.loads((out / "results.json").read_text())
     accuracy = {(r["scorer"], r["bucket"]): r for r in data["lrm_accuracy"]}
-    assert [b for s, b in accuracy if s == "lrm"] == [f"t {lo}-{hi}" for lo, hi in evaluate.NOISE_BUCKETS]
+    assert [b for s, b in accuracy if s == "lrm"] == [f"t {lo}-{hi}" for lo, hi in common.NOISE_BUCKETS]
     assert all(r["n"] == 4 and 0 <= r["accuracy"] <= 1 for r in data["lrm_accuracy"])
     assert accuracy[("toy-aesthetic", "clean")]["accuracy"] == pytest.approx(0.75)
     assert data["preference_pairs"]["used"] == 5 and data["preference_pairs"]["no_label"] == 1
