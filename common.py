@@ -155,11 +155,11 @@ def load_backbone(name, device="cpu", dtype=torch.float32, unet=None, lora=None)
 
     spec = backbone_spec(name)
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec.source, torch_dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(spec.source, dtype=dtype)
         if unet is not None:
             source = ALIGNED_UNETS.get(unet, unet)
             sub = "unet" if not Path(source).is_dir() or (Path(source) / "unet").is_dir() else None
-            pipe.unet = UNet2DConditionModel.from_pretrained(source, subfolder=sub, torch_dtype=dtype)
+            pipe.unet = UNet2DConditionModel.from_pretrained(source, subfolder=sub, dtype=dtype)
         if lora is not None:
             pipe.load_lora_weights(lora)
     except (OSError, ValueError, EnvironmentError) as e:
@@ -249,7 +249,7 @@ class PreviewDecoder:
             if source is None:
                 raise UserError(f"no TAESD decoder known for backbone '{backbone.name}'; use --preview-decoder vae|linear")
             try:
-                self.tiny = AutoencoderTiny.from_pretrained(source, torch_dtype=self.vae.dtype).to(self.vae.device)
+                self.tiny = AutoencoderTiny.from_pretrained(source, dtype=self.vae.dtype).to(self.vae.device)
             except OSError as e:
                 raise UserError(f"cannot load TAESD '{source}': {str(e).splitlines()[0]}") from e
 
@@ -345,6 +345,8 @@ def refined_sample(
     guidance = backbone.spec.guidance if guidance is None else guidance
     size = size or backbone.spec.size
     schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
+    if isinstance(negative_prompt, str):
+        negative_prompt = [negative_prompt] * len(prompts)  # the pipeline wants one per prompt
     result = RefinedSample(images=None, latents=None, schedule=schedule, prompts=[prompts])
     decoder = preview_decoder if isinstance(preview_decoder, PreviewDecoder) else None
     if schedule and decoder is None and not blank_preview:

@@ -42,6 +42,38 @@ def test_sample_without_refiner_sdxl(tiny_sdxl_dir, tmp_path):
     assert record["schedule"] == [] and not (tmp_path / "trajectory.png").exists()
 
 
+def test_sample_every_option(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
+    """--unet, --lora, --adapter, --negative-prompt, --guidance, --size, --temperature 0 (greedy), --dtype, --device."""
+    import common
+    import toy
+    from conftest import WORDS
+    from diffusers import StableDiffusionPipeline
+    from peft import LoraConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict
+
+    toy.tiny_sd15_pipeline(WORDS, seed=1).unet.save_pretrained(tmp_path / "aligned" / "unet")
+    unet = toy.tiny_sd15_pipeline(WORDS).unet
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
+    base = common.load_refiner(str(tiny_refiner_dir))
+    get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
+
+    def run(out, *extra):
+        proc = run_sample("--backbone", str(tiny_sd15_dir), "--refiner", str(tiny_refiner_dir), "--adapter", str(tmp_path / "adapter"),
+                          "--prompt", "a red circle", "--steps", "4", "--refine-steps", "1", "--temperature", "0",
+                          "--guidance", "3.0", "--negative-prompt", "a square", "--size", "48", "--device", "cpu",
+                          "--dtype", "fp32", "--out", str(tmp_path / out), *extra)
+        assert proc.returncode == 0, proc.stderr
+        return Image.open(tmp_path / out / "000_a-red-circle.png")
+
+    plain = run("plain")
+    assert plain.size == (48, 48)
+    assert json.loads((tmp_path / "plain" / "trajectory.json").read_text())["guidance"] == 3.0
+    assert plain.tobytes() == run("again").tobytes()  # greedy refiner + fixed seed: the same image
+    assert plain.tobytes() != run("aligned", "--unet", str(tmp_path / "aligned")).tobytes()
+    assert plain.tobytes() != run("lora", "--lora", str(tmp_path / "lora")).tobytes()
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
