@@ -383,6 +383,16 @@ def refined_sample(
     return result
 
 
+def caption_font(size):
+    """PIL's built-in font at `size` px, for the labels of the pictures sample.py and evaluate.py draw."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1 has one bitmap size
+        return ImageFont.load_default()
+
+
 def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> list of PIL images."""
     array = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
@@ -448,6 +458,12 @@ class RefinerOutput:
     completion_ids: torch.Tensor = None  # (B, T) generated tokens, padded
     completion_mask: torch.Tensor = None  # (B, T) 1 up to and including the end token
     logprobs: torch.Tensor = None  # (B, T) log pi(token) at generation time
+
+    @classmethod
+    def from_prompts(cls, prompts):
+        """The output of a refiner without a model (scripted rules, recorders): well-formed answers."""
+        prompts = list(prompts)
+        return cls(prompts, [format_answer(p) for p in prompts], torch.zeros(len(prompts), dtype=torch.bool))
 
 
 class Refiner:

@@ -49,7 +49,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import common
@@ -461,17 +461,10 @@ def plot_rewards(path, rows, backbone_labels, reward_labels, confidence):
 CELL = 160  # px: toy images are upscaled so that a person can see them
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
 def sample_sheet(sheets, prompts, title):
     """Rows = prompts, columns = backbone x (baseline, refined); the user prompt over each row,
     the final refined prompt under each refined image."""
-    font, line_height, chars, gap = _font(12), 15, CELL // 7, 12
+    font, line_height, chars, gap = common.caption_font(12), 15, CELL // 7, 12
     columns = [(backbone, arm) for backbone, sheet in sheets.items() for arm in ("baseline", "refined") if arm in sheet]
     lefts, x = [], 0
     for c, (backbone, arm) in enumerate(columns):  # a gap between backbones

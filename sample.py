@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 import common
 
@@ -67,16 +67,9 @@ def check(config):
 CELL = 192  # px: small toy previews are upscaled so that a person can see them
 
 
-def _font(size):
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1 has one bitmap size
-        return ImageFont.load_default()
-
-
 def trajectory_picture(result, labels):
     """Previews (nearest-upscaled) with the prompt in force after each refinement under them."""
-    font, line_height, chars = _font(13), 16, CELL // 7
+    font, line_height, chars = common.caption_font(13), 16, CELL // 7
     columns = [(f"step {s}: preview", p) for s, p in zip(result.schedule, result.previews)] + [("final", result.images)]
     rows = len(result.images)
     texts = [[result.prompts[k + 1][b] if k < len(result.schedule) else result.final_prompts[b]

@@ -487,7 +487,7 @@ class ScriptedRefiner:
             named.setdefault("size", "large")
             named["background"] = background
             prompts.append(toy_caption(**named))
-        return common.RefinerOutput(prompts, [common.format_answer(p) for p in prompts], torch.zeros(len(prompts), dtype=torch.bool))
+        return common.RefinerOutput.from_prompts(prompts)
 
 
 def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
@@ -742,7 +742,7 @@ class PreviewRecorder:
 
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         self.states += [(preview, step, num_steps) for preview in previews]
-        return common.RefinerOutput(list(current_prompts), list(current_prompts), torch.zeros(len(previews), dtype=torch.bool))
+        return common.RefinerOutput.from_prompts(current_prompts)
 
 
 def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16):

@@ -21,7 +21,7 @@ class ScriptedRefiner:
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         self.calls.append(dict(previews=previews, user=list(user_prompts), current=list(current_prompts), step=step, num_steps=num_steps))
         new = list(current_prompts) if self.script is None else self.script[len(self.calls) - 1]
-        return common.RefinerOutput(new, new, torch.zeros(len(new), dtype=torch.bool))
+        return common.RefinerOutput.from_prompts(new)
 
 
 def seeded():
