@@ -594,7 +594,9 @@ def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, **kwargs
 # size, colour and background may be left out ("a circle", "a red square", ...):
 #     a [small|large] [<colour>] <shape> [on a <colour> background]
 # An attribute the caption leaves out is drawn at random by the data set, so the backbones learn
-# to leave it free -- and a refiner that *sees* the emerging image can choose the rest well.
+# to leave it free. The background is settled in the first sampling steps and cannot be repainted
+# by a later prompt; the shape's colour and size can. So a refiner that *sees* the emerging image
+# can choose a shape colour that suits the background it finds there.
 
 TOY_COLOURS = {  # name -> RGB in [0, 1]; far apart in RGB and spread in luminance
     "red": (0.85, 0.10, 0.10),
@@ -652,24 +654,33 @@ def _all_toy_captions():
     return captions
 
 
+TOY_PROMPT_KINDS = {  # which user prompts of the grammar a kind selects (from the attributes it names)
+    "all": lambda named: True,
+    "full": lambda named: all(k in named for k in ("size", "colour", "background")),
+    "partial": lambda named: not all(k in named for k in ("size", "colour", "background")),
+    "open": lambda named: "background" not in named,  # as users mostly write: the background left free
+}
+
+
 def toy_prompts(split="train", n=None, seed=0, kind="all"):
     """User prompts of the toy world, split once and for all (20% held out as "test").
 
-    kind: "all", "partial" (leaves at least one attribute free: what refinement can improve)
-          or "full". n: draw n prompts (without replacement while possible) with `seed`.
+    kind: "all", "partial" (leaves size, colour or background free: room for refinement),
+          "full" (names all three) or "open" (leaves the background free: only a refiner that
+          sees the preview knows which background it got). n: draw n prompts (without
+          replacement while possible) with `seed`.
     The split is a fixed permutation, independent of `seed`, so train and test never overlap."""
     import random
 
     if split not in ("train", "test"):
         raise UserError(f"toy prompt split must be 'train' or 'test', got '{split}'")
-    if kind not in ("all", "partial", "full"):
-        raise UserError(f"toy prompt kind must be all, partial or full, got '{kind}'")
+    if kind not in TOY_PROMPT_KINDS:
+        raise UserError(f"toy prompt kind must be one of {', '.join(TOY_PROMPT_KINDS)}, got '{kind}'")
     captions = _all_toy_captions()
     random.Random(1234).shuffle(captions)
     n_test = len(captions) // 5
     chosen = captions[:n_test] if split == "test" else captions[n_test:]
-    if kind != "all":
-        chosen = [c for c in chosen if (len(parse_toy_prompt(c)) == 4) == (kind == "full")]
+    chosen = [c for c in chosen if TOY_PROMPT_KINDS[kind](parse_toy_prompt(c))]
     chosen = sorted(chosen)
     if n is None:
         return chosen
@@ -756,10 +767,11 @@ def toy_aesthetic(images, prompts=None, **_):
     (0.6 contrast(shape, background) + 0.4 min(1, area / 0.3)) x (0.5 + 0.5 clean):
     a large shape that stands out on a clean background scores high. The prompt is ignored.
     What a refiner can learn: add "large"; choose a shape colour that contrasts with the
-    background (the best one depends on the background: white on black, black on white), which
-    it can read from the preview when the user left the background free -- or, blind, name a
-    background too. With the committed toy backbones a prompt change at step 7 of 20 still
-    moves the background, so naming both does about as well (see toy.py, stage "measure")."""
+    background (the best one depends on it: white on black, black on white). The toy
+    backbones settle the background in their first steps (toy.py, `background_settles`): after
+    that a prompt can no longer repaint it, but can still recolour and resize the shape. So when
+    the user leaves the background free, only a refiner that *sees* it in the preview can pick
+    the right colour; a blind one can only guess (see toy.py, stage "measure")."""
     scores = [
         (0.6 * r["contrast"] + 0.4 * min(1.0, r["area"] / 0.3)) * (0.5 + 0.5 * r["clean"])
         for r in toy_analyze(images)
@@ -786,7 +798,10 @@ TOY_REWARDS = {"toy-aesthetic": toy_aesthetic, "toy-faithful": toy_faithfulness}
 # -----------------------------------------------------------------------------
 # prompt sources (text file, Pick-a-Pic captions, toy prompts)
 #
-#     toy                          the toy grammar's prompts (toy_prompts; splits train / test)
+#     toy                          the toy grammar's prompts (toy_prompts; splits train / test;
+#                                  drawn with `seed`, repeating once all are used)
+#     toy-partial | toy-open       those that leave an attribute free | the background free
+#     | toy-full                    | those that name everything (see toy_prompts)
 #     prompts.txt                  one prompt per line, blank lines skipped (one set: `split` unused)
 #     data.parquet | FOLDER        Pick-a-Pic v2 schema, only the `caption` column is read; in a
 #                                  folder the files named after the split (train-*.parquet,
@@ -850,8 +865,8 @@ def load_prompts(source, split="train", limit=None, seed=0):
     if limit is not None and limit < 1:
         raise UserError(f"prompt limit must be >= 1, got {limit}")
     source = PROMPT_SOURCES.get(source, source)
-    if source == "toy":
-        prompts = toy_prompts(split, limit, seed)
+    if source == "toy" or source.startswith("toy-") and source[4:] in TOY_PROMPT_KINDS:
+        prompts = toy_prompts(split, limit, seed, kind=source[4:] or "all")
     elif Path(source).is_file() and not source.endswith(".parquet"):
         try:
             lines = Path(source).read_text(encoding="utf-8").splitlines()
@@ -1788,7 +1803,7 @@ class LatentRewardModel(torch.nn.Module):
             target = r".*(down_blocks|mid_block)\..*\.(to_q|to_k|to_v|to_out\.0)"
             self.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=target))
         channels = list(self.unet.config.block_out_channels)
-        feature_dim = 6 * (sum(channels) + channels[-1])  # mean, std, 2x2 grid of each down block and the mid block
+        feature_dim = 8 * (sum(channels) + channels[-1])  # mean, std, 2x2 grid, centre, ring of each down block and the mid block
         self.feature_norm = torch.nn.LayerNorm(feature_dim)
         self.time_embedding = torch.nn.Sequential(
             Timesteps(config.hidden, flip_sin_to_cos=True, downscale_freq_shift=0), torch.nn.Linear(config.hidden, config.hidden), torch.nn.SiLU()
@@ -1846,9 +1861,16 @@ class LatentRewardModel(torch.nn.Module):
         pooled = []
 
         def pool(output):
-            h = (output[0] if isinstance(output, tuple) else output).float()  # down blocks return (h, residuals)
-            # a 2x2 grid of means keeps a coarse layout (centre vs. border) that global pooling loses
-            pooled.extend([h.mean((2, 3)), h.std((2, 3)), F.adaptive_avg_pool2d(h, 2).flatten(1)])
+            # down blocks return (h, residuals); residuals[-2] is h before the downsampler (twice the resolution)
+            h = (output[1][-2] if isinstance(output, tuple) and len(output[1]) > 1 else
+                 output[0] if isinstance(output, tuple) else output).float()
+            # a 2x2 grid of means keeps a coarse layout that global pooling loses; centre vs. ring
+            # separates the subject from its surroundings
+            hh, ww = h.shape[-2:]
+            centre = torch.zeros(hh, ww, dtype=torch.bool, device=h.device)
+            centre[hh // 4:hh - hh // 4, ww // 4:ww - ww // 4] = True
+            pooled.extend([h.mean((2, 3)), h.std((2, 3)), F.adaptive_avg_pool2d(h, 2).flatten(1),
+                           h[..., centre].mean(-1), h[..., ~centre].mean(-1)])
 
         def stop(module, inputs, output):
             pool(output)

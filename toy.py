@@ -64,21 +64,26 @@ class ToyConfig:
     stages: str = field(default="data,backbones,pairs,refiner",
                         metadata={"help": "comma-separated stages to build: data, backbones, pairs, refiner; "
                                           "'measure' re-measures saved backbones"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads (1 is fastest on a busy 2-core machine)"})
+    threads: int = field(default=1, metadata={"help": "torch CPU threads per process (1 is fastest on a busy 2-core machine)"})
+    parallel: bool = field(default=True, metadata={"help": "train the two backbones in two processes at once "
+                                                             "(--no-parallel: one after the other)"})
     image_size: int = field(default=32, metadata={"help": "side of the toy images in pixels"})
     dataset_size: int = field(default=4000, metadata={"help": "procedural images the backbones are trained on"})
     vae_steps: int = field(default=600, metadata={"help": "VAE training steps (one VAE, shared by both backbones)"})
-    unet_steps: int = field(default=2000, metadata={"help": "UNet + text encoder training steps per backbone"})
-    refiner_steps: int = field(default=450, metadata={"help": "supervised training steps of the toy refiner"})
+    unet_steps: int = field(default=3000, metadata={"help": "UNet + text encoder training steps per backbone"})
+    refiner_steps: int = field(default=900, metadata={"help": "supervised training steps of the toy refiner"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     lr: float = field(default=1.5e-3, metadata={"help": "peak learning rate (one-cycle schedule)"})
     caption_dropout: float = field(default=0.1, metadata={"help": "caption dropout, so that CFG works"})
+    background_settles: int = field(default=700, metadata={
+        "help": "training timestep below which the captions' background words are made uninformative: "
+                "the background is fixed by the noisy latent from then on, as a real model's layout is (0 = off)"})
     sample_steps: int = field(default=20, metadata={"help": "default sampling steps written to promptloop.json"})
     guidance: float = field(default=4.0, metadata={"help": "default CFG scale written to promptloop.json"})
     eval_samples: int = field(default=60, metadata={"help": "samples per backbone to measure prompt following"})
-    pairs_train: int = field(default=2000, metadata={"help": "preference pairs in the train split"})
-    pairs_validation: int = field(default=300, metadata={"help": "preference pairs in the validation split"})
-    pairs_test: int = field(default=300, metadata={"help": "preference pairs in the test split"})
+    pairs_train: int = field(default=4000, metadata={"help": "preference pairs in the train split"})
+    pairs_validation: int = field(default=1000, metadata={"help": "preference pairs in the validation split"})
+    pairs_test: int = field(default=1000, metadata={"help": "preference pairs in the test split"})
     images_per_prompt: int = field(default=4, metadata={"help": "images per caption; pairs are drawn among them"})
     pair_steps: int = field(default=10, metadata={"help": "sampling steps for the pair images"})
     label_noise: float = field(default=0.05, metadata={"help": "Thurstone noise: std of each image's perceived aesthetic"})
@@ -307,13 +312,17 @@ def sample_toy_attributes(rng):
     return dict(shape=rng.choice(TOY_SHAPES), colour=colour, size=rng.choice(list(TOY_SIZES)), background=background)
 
 
+def partial_attributes(attributes, rng, p_keep):
+    """Some of `attributes`: the shape always, each other one with probability p_keep."""
+    return {k: v for k, v in attributes.items() if k == "shape" or rng.random() < p_keep}
+
+
 def random_caption(attributes, rng, p_full=0.5):
-    """Caption of `attributes`: the full one with probability p_full, else each of size, colour,
-    background left out with probability 1/2 (the shape is always named)."""
+    """Caption of `attributes`: the full one with probability p_full, else a partial one (each
+    attribute but the shape left out with probability 1/2)."""
     if rng.random() < p_full:
         return toy_caption(**attributes)
-    kept = {k: v for k, v in attributes.items() if k == "shape" or rng.random() < 0.5}
-    return toy_caption(**kept)
+    return toy_caption(**partial_attributes(attributes, rng, 0.5))
 
 
 def toy_dataset(n, seed=0, image_size=32, p_full=0.5):
@@ -400,11 +409,29 @@ def min_snr_weights(alpha_bar, gamma=5.0):
     return snr.clamp(max=gamma) / snr
 
 
+def uninformative_background(caption, generator):
+    """The caption with its background phrase dropped or naming a random colour (1/2 each):
+    a background phrase that says nothing about the image."""
+    named = common.parse_toy_prompt(caption)
+    named.pop("background", None)
+    if torch.rand((), generator=generator) < 0.5:
+        named["background"] = list(TOY_COLOURS)[int(torch.randint(len(TOY_COLOURS), (), generator=generator))]
+    return toy_caption(**named)
+
+
 def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, caption_dropout=0.1, seed=0,
-                       log=print, name="backbone", min_snr_gamma=5.0):
+                       log=print, name="backbone", min_snr_gamma=5.0, background_settles=0):
     """Denoising score matching on the VAE latents (epsilon prediction, the pipeline's own
     scheduler and its training noise schedule, min-SNR weighting); UNet and text encoder(s) are
-    trained together (they start from random weights). The VAE is frozen, its latents encoded once."""
+    trained together (they start from random weights). The VAE is frozen, its latents encoded once.
+
+    background_settles: at training timesteps t below it the captions' background phrase is made
+    uninformative (dropped or a random colour), so the UNet learns to read the background from x_t
+    there and to ignore what the prompt says about it. At sampling, the background
+    is then decided in the first steps (t >= background_settles) and a later prompt cannot repaint
+    it, while the shape's colour and size stay open a few steps longer -- the order in which a
+    real model settles layout before detail, made explicit. That is what makes the preview worth
+    looking at: a refiner that sees the emerging background can pick a shape colour to match."""
     generator = torch.Generator().manual_seed(seed)
     vae, unet, noise_schedule = pipe.vae, pipe.unet, pipe.scheduler
     with torch.no_grad():
@@ -426,7 +453,9 @@ def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, ca
         a = alphas_cumprod[t].view(-1, 1, 1, 1)
         noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
-        conditioning = text_conditioning(pipe, [captions[i] for i in index.tolist()], drop)
+        batch_captions = [uninformative_background(captions[i], generator) if step_t < background_settles
+                          else captions[i] for i, step_t in zip(index.tolist(), t.tolist())]
+        conditioning = text_conditioning(pipe, batch_captions, drop)
         prediction = unet(noisy, t, **conditioning).sample
         loss = (min_snr_weights(a.flatten(), min_snr_gamma) * ((prediction - noise) ** 2).mean((1, 2, 3))).mean()
         optimizer.zero_grad(set_to_none=True)
@@ -465,35 +494,50 @@ def prompt_following(backbone, n=60, seed=0, num_steps=None, guidance=None, batc
 class ScriptedRefiner:
     """A rule-based refiner (no model) for measuring what the toy world rewards.
 
-    sees_preview=True: read the background of the preview and name the shape colour with the
-    highest contrast against it; False: name fixed choices (white shape, black background).
-    Either way the user's named attributes are kept and "large" is added when the size is free."""
+    Keeps the user's size and background, adds "large" when the size is free, and picks the
+    shape colour with the most contrast -- overriding the user's colour, as a policy trained on
+    the aesthetic alone learns to: sees_preview=True against the background the preview shows
+    (and names it); sees_preview=False on average over the backgrounds it could meet (the best
+    a blind policy can do once the background is settled)."""
 
     def __init__(self, sees_preview):
         self.sees_preview = sees_preview
 
+    @staticmethod
+    def best_shape_colour(backgrounds):
+        """The shape colour with the highest mean contrast over `backgrounds` (a colour never meets itself)."""
+        best, best_contrast = None, -1.0
+        for colour, rgb in TOY_COLOURS.items():
+            against = [TOY_COLOURS[b] for b in backgrounds if b != colour]
+            if against:
+                contrast = float(common.toy_contrast(torch.tensor(rgb), torch.tensor(against)).mean())
+                if contrast > best_contrast:
+                    best, best_contrast = colour, contrast
+        return best
+
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        backgrounds = [r["background"] for r in common.toy_analyze(previews)]
+        seen = [r["background"] for r in common.toy_analyze(previews)]
         prompts = []
-        for user, seen in zip(user_prompts, backgrounds):
+        for user, background in zip(user_prompts, seen):
             named = common.parse_toy_prompt(user)
-            background = named.get("background") or (seen if self.sees_preview else "black")
-            if "colour" not in named:
-                palette = torch.tensor([TOY_COLOURS[c] for c in TOY_COLOURS])
-                contrast = common.toy_contrast(palette, torch.tensor(TOY_COLOURS[background]))
-                named["colour"] = list(TOY_COLOURS)[int(contrast.argmax())] if self.sees_preview else "white"
-            if named["colour"] == background:  # a blind choice can collide with the user's background
-                named["colour"] = "black" if background == "white" else "white"
+            if "background" in named:
+                candidates = [named["background"]]
+            elif self.sees_preview:
+                candidates = [background]
+                named["background"] = background
+            else:
+                candidates = list(TOY_COLOURS)
+            named["colour"] = self.best_shape_colour(candidates)
             named.setdefault("size", "large")
-            named["background"] = background
             prompts.append(toy_caption(**named))
         return common.RefinerOutput.from_prompts(prompts)
 
 
 def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
-    """Mean toy aesthetic of partial user prompts: plain, blind scripted refiner, seeing scripted
-    refiner (same initial noise for all three). Shows how much latent feedback can be worth."""
-    prompts = common.toy_prompts("test", n=n, seed=seed, kind="partial")
+    """Mean toy aesthetic of user prompts that leave the background free: plain, blind scripted
+    refiner, seeing scripted refiner (same initial noise for all three). Shows how much latent
+    feedback can be worth."""
+    prompts = common.toy_prompts("test", n=n, seed=seed, kind="open")
     result = {}
     for name, refiner in (("plain", None), ("blind", ScriptedRefiner(False)), ("seeing", ScriptedRefiner(True))):
         generator = torch.Generator().manual_seed(seed)
@@ -503,31 +547,57 @@ def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
     return result
 
 
-def build_toy_backbones(config, out, log=print):
-    """Train one VAE, then the SD1.5- and SDXL-shaped pipelines on it; save diffusers folders
-    `toy-sd15/` and `toy-sdxl/` (+ promptloop.json with their sampling defaults). The two backbones
-    share the VAE (one latent space), but have their own text encoders and UNets."""
-    metrics = {}
+TOY_ARCHITECTURE = dict(vae_channels=(16, 32, 32), vae_norm_groups=2, attend_everywhere=True)
+# 3 levels: 32 px -> 8x8 latents (SD's VAE downsamples 8x; 4x here); 2 GroupNorm groups keep
+# colour information that an instance norm (1 channel per group) would remove
+
+
+def train_and_save_backbone(name, config, out, vae_state, vae_scaling, log=print):
+    """Train one toy backbone (`toy-sd15` or `toy-sdxl`) on the shared trained VAE; save its
+    diffusers folder + promptloop.json. Runs in a worker process of build_toy_backbones."""
+    torch.set_num_threads(max(1, config.threads))
     images, captions, _ = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
-    # 3 levels: 32 px -> 8x8 latents (SD's VAE downsamples 8x; 4x here); 2 GroupNorm groups keep
-    # colour information that an instance norm (1 channel per group) would remove
-    architecture = dict(vae_channels=(16, 32, 32), vae_norm_groups=2, attend_everywhere=True)
-    sd15 = tiny_sd15_pipeline(TOY_WORDS, config.image_size, config.seed, **architecture)
+    build, seed = (tiny_sd15_pipeline, config.seed) if name == "toy-sd15" else (tiny_sdxl_pipeline, config.seed + 1)
+    pipe = build(TOY_WORDS, config.image_size, seed, **TOY_ARCHITECTURE)
+    pipe.vae.load_state_dict(vae_state)  # one latent space for both backbones
+    pipe.vae.register_to_config(scaling_factor=vae_scaling)
     start = time.time()
-    train_toy_vae(sd15.vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
-    metrics["vae_seconds"] = round(time.time() - start, 1)
-    sdxl = tiny_sdxl_pipeline(TOY_WORDS, config.image_size, config.seed + 1, **architecture)
-    sdxl.vae = sd15.vae  # shared latent space
+    train_toy_backbone(pipe, images, captions, config.unet_steps, config.batch_size, config.lr, config.caption_dropout,
+                       seed=config.seed, log=log, name=name, background_settles=config.background_settles)
+    folder = out / name
+    pipe.save_pretrained(folder)
     defaults = dict(steps=config.sample_steps, guidance=config.guidance, size=config.image_size)
-    for name, pipe in (("toy-sd15", sd15), ("toy-sdxl", sdxl)):
-        start = time.time()
-        train_toy_backbone(pipe, images, captions, config.unet_steps, config.batch_size, config.lr,
-                           config.caption_dropout, seed=config.seed, log=log, name=name)
-        folder = out / name
-        pipe.save_pretrained(folder)
-        (folder / "promptloop.json").write_text(json.dumps(defaults, indent=1) + "\n")
-        metrics[name] = dict(train_seconds=round(time.time() - start, 1))
-        log(f"{name}: trained in {metrics[name]['train_seconds']}s -> {folder}")
+    (folder / "promptloop.json").write_text(json.dumps(defaults, indent=1) + "\n")
+    seconds = round(time.time() - start, 1)
+    log(f"{name}: trained in {seconds}s -> {folder}")
+    return seconds
+
+
+def build_toy_backbones(config, out, log=print):
+    """Train one VAE, then the SD1.5- and SDXL-shaped pipelines on it (in two processes at once
+    with --parallel); save diffusers folders `toy-sd15/` and `toy-sdxl/` (+ promptloop.json with
+    their sampling defaults). The two backbones share the VAE (one latent space), but have their
+    own text encoders and UNets."""
+    from concurrent.futures import ProcessPoolExecutor
+    from functools import partial
+    from multiprocessing import get_context
+
+    metrics = {}
+    images, _, _ = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
+    vae = tiny_sd15_pipeline(TOY_WORDS, config.image_size, config.seed, **TOY_ARCHITECTURE).vae
+    start = time.time()
+    train_toy_vae(vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
+    metrics["vae_seconds"] = round(time.time() - start, 1)
+    train = partial(train_and_save_backbone, config=config, out=out, vae_state=vae.state_dict(),
+                    vae_scaling=vae.config.scaling_factor)
+    names = ("toy-sd15", "toy-sdxl")
+    if config.parallel:  # worker logs go to stdout (print), the only log a worker can reach
+        with ProcessPoolExecutor(len(names), mp_context=get_context("spawn")) as pool:
+            seconds = list(pool.map(train, names))
+    else:
+        seconds = [train(name, log=log) for name in names]
+    for name, s in zip(names, seconds):
+        metrics[name] = dict(train_seconds=s)
     for name, measured in measure_toy_backbones(config, out, log).items():
         metrics[name].update(measured)
     return metrics
@@ -540,9 +610,10 @@ def measure_toy_backbones(config, out, log=print):
         backbone = common.load_backbone(str(out / name))
         rates = prompt_following(backbone, config.eval_samples, seed=config.seed + 7)
         log(f"{name}: samples match colour {rates['colour']:.0%} shape {rates['shape']:.0%} "
-            f"size {rates['size']:.0%} background {rates['background']:.0%} ({config.eval_samples} full captions)")
+            f"size {rates['size']:.0%} background {rates['background']:.0%} "
+            f"({config.eval_samples} full captions)")
         gain = preview_feedback_gain(backbone, config.eval_samples, seed=config.seed + 8)
-        log(f"{name}: toy aesthetic of partial prompts | plain {gain['plain']:.3f} | blind scripted refiner "
+        log(f"{name}: toy aesthetic, prompts that leave the background free | plain {gain['plain']:.3f} | blind scripted refiner "
             f"{gain['blind']:.3f} | seeing scripted refiner {gain['seeing']:.3f}")
         metrics[name] = dict(prompt_following=rates, preview_feedback=gain)
     return metrics
@@ -593,8 +664,7 @@ def toy_pairs(backbones, n_pairs, config, seed, split, log=print):
     pairs_per_prompt = max(1, config.images_per_prompt * (config.images_per_prompt - 1) // 4)  # half of all pairs
     n_prompts = math.ceil(n_pairs / pairs_per_prompt)
     # captions: user prompts of the grammar, mostly partial (those leave room for taste)
-    captions = [toy_caption(**{k: v for k, v in sample_toy_attributes(rng).items() if k == "shape" or rng.random() < 0.4})
-                for _ in range(n_prompts)]
+    captions = [toy_caption(**partial_attributes(sample_toy_attributes(rng), rng, 0.4)) for _ in range(n_prompts)]
     names = list(backbones)
     model_of = [[names[j % len(names)] for j in range(config.images_per_prompt)] for _ in captions]
     images = torch.zeros(n_prompts, config.images_per_prompt, 3, config.image_size, config.image_size)
@@ -671,9 +741,10 @@ def build_toy_pairs(config, out, log=print):
 # The policy GRPO starts from. It sees exactly what the refiner sees at inference (the chat
 # messages of common.refiner_messages with an x0_hat preview of a toy backbone) and is trained
 # on the answer tokens of common.format_answer(target), where the target is a *random* valid
-# refinement of the user's prompt: all the user's attributes, plus some of the missing ones.
-# So the supervised refiner writes well-formed prompts that keep the user's words, and is
-# uncommitted about what it adds; which additions raise the reward is left to GRPO.
+# refinement of the user's prompt: all the user's attributes, plus some of the missing ones; an
+# added background is the one the preview shows (the refiner describes what it sees).
+# So the supervised refiner writes well-formed prompts that keep the user's words, reads the
+# preview, and is uncommitted about what it adds; which additions raise the reward is GRPO's to learn.
 
 ANSWER_TAGS = ("<prompt>", "</prompt>")  # one token each: the format costs 2 tokens, not 17 bytes
 
@@ -717,20 +788,34 @@ def in_toy_grammar(prompt):
     return "shape" in named and toy_caption(**named) == prompt
 
 
-def refinement_target(user_prompt, rng, p_add=0.5):
+def refinement_target(user_prompt, rng, p_add=0.5, seen_background=None, p_seen=0.8):
     """A random valid refinement of a toy prompt: the user's attributes kept, each missing one
     (size, colour, background) added with probability `p_add`, its value drawn uniformly; the
-    background never takes the shape's colour (as in the grammar). rng: a random.Random."""
+    background never takes the shape's colour (as in the grammar). rng: a random.Random.
+
+    seen_background: the background colour the preview shows, if any. The background is then
+    added with probability `p_seen` and names it -- the refiner describes what it sees, as a
+    real MLLM does (and learns to look) -- and the shape's colour is drawn among the others.
+    Which colour goes well with it is not taught: that is GRPO's."""
     attributes = common.parse_toy_prompt(user_prompt)
     if "shape" not in attributes:  # not a toy prompt: nothing to refine
         return user_prompt
     if "size" not in attributes and rng.random() < p_add:
         attributes["size"] = rng.choice(list(TOY_SIZES))
+    background = attributes.get("background") or seen_background
     if "colour" not in attributes and rng.random() < p_add:
-        attributes["colour"] = rng.choice([c for c in TOY_COLOURS if c != attributes.get("background")])
-    if "background" not in attributes and rng.random() < p_add:
-        attributes["background"] = rng.choice([c for c in TOY_COLOURS if c != attributes.get("colour")])
+        attributes["colour"] = rng.choice([c for c in TOY_COLOURS if c != background])
+    if "background" not in attributes and rng.random() < (p_seen if seen_background else p_add):
+        if seen_background is not None and seen_background != attributes.get("colour"):
+            attributes["background"] = seen_background
+        else:
+            attributes["background"] = rng.choice([c for c in TOY_COLOURS if c != attributes.get("colour")])
     return toy_caption(**attributes)
+
+
+def seen_backgrounds(previews):
+    """The background colour each preview (list of (3, h, w)) shows, None for a blank (grey) one."""
+    return [None if preview.std() < 1e-3 else common.toy_analyze(preview[None])[0]["background"] for preview in previews]
 
 
 class PreviewRecorder:
@@ -770,17 +855,20 @@ def refinement_state(preview, user_prompt, step, num_steps, rng):
 
 def sft_batch(processor, states, rng):
     """One SFT batch: states (preview, user prompt, current prompt, step, num_steps) rendered
-    with the inference chat template, a fresh random target's answer appended.
+    with the inference chat template, a fresh random target's answer appended (an added
+    background names the one the preview shows).
 
     Returns (inputs, labels): the processor's outputs for the whole sequences (right-padded)
     and labels (B, L) = the answer's tokens and its end token, -100 elsewhere (the loss is on
     the answer only)."""
     tokenizer = processor.tokenizer
     texts, answers = [], []
-    for _, user, current, step, num_steps in states:
+    seen = seen_backgrounds([state[0] for state in states])
+    for (_, user, current, step, num_steps), background in zip(states, seen):
         messages = common.refiner_messages(user, current, step, num_steps)
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        answers.append(common.format_answer(refinement_target(user, rng)) + tokenizer.eos_token)
+        target = refinement_target(user, rng, seen_background=background)
+        answers.append(common.format_answer(target) + tokenizer.eos_token)
         texts.append(prompt + answers[-1])
     images = [common.to_pil(state[0][None])[0] for state in states]  # sizes differ (blank previews)
     inputs = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
@@ -819,7 +907,7 @@ def refiner_sampling_stats(refiner, previews, user_prompts, step, num_steps, sam
     parsed = [common.parse_answer(answer, refiner.max_words) for answer in out.answers]
     kept = [(user, prompt) for user, prompt in zip(users, parsed) if prompt is not None]
     distinct = {u: len({p for user, p in zip(users, parsed) if user == u}) for u in user_prompts}
-    partial = [u for u in user_prompts if len(common.parse_toy_prompt(u)) < 4]
+    partial = [u for u in user_prompts if common.TOY_PROMPT_KINDS["partial"](common.parse_toy_prompt(u))]
     # the same count for draws of the SFT target distribution itself: the diversity to expect
     rng = random.Random(0)
     target_distinct = [len({refinement_target(u, rng) for _ in range(samples)}) for u in user_prompts]
@@ -873,8 +961,8 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
     model.train()
     start, losses = time.time(), []
     for step in range(1, train_steps + 1):
-        # the preview is drawn independently of the user prompt: the targets ignore the image
-        # (what the image is good for is GRPO's to learn), the model must not depend on it
+        # the preview is drawn independently of the user prompt; the targets read only its
+        # background (what else the image is good for is GRPO's to learn)
         states = []
         for _ in range(batch_size):
             preview, preview_step, preview_num_steps = previews[rng.randrange(len(previews))]
@@ -935,7 +1023,8 @@ def build_toy_data(config, out, log=print):
     out.mkdir(parents=True, exist_ok=True)
     pq.write_table(pa.Table.from_pylist(rows), out / "data.parquet")
     log(f"data: {len(rows)} images of {config.image_size} px -> {out / 'data.parquet'}")
-    return dict(images=len(rows), partial_captions=sum(len(common.parse_toy_prompt(c)) < 4 for c in captions))
+    partial = common.TOY_PROMPT_KINDS["partial"]
+    return dict(images=len(rows), partial_captions=sum(partial(common.parse_toy_prompt(c)) for c in captions))
 
 
 def main(args=None):

@@ -8,7 +8,7 @@ the denoised estimate; a terminal image reward trains it with GRPO.
 Run:
     # the toy world (CPU, minutes)
     python train_refiner.py --backbone toy --refiner toy-refiner --reward toy-aesthetic \
-        --prompts toy --monitor-rewards toy-faithful --steps 40 --out runs/toy
+        --prompts toy-open --monitor-rewards toy-faithful --steps 80 --learning-rate 2e-3 --out runs/toy
     # the real defaults (GPU): SD1.5 + Qwen2.5-VL-3B, Pick-a-Pic v2 prompts, ImageReward
     python train_refiner.py --reward imagereward --out runs/imagereward
     # several GPUs: each rank rolls out its own prompts, gradients are all-reduced
@@ -59,7 +59,7 @@ class Config:
     refiner: str = field(default="qwen2.5-vl-3b", metadata={"help": "base refiner (MLLM): alias (qwen2.5-vl-3b, toy-refiner), hub id or folder"})
     reward: str = field(default="imagereward", metadata={"help": "training reward: a name or a weighted sum, e.g. imagereward:1,length:0.1"})
     monitor_rewards: str = field(default="", metadata={"help": "other rewards scored on held-out prompts (comma-separated names), so reward hacking shows as a divergence"})
-    prompts: str = field(default="pickapic", metadata={"help": "training prompts: toy, a text file, a parquet file/folder (Pick-a-Pic schema) or a hub id"})
+    prompts: str = field(default="pickapic", metadata={"help": "training prompts: toy (toy-partial, toy-open, toy-full), a text file, a parquet file/folder (Pick-a-Pic schema) or a hub id"})
     heldout_prompts: str = field(default="", metadata={"help": "held-out prompts (same kinds); empty = the 'test' split of --prompts (for a text file: prompts held out of it)"})
     max_prompts: int = field(default=0, metadata={"help": "use at most this many training prompts (0 = all)"})
     steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch + its update each)"})
@@ -431,14 +431,13 @@ def load_prompt_sets(config):
     if config.heldout_prompts:
         heldout = common.load_prompts(config.heldout_prompts, "test", config.monitor_prompts, config.seed)
     else:
-        heldout = common.load_prompts(config.prompts, "test", None, config.seed)
+        heldout = common.load_prompts(config.prompts, "test", config.monitor_prompts, config.seed)
         if set(heldout) & set(train):  # a source without splits (a text file): hold prompts out of it
             rng = random.Random(config.seed)
             heldout = rng.sample(train, min(config.monitor_prompts, len(train) // 5))
             train = [p for p in train if p not in set(heldout)]
             if not heldout or not train:
                 raise common.UserError(f"too few prompts in '{config.prompts}' to hold some out: give --heldout-prompts")
-        heldout = heldout[: config.monitor_prompts]
     return train, heldout
 
 

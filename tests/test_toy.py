@@ -32,7 +32,12 @@ def test_prompt_splits_are_disjoint_and_deterministic():
     assert len(common.toy_prompts("test", n=500)) == 500  # more than the split: drawn again
     partial = common.toy_prompts("train", kind="partial")
     assert "a circle" in partial + common.toy_prompts("test", kind="partial")
-    assert all(len(common.parse_toy_prompt(p)) < 4 for p in partial)
+    full_keys = {"size", "colour", "background"}
+    assert all(not full_keys <= set(common.parse_toy_prompt(p)) for p in partial)
+    assert all(full_keys <= set(common.parse_toy_prompt(p)) for p in common.toy_prompts("test", kind="full"))
+    open_ = common.toy_prompts("train", kind="open")
+    assert len(open_) > 50 and all("background" not in common.parse_toy_prompt(p) for p in open_)
+    assert common.load_prompts("toy-open", "test") == common.toy_prompts("test", kind="open")
     with pytest.raises(common.UserError):
         common.toy_prompts("validation")
 
@@ -50,8 +55,8 @@ def test_dataset_is_deterministic_with_partial_captions():
     images, captions, attributes = toy.toy_dataset(40, seed=3)
     again, captions_again, _ = toy.toy_dataset(40, seed=3)
     assert images.shape == (40, 3, 32, 32) and torch.equal(images, again) and captions == captions_again
-    assert any(len(common.parse_toy_prompt(c)) < 4 for c in captions)
-    assert any(len(common.parse_toy_prompt(c)) == 4 for c in captions)
+    partial = [common.TOY_PROMPT_KINDS["partial"](common.parse_toy_prompt(c)) for c in captions]
+    assert any(partial) and not all(partial)
     for caption, attrs in zip(captions, attributes):  # a caption never contradicts its image
         assert all(attrs[k] == v for k, v in common.parse_toy_prompt(caption).items())
 
@@ -161,8 +166,13 @@ def test_scripted_refiners_keep_the_user_attributes():
     users = ["a circle", "a red triangle"]
     seeing = toy.ScriptedRefiner(True).refine(previews, users, users, 1, 4).prompts
     blind = toy.ScriptedRefiner(False).refine(previews, users, users, 1, 4).prompts
-    assert seeing == ["a large black circle on a white background", "a large red triangle on a black background"]
-    assert blind == ["a large white circle on a black background", "a large red triangle on a black background"]
+    # seeing: the most contrasting colour against the background in the preview (and names it)
+    assert seeing == ["a large black circle on a white background", "a large white triangle on a black background"]
+    # blind: the best colour on average over the backgrounds it could meet, the same for both previews
+    assert blind == ["a large white circle", "a large white triangle"]
+    users = ["a small red triangle on a white background"]  # a named background is known to both
+    assert toy.ScriptedRefiner(False).refine(previews[:1], users, users, 1, 4).prompts == [
+        "a small black triangle on a white background"]
 
 
 def test_cli_rejects_bad_flags(tmp_path):
@@ -185,15 +195,41 @@ def test_data_stage_writes_a_parquet(tmp_path):
 # committed artifacts
 
 
-# The target is colour >= 90% and shape >= 70%. Measured on 120 samples (toy.py --stages measure):
-# toy-sdxl 100% / 73%, toy (SD1.5-shaped) 99% / 67% -- its shapes need more training steps.
-@pytest.mark.parametrize("alias,min_shape", [("toy", 0.55), ("toy-sdxl", 0.7)])
+# The target is colour >= 90% and shape >= 70%. Measured on 60 samples (toy.py --stages measure):
+# toy 100% / 82%, toy-sdxl 100% / 95% (this test's draw: toy 100% / 73%).
+@pytest.mark.parametrize("alias,min_shape", [("toy", 0.7), ("toy-sdxl", 0.7)])
 def test_committed_backbones_follow_prompts(alias, min_shape):
     backbone = common.load_backbone(alias)
     assert backbone.is_sdxl == (alias == "toy-sdxl")
     assert len(backbone.pipe.tokenizer) < 1000 and backbone.pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
     rates = toy.prompt_following(backbone, n=60, seed=123)
-    assert rates["colour"] >= 0.9 and rates["background"] >= 0.9 and rates["shape"] >= min_shape, rates
+    # backgrounds are read only in the first steps (they settle early, by design): 83-88% measured
+    assert rates["colour"] >= 0.9 and rates["background"] >= 0.75 and rates["shape"] >= min_shape, rates
+
+
+class _FixedPrompt:
+    def __init__(self, prompt):
+        self.prompt = prompt
+
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        return common.RefinerOutput.from_prompts([self.prompt] * len(user_prompts))
+
+
+def test_committed_backbone_settles_the_background_before_the_first_refinement():
+    # what makes the preview worth looking at: at the first training refinement (step 7 of 20)
+    # a new prompt can still recolour the shape, but no longer repaint the background.
+    # (toy, the backbone GRPO trains on; toy-sdxl learned it less firmly: see the README)
+    backbone = common.load_backbone("toy")
+    assert common.refinement_schedule(20, 2)[0] == 7
+    user = ["a large white circle on a black background"] * 16
+    found = {}
+    for name, prompt in (("background", "a large white circle on a red background"),
+                         ("colour", "a large red circle on a black background")):
+        images = common.refined_sample(backbone, user, _FixedPrompt(prompt), refine_steps=2, num_steps=20,
+                                       generator=torch.Generator().manual_seed(0)).images
+        found[name] = common.toy_analyze(images)
+    assert sum(r["background"] == "black" for r in found["background"]) >= 14  # the late "red background" is ignored
+    assert sum(r["colour"] == "red" for r in found["colour"]) >= 14  # the late "red circle" is obeyed
 
 
 def test_committed_pairs_have_the_pickapic_schema():

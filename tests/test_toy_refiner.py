@@ -27,6 +27,10 @@ def test_refinement_targets_keep_the_user_and_are_diverse():
     assert len({toy.refinement_target("a circle", rng) for _ in range(200)}) > 30
     full = "a large red circle on a blue background"
     assert {toy.refinement_target(full, rng) for _ in range(20)} == {full}
+    # with a preview, an added background is the one it shows; the shape never takes its colour
+    targets = [common.parse_toy_prompt(toy.refinement_target("a circle", rng, seen_background="red")) for _ in range(200)]
+    assert {t["background"] for t in targets if "background" in t} == {"red"}
+    assert "red" not in {t.get("colour") for t in targets}
     assert toy.refinement_target("a dog", rng) == "a dog"  # not a toy prompt: kept as is
 
 
