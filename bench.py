@@ -84,10 +84,7 @@ def check_config(cfg):
     if cfg.quick:
         cfg.size, cfg.sampling_steps, cfg.max_new_tokens, cfg.lrm_draws = "tiny", 4, 8, 2
         cfg.prompts_per_step, cfg.group_size, cfg.memory_batch = 1, 2, 2
-    rows = [r.strip() for r in cfg.rows.split(",") if r.strip()]
-    unknown = [r for r in rows if r not in ROWS]
-    if not rows or unknown:
-        raise common.UserError(f"--rows must name rows among {','.join(ROWS)}, got '{cfg.rows}'")
+    rows = common.parse_list(cfg.rows, "--rows", ROWS)
     if cfg.repeats < 3:
         raise common.UserError(f"--repeats must be >= 3 (a median of fewer is not a measurement), got {cfg.repeats}")
     if cfg.threads < 0:

@@ -56,6 +56,20 @@ def parse_config(config_class, args=None):
     return config
 
 
+def parse_list(text, flag, choices=None):
+    """A comma-separated flag -> its entries, e.g. 'a, b,c' -> ['a', 'b', 'c']. UserError if it
+    names nothing, repeats an entry, or (with `choices`) names one outside them."""
+    items = [item.strip() for item in text.split(",") if item.strip()]
+    among = f" among {','.join(choices)}" if choices is not None else ""
+    if not items:
+        raise UserError(f"{flag} needs at least one entry{among}")
+    if len(set(items)) != len(items):
+        raise UserError(f"{flag} lists an entry twice: {text}")
+    if choices is not None and any(item not in choices for item in items):
+        raise UserError(f"{flag} must name entries{among}, got '{text}'")
+    return items
+
+
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -88,23 +88,14 @@ class Config:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
 
 
-def split_list(text, flag):
-    items = [item.strip() for item in text.split(",") if item.strip()]
-    if not items:
-        raise common.UserError(f"{flag} needs at least one entry")
-    if len(set(items)) != len(items):
-        raise common.UserError(f"{flag} lists an entry twice: {text}")
-    return items
-
-
 def reward_specs(text):
     """'a,b:1+c:0.5' -> {'a': 'a', 'b:1+c:0.5': 'b:1,c:0.5'}: label -> registry spec."""
-    return {label: label.replace("+", ",") for label in split_list(text, "--rewards")}
+    return {label: label.replace("+", ",") for label in common.parse_list(text, "--rewards")}
 
 
 def parse_seeds(text):
     try:
-        return [int(s) for s in split_list(text, "--seeds")]
+        return [int(s) for s in common.parse_list(text, "--seeds")]
     except ValueError:
         raise common.UserError(f"--seeds must be comma-separated integers, got '{text}'") from None
 
@@ -141,7 +132,7 @@ def check(config):
         raise common.UserError("--lrm and --preference-data go together")
     parse_seeds(config.seeds)
     reward_specs(config.rewards)
-    for name in split_list(config.backbones, "--backbones"):
+    for name in common.parse_list(config.backbones, "--backbones"):
         common.backbone_spec(name)  # unknown alias / missing folder -> UserError before any loading
 
 
@@ -565,7 +556,7 @@ def main():
     dtype = common.pick_dtype(config.dtype, device)
     seeds = parse_seeds(config.seeds)
     specs = reward_specs(config.rewards)
-    backbone_names = split_list(config.backbones, "--backbones")
+    backbone_names = common.parse_list(config.backbones, "--backbones")
     prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)  # UserError if none
     # every reward is built (and every spec checked) before the first image is drawn
     rewards = {label: common.build_reward(spec, device, dtype) for label, spec in specs.items()}

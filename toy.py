@@ -1029,10 +1029,7 @@ def build_toy_data(config, out, log=print):
 
 def main(args=None):
     config = common.parse_config(ToyConfig, args)
-    stages = [s.strip() for s in config.stages.split(",") if s.strip()]
-    unknown = [s for s in stages if s not in STAGES]
-    if unknown or not stages:
-        raise common.UserError(f"unknown stage(s) {', '.join(unknown) or '(none)'}: use some of {', '.join(STAGES)}")
+    stages = common.parse_list(config.stages, "--stages", STAGES)
     if config.images_per_prompt < 2:
         raise common.UserError(f"--images_per_prompt must be >= 2 (a pair needs two images), got {config.images_per_prompt}")
     if config.threads > 0:

@@ -209,7 +209,7 @@ def select_rows(inputs, rows):
 
 def add_lora(refiner, config):
     """Wrap the refiner's model in a peft LoRA on the language model's linear layers only."""
-    names = [n.strip() for n in config.lora_targets.split(",") if n.strip()]
+    names = common.parse_list(config.lora_targets, "--lora-targets")
     # a regex, so that the vision tower's layers of the same name (mlp.gate_proj, ...) stay frozen
     target = rf".*language_model.*\.({'|'.join(names)})"
     lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=target)

@@ -55,7 +55,7 @@ def test_refiner_train_step_updates_lora_weights():
 
 @pytest.mark.parametrize("flags, message", [
     (["--repeats", "2"], "--repeats must be >= 3"),
-    (["--rows", "1,7"], "--rows must name rows"),
+    (["--rows", "1,7"], "--rows must name entries among"),
     (["--size", "huge"], "--size must be full or tiny"),
 ])
 def test_bad_flags_are_one_line_errors(flags, message):
