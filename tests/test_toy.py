@@ -191,6 +191,33 @@ def test_data_stage_writes_a_parquet(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["data"]["images"] == 12
 
 
+def test_backbones_stage_in_parallel_equals_one_after_the_other(tmp_path):
+    # the stage end to end at a few steps: the two backbones trained in two worker processes
+    # are bit-identical to the ones trained in this process, and load as ordinary backbones
+    args = ["--stages", "backbones", "--dataset_size", "16", "--vae_steps", "2", "--unet_steps", "3",
+            "--batch_size", "4", "--eval_samples", "2"]
+    toy.main(args + ["--out", str(tmp_path / "parallel")])
+    toy.main(args + ["--out", str(tmp_path / "serial"), "--no_parallel"])
+    for name in ("toy-sd15", "toy-sdxl"):
+        a, b = (common.load_backbone(str(tmp_path / mode / name)) for mode in ("parallel", "serial"))
+        assert a.is_sdxl == b.is_sdxl == (name == "toy-sdxl")
+        for p, q in zip(a.pipe.unet.parameters(), b.pipe.unet.parameters(), strict=True):
+            assert torch.equal(p, q)
+        assert torch.equal(a.pipe.vae.decoder.conv_out.weight, b.pipe.vae.decoder.conv_out.weight)
+    metrics = json.loads((tmp_path / "parallel" / "metrics.json").read_text())["backbones"]
+    assert metrics["toy-sd15"]["train_seconds"] > 0 and "prompt_following" in metrics["toy-sdxl"]
+
+
+def test_uninformative_background_says_nothing_about_the_image():
+    generator = torch.Generator().manual_seed(0)
+    out = [toy.uninformative_background("a large red circle on a blue background", generator) for _ in range(400)]
+    named = [common.parse_toy_prompt(c) for c in out]
+    assert all(n["colour"] == "red" and n["size"] == "large" and n["shape"] == "circle" for n in named)
+    backgrounds = [n.get("background") for n in named]
+    assert 0.4 < backgrounds.count(None) / 400 < 0.6  # dropped half the time
+    assert set(backgrounds) == {None, *common.TOY_COLOURS}  # else a random colour of the palette
+
+
 # -----------------------------------------------------------------------------
 # committed artifacts
 
