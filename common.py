@@ -668,10 +668,14 @@ def _all_toy_captions():
     return captions
 
 
+def _names_everything(named):
+    return all(k in named for k in ("size", "colour", "background"))
+
+
 TOY_PROMPT_KINDS = {  # which user prompts of the grammar a kind selects (from the attributes it names)
     "all": lambda named: True,
-    "full": lambda named: all(k in named for k in ("size", "colour", "background")),
-    "partial": lambda named: not all(k in named for k in ("size", "colour", "background")),
+    "full": _names_everything,
+    "partial": lambda named: not _names_everything(named),
     "open": lambda named: "background" not in named,  # as users mostly write: the background left free
 }
 

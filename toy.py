@@ -584,7 +584,7 @@ def build_toy_backbones(config, out, log=print):
 
     metrics = {}
     images, _, _ = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
-    vae = tiny_sd15_pipeline(TOY_WORDS, config.image_size, config.seed, **TOY_ARCHITECTURE).vae
+    vae = _tiny_vae(config.seed, TOY_ARCHITECTURE["vae_channels"], TOY_ARCHITECTURE["vae_norm_groups"])
     start = time.time()
     train_toy_vae(vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
     metrics["vae_seconds"] = round(time.time() - start, 1)
