@@ -282,18 +282,22 @@ class PreviewDecoder:
         x = x0.float()
         if self.linear_map is None:
             self.linear_map = fit_linear_preview(x, self._vae_decode(x0))
-        b, c, h, w = x.shape
-        features = torch.cat([x.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(b * h * w, 1, device=x.device)], 1)
-        rgb = features @ self.linear_map.to(x.device)  # (B*h*w, 3)
+        b, _, h, w = x.shape
+        rgb = _affine_features(x) @ self.linear_map.to(x.device)  # (B*h*w, 3)
         return rgb.reshape(b, h, w, 3).permute(0, 3, 1, 2).clamp(0, 1)
+
+
+def _affine_features(latents):
+    """(B, C, h, w) -> (B*h*w, C+1): each latent pixel's channels and a 1."""
+    b, c, h, w = latents.shape
+    return torch.cat([latents.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(b * h * w, 1, device=latents.device, dtype=latents.dtype)], 1)
 
 
 def fit_linear_preview(latents, images):
     """Least-squares affine map latent channels -> RGB: (C+1, 3). Images are pooled to latent size."""
-    b, c, h, w = latents.shape
+    h, w = latents.shape[-2:]
     target = F.adaptive_avg_pool2d(images.float(), (h, w)).permute(0, 2, 3, 1).reshape(-1, 3)
-    features = torch.cat([latents.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(b * h * w, 1)], 1)
-    return torch.linalg.lstsq(features.cpu(), target.cpu()).solution  # (C+1, 3)
+    return torch.linalg.lstsq(_affine_features(latents.float()).cpu(), target.cpu()).solution  # (C+1, 3)
 
 
 @dataclass
@@ -361,6 +365,8 @@ def refined_sample(
     schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompts)  # the pipeline wants one per prompt
+    if latents is not None:  # the pipeline moves given latents to its device but keeps their dtype
+        latents = latents.to(pipe.unet.device, pipe.unet.dtype)
     result = RefinedSample(images=None, latents=None, schedule=schedule, prompts=[prompts])
     decoder = preview_decoder if isinstance(preview_decoder, PreviewDecoder) else None
     if schedule and decoder is None and not blank_preview:
@@ -1938,6 +1944,11 @@ class LatentRewardModel(torch.nn.Module):
     def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None):
         """Noise ensembling (DiNa-LRM): mean reward of clean latents (B, C, h, w) over `draws`
         independent (t ~ U[0, t_max), eps ~ N(0, I)) draws. generator: a torch.Generator on CPU."""
+        return self.noised_scores(latents, prompts, draws, t_max, generator).mean(0)
+
+    @torch.no_grad()
+    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None):
+        """The draws of ensemble_score, not yet averaged: (draws, B)."""
         draws = draws or self.config.ensemble_draws
         t_max = t_max or self.config.ensemble_t_max
         b = len(latents)
@@ -1950,7 +1961,7 @@ class LatentRewardModel(torch.nn.Module):
         t = torch.cat(ts)  # (D*B,)
         noise = torch.cat(noises).to(latents.device, latents.dtype)  # (D*B, C, h, w)
         x_t = noisy_latents(latents.repeat(draws, 1, 1, 1), noise, self.alphas_cumprod[t].to(latents.device))
-        return self(x_t, t.to(latents.device), cond).view(draws, b).mean(0)
+        return self(x_t, t.to(latents.device), cond).view(draws, b)
 
     def trainable_state_dict(self):
         """Head, timestep embedding, learned variance, LoRA weights: what training changes (no frozen UNet)."""
@@ -1961,6 +1972,48 @@ class LatentRewardModel(torch.nn.Module):
         missing = [k for k in missing if not k.startswith("unet.") or "lora_" in k]
         if missing or unexpected:
             raise UserError(f"latent reward weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+
+
+@torch.no_grad()
+def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=64, device="cpu", dtype=torch.float32, bucket_draws=1):
+    """Rewards of held-out pairs, as the LRM is evaluated (train_reward.py, evaluate.py).
+
+    pair_latents(indices) -> clean latents (latents_0, latents_1) of those pairs, (B, C, h, w) each.
+    Returns {"buckets": {(lo, hi): (r_0, r_1, t)}, "draws": (r_0, r_1)}: per noise bucket both
+    images of a pair noised with the same t ~ U[lo, hi) and eps (as in training), `bucket_draws`
+    times, rewards and t (bucket_draws * N,), draw-major (labels.repeat(bucket_draws) matches); and
+    each clean latent scored on its own over the model's ensemble draws (how a reward is used),
+    (D, N) each: a draw's row is a single-draw score, the mean over rows the noise ensemble."""
+    n = len(captions)
+    batches = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    alphas_cumprod = model.alphas_cumprod.cpu()
+    result = {"buckets": {}}
+    for lo, hi in NOISE_BUCKETS:
+        hi = min(hi, model.num_timesteps)
+        r_0, r_1, ts = [], [], []
+        for idx in batches * bucket_draws:
+            latents = pair_latents(idx)
+            t = torch.randint(lo, hi, (len(idx),), generator=generator)
+            noise = torch.randn(latents[0].shape, generator=generator)
+            x_t = torch.cat([noisy_latents(x.float(), noise, alphas_cumprod[t]) for x in latents]).to(device, dtype)
+            r = model.score(x_t, [captions[i] for i in idx] * 2, torch.cat([t, t]).to(device)).float().cpu()
+            r_0.append(r[: len(idx)])
+            r_1.append(r[len(idx):])
+            ts.append(t)
+        result["buckets"][(lo, hi)] = (torch.cat(r_0), torch.cat(r_1), torch.cat(ts))
+    draws = [[], []]
+    for idx in batches:
+        for side, latents in enumerate(pair_latents(idx)):
+            draws[side].append(model.noised_scores(latents.to(device, dtype), [captions[i] for i in idx], generator=generator).float().cpu())
+    result["draws"] = (torch.cat(draws[0], 1), torch.cat(draws[1], 1))
+    return result
+
+
+def ensemble_accuracies(draws_0, draws_1, labels):
+    """(single, ensemble) pairwise accuracy of (D, N) noised scores: the mean accuracy of one draw
+    (the expectation, not one lucky or unlucky draw) and the accuracy of the mean over draws."""
+    single = sum(pairwise_accuracy(torch.sigmoid(a - b), labels) for a, b in zip(draws_0, draws_1)) / len(draws_0)
+    return single, pairwise_accuracy(torch.sigmoid(draws_0.mean(0) - draws_1.mean(0)), labels)
 
 
 def save_lrm(model, folder):

@@ -515,22 +515,15 @@ def preference_accuracy(config, rewards, device, dtype, batch_size=16):
     latents = [torch.cat([common.encode_latents(pipe.vae, x[b]).float().cpu() for b in batches]) for x in pixels]
     n = int((labels != 0.5).sum())
 
-    rows, generator = [], torch.Generator().manual_seed(config.seed)
-    for lo, hi in common.NOISE_BUCKETS:
-        hi = min(hi, model.num_timesteps)
-        p = []
-        for b in batches:
-            t = torch.randint(lo, hi, (len(captions[b]),), generator=generator)
-            noise = torch.randn(latents[0][b].shape, generator=generator)
-            alpha_bar = model.alphas_cumprod.cpu()[t]
-            r = [model.score(common.noisy_latents(latents[side][b], noise, alpha_bar).to(device, dtype), captions[b], t.to(device)).float().cpu()
-                 for side in (0, 1)]
-            p.append(torch.sigmoid(r[0] - r[1]))
-        rows.append(dict(scorer="lrm", bucket=f"t {lo}-{hi}", accuracy=common.pairwise_accuracy(torch.cat(p), labels), n=n))
-    r = [torch.cat([model.ensemble_score(latents[side][b].to(device, dtype), captions[b], generator=generator).float().cpu() for b in batches])
-         for side in (0, 1)]
-    rows.append(dict(scorer=f"lrm, noise-ensembled ({model.config.ensemble_draws} draws)", bucket="clean",
-                     accuracy=common.pairwise_accuracy(torch.sigmoid(r[0] - r[1]), labels), n=n))
+    generator = torch.Generator().manual_seed(config.seed)
+    result = common.lrm_validation_rewards(model, lambda idx: (latents[0][idx], latents[1][idx]), captions, generator,
+                                           batch_size, device, dtype)
+    rows = [dict(scorer="lrm", bucket=f"t {lo}-{hi}", accuracy=common.pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
+            for (lo, hi), (r_0, r_1, _) in result["buckets"].items()]
+    single, ensemble = common.ensemble_accuracies(*result["draws"], labels)
+    draws = model.config.ensemble_draws
+    rows += [dict(scorer="lrm, single noise draw (mean over draws)", bucket="clean", accuracy=single, n=n),
+             dict(scorer=f"lrm, noise-ensembled ({draws} draws)", bucket="clean", accuracy=ensemble, n=n)]
     for label, reward in rewards.items():
         scores = [torch.cat([reward((pixels[side][b] + 1) / 2, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
                   for side in (0, 1)]

@@ -72,6 +72,7 @@ class Config:
     eval_every: int = field(default=200, metadata={"help": "validate every N steps (and at the end)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
     ensemble_draws: int = field(default=8, metadata={"help": "noise ensembling: (t, eps) draws averaged per clean latent"})
+    val_draws: int = field(default=1, metadata={"help": "noise draws (t, eps) per validation pair and noise bucket; more give steadier accuracy and ECE"})
     ensemble_t_max: int = field(default=400, metadata={"help": "noise ensembling: t ~ U[0, ensemble_t_max)"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     dtype: str = field(default="auto", metadata={"help": "backbone dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
@@ -79,7 +80,7 @@ class Config:
     resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
 
 
-RESUME_MAY_CHANGE = {"resume", "steps", "eval_every", "save_every", "threads", "device"}
+RESUME_MAY_CHANGE = {"resume", "steps", "eval_every", "save_every", "threads", "device", "val_draws"}
 
 
 def check_config(cfg):
@@ -93,8 +94,8 @@ def check_config(cfg):
         raise common.UserError("--steps, --batch-size, --lr and --v0 must be positive, --kappa >= 0")
     if cfg.variance == "learned" and cfg.kappa == 0:
         raise common.UserError("--variance learned needs --kappa > 0 (it is learned in log space)")
-    if not 0 < cfg.ensemble_t_max <= 1000 or cfg.ensemble_draws < 1:
-        raise common.UserError("--ensemble-t-max must be in (0, 1000] and --ensemble-draws >= 1")
+    if not 0 < cfg.ensemble_t_max <= 1000 or cfg.ensemble_draws < 1 or cfg.val_draws < 1:
+        raise common.UserError("--ensemble-t-max must be in (0, 1000], --ensemble-draws and --val-draws >= 1")
 
 
 # -----------------------------------------------------------------------------
@@ -214,50 +215,32 @@ def step_noise(step, seed, batch_size, latent_shape, num_timesteps):
 def pair_rewards(model, latents_0, latents_1, noise, t, captions, device):
     """Rewards (B,), (B,) of both images of each pair, noised with the same eps and t, in one forward."""
     raw = model.module if hasattr(model, "module") else model
+    latents_0, latents_1, noise, t = latents_0.to(device), latents_1.to(device), noise.to(device), t.to(device)
     alpha_bar = raw.alphas_cumprod[t]
     x_t = torch.cat([common.noisy_latents(latents_0, noise, alpha_bar), common.noisy_latents(latents_1, noise, alpha_bar)])
     cond = raw.text_conditioning(captions + captions)
-    rewards = model(x_t.to(device), torch.cat([t, t]).to(device), cond)
+    rewards = model(x_t, torch.cat([t, t]), cond)
     return rewards.chunk(2)
 
 
 @torch.no_grad()
 def evaluate(model, data, cfg, device, batch_size=64):
-    """Accuracy and ECE per noise bucket (same t and eps for a pair), and noise-ensembled vs
-    single-draw accuracy on clean latents (each image scored on its own, as a reward is used)."""
+    """Accuracy, ECE and loss per noise bucket (same t and eps for a pair), and the accuracy of
+    noise-ensembled vs single-draw scores of the clean latents (each image scored on its own)."""
     model.eval()
-    n = len(data["labels"])
     labels = data["labels"]
     generator = torch.Generator().manual_seed(1234)  # the same validation noise at every evaluation
-    result = {"pairs": n, "ties": int((labels == 0.5).sum()), "buckets": {}}
-    for lo, hi in common.NOISE_BUCKETS:
-        probs, losses = [], []
-        for i in range(0, n, batch_size):
-            idx = torch.arange(i, min(n, i + batch_size))
-            latents_0, latents_1 = pair_latents(model, data, idx)
-            t = torch.randint(lo, hi, (len(idx),), generator=generator)
-            noise = torch.randn(latents_0.shape, generator=generator)
-            r_0, r_1 = pair_rewards(model, latents_0, latents_1, noise, t, [data["captions"][j] for j in idx], device)
-            variance = model.variance(t.to(device))
-            probs.append(common.preference_probability(cfg.loss, r_0, r_1, variance).cpu())
-            losses.append(common.preference_loss(cfg.loss, r_0, r_1, variance, labels[idx].to(device)).item() * len(idx))
-        p = torch.cat(probs)
-        result["buckets"][f"{lo}-{hi}"] = dict(
-            accuracy=common.pairwise_accuracy(p, labels), ece=common.expected_calibration_error(p, labels), loss=sum(losses) / n
-        )
-    scores = {}
-    for name, draws in (("single", 1), ("ensemble", cfg.ensemble_draws)):
-        gen = torch.Generator().manual_seed(4321)
-        r_0, r_1 = [], []
-        for i in range(0, n, batch_size):
-            idx = torch.arange(i, min(n, i + batch_size))
-            latents_0, latents_1 = pair_latents(model, data, idx)
-            captions = [data["captions"][j] for j in idx]
-            r_0.append(model.ensemble_score(latents_0.to(device), captions, draws, cfg.ensemble_t_max, gen).cpu())
-            r_1.append(model.ensemble_score(latents_1.to(device), captions, draws, cfg.ensemble_t_max, gen).cpu())
-        diff = torch.cat(r_0) - torch.cat(r_1)
-        scores[f"{name}_accuracy"] = common.pairwise_accuracy(torch.sigmoid(diff), labels)
-    result.update(scores, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max)
+    rewards = common.lrm_validation_rewards(model, lambda idx: pair_latents(model, data, idx), data["captions"], generator,
+                                            batch_size, device, bucket_draws=cfg.val_draws)
+    result = {"pairs": len(labels), "ties": int((labels == 0.5).sum()), "val_draws": cfg.val_draws, "buckets": {}}
+    repeated = labels.repeat(cfg.val_draws)
+    for (lo, hi), (r_0, r_1, t) in rewards["buckets"].items():
+        variance = model.variance(t.to(device)).cpu()
+        p = common.preference_probability(cfg.loss, r_0, r_1, variance)
+        result["buckets"][f"{lo}-{hi}"] = dict(accuracy=common.pairwise_accuracy(p, repeated), ece=common.expected_calibration_error(p, repeated),
+                                               loss=common.preference_loss(cfg.loss, r_0, r_1, variance, repeated).item())
+    single, ensemble = common.ensemble_accuracies(*rewards["draws"], labels)
+    result.update(single_accuracy=single, ensemble_accuracy=ensemble, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max)
     model.train()
     return result
 

@@ -156,6 +156,16 @@ def test_group_shares_initial_noise(sd15):
     assert result.latents.shape == (2, 4, 16, 16)
 
 
+def test_float32_latents_on_a_bf16_backbone(tiny_sd15_dir):
+    """Callers draw initial noise in float32 on the CPU (train_refiner); a bf16 pipeline on a GPU
+    moves given latents to its device but not to its dtype, so refined_sample must."""
+    backbone = common.load_backbone(str(tiny_sd15_dir), dtype=torch.bfloat16)
+    latents = torch.randn(2, 4, 16, 16, generator=seeded())
+    result = common.refined_sample(backbone, ["a circle", "a square"], ScriptedRefiner(), refine_steps=1, num_steps=3,
+                                   guidance=4.0, latents=latents, preview_decoder="linear")
+    assert result.images.shape == (2, 3, 32, 32) and torch.isfinite(result.images).all()
+
+
 def test_empty_prompt_rejected(sd15):
     with pytest.raises(common.UserError):
         common.refined_sample(sd15, ["a circle", "  "], None, num_steps=2)

@@ -87,6 +87,14 @@ def test_accuracy_and_ece_by_hand():
     assert common.expected_calibration_error(torch.tensor([0.75, 0.25]), torch.tensor([1.0, 0.0])) == pytest.approx(0.25)
 
 
+def test_ensemble_accuracies_by_hand():
+    # image 0 is preferred in all three pairs; each draw gets one pair wrong, their mean none
+    draws_0 = torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]]) + 0.5
+    draws_1 = torch.zeros(3, 3)
+    single, ensemble = common.ensemble_accuracies(draws_0, draws_1, torch.ones(3))
+    assert single == pytest.approx(2 / 3) and ensemble == 1.0
+
+
 # -----------------------------------------------------------------------------
 # preference data in the Pick-a-Pic v2 schema, labelled by a known rule: the brighter image wins
 
@@ -263,8 +271,9 @@ def base_args(data, backbone, out, cache, steps):
 
 def test_training_learns_the_preference(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
-    run_train(base_args(pairs_dir, sd15_dir, out, cache, 40) + ["--eval-every", 30], monkeypatch)
+    run_train(base_args(pairs_dir, sd15_dir, out, cache, 40) + ["--eval-every", 30, "--val-draws", 2], monkeypatch)
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["final"]["val_draws"] == 2
     buckets = metrics["final"]["buckets"]
     # the brighter image wins; chance is 0.5
     assert buckets["0-200"]["accuracy"] >= 0.7, buckets
