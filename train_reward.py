@@ -29,6 +29,7 @@ no multi-preference filtering of the data (LPO's MPCF); only rank 0 validates.
 import hashlib
 import json
 import math
+import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -155,8 +156,9 @@ def load_split(cfg, backbone, dist, source, split, resolution, max_pairs, holdou
         print(f"encoded {len(pairs['labels'])} {split} pairs in {time.time() - t0:.1f}s -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"captions": json.dumps(pairs["captions"]), "counts": json.dumps(pairs["counts"])}
-        save_file({"latents_0": latents_0, "latents_1": latents_1, "labels": pairs["labels"]}, str(path) + ".tmp", metadata=metadata)
-        Path(str(path) + ".tmp").replace(path)  # atomic: a killed encode leaves no half-written cache
+        tmp = Path(f"{path}.{os.getpid()}.tmp")  # one per process: two runs may share a cache folder
+        save_file({"latents_0": latents_0, "latents_1": latents_1, "labels": pairs["labels"]}, str(tmp), metadata=metadata)
+        tmp.replace(path)  # atomic: a killed encode leaves no half-written cache
     barrier(dist)
     from safetensors import safe_open
 
