@@ -1986,13 +1986,13 @@ def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=
     (D, N) each: a draw's row is a single-draw score, the mean over rows the noise ensemble."""
     n = len(captions)
     batches = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
+    clean = [pair_latents(idx) for idx in batches]  # once: pair_latents may run the VAE
     alphas_cumprod = model.alphas_cumprod.cpu()
     result = {"buckets": {}}
     for lo, hi in NOISE_BUCKETS:
         hi = min(hi, model.num_timesteps)
         r_0, r_1, ts = [], [], []
-        for idx in batches * bucket_draws:
-            latents = pair_latents(idx)
+        for idx, latents in list(zip(batches, clean)) * bucket_draws:
             t = torch.randint(lo, hi, (len(idx),), generator=generator)
             noise = torch.randn(latents[0].shape, generator=generator)
             x_t = torch.cat([noisy_latents(x.float(), noise, alphas_cumprod[t]) for x in latents]).to(device, dtype)
@@ -2002,8 +2002,8 @@ def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=
             ts.append(t)
         result["buckets"][(lo, hi)] = (torch.cat(r_0), torch.cat(r_1), torch.cat(ts))
     draws = [[], []]
-    for idx in batches:
-        for side, latents in enumerate(pair_latents(idx)):
+    for idx, pair in zip(batches, clean):
+        for side, latents in enumerate(pair):
             draws[side].append(model.noised_scores(latents.to(device, dtype), [captions[i] for i in idx], generator=generator).float().cpu())
     result["draws"] = (torch.cat(draws[0], 1), torch.cat(draws[1], 1))
     return result
