@@ -44,6 +44,10 @@ from pathlib import Path
 import torch
 
 import common
+import lrm
+import refiners
+import rewards
+import toy
 
 # -----------------------------------------------------------------------------
 # config
@@ -213,13 +217,11 @@ def random_sd15(size, resolution, device, dtype, seed=0):
     from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    import toy
-
     if size == "tiny":
-        pipe = toy.tiny_sd15_pipeline(common.TOY_WORDS, image_size=64, seed=seed)
+        pipe = toy.tiny_sd15_pipeline(toy.TOY_WORDS, image_size=64, seed=seed)
         resolution = 64
     else:
-        tokenizer = toy.tiny_clip_tokenizer(common.TOY_WORDS)
+        tokenizer = toy.tiny_clip_tokenizer(toy.TOY_WORDS)
         torch.manual_seed(seed)
         text = CLIPTextModel(CLIPTextConfig(**SD15_TEXT, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                                             pad_token_id=tokenizer.pad_token_id))
@@ -234,14 +236,8 @@ def random_sd15(size, resolution, device, dtype, seed=0):
     return common.Backbone(pipe, f"sd15-random-{size}", spec)
 
 
-def latent_shape(backbone):
-    pipe = backbone.pipe
-    side = backbone.spec.size // pipe.vae_scale_factor
-    return (pipe.unet.config.in_channels, side, side)
-
-
 def random_aesthetic(size, folder, device, dtype, seed=0):
-    """common.aesthetic_reward on a folder holding a random CLIP ViT-L/14 (tiny text tower: the
+    """rewards.aesthetic_reward on a folder holding a random CLIP ViT-L/14 (tiny text tower: the
     aesthetic predictor never runs it) and a random head, saved like the official files."""
     from transformers import CLIPConfig, CLIPModel
 
@@ -250,16 +246,16 @@ def random_aesthetic(size, folder, device, dtype, seed=0):
     text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4)
     projection = 768 if size == "full" else 32
     CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection)).save_pretrained(folder)
-    head = common.aesthetic_mlp(projection)
-    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, Path(folder) / common.AESTHETIC_HEAD[1])
-    return common.aesthetic_reward(str(folder), device, dtype)
+    head = rewards.aesthetic_mlp(projection)
+    torch.save({f"layers.{k}": v for k, v in head.state_dict().items()}, Path(folder) / rewards.AESTHETIC_HEAD[1])
+    return rewards.aesthetic_reward(str(folder), device, dtype)
 
 
 def bert_tokenizer(folder):
     """A BERT WordPiece tokenizer over a small vocabulary, with BLIP's [DEC] / [ENC] tokens added."""
     from transformers import BertTokenizer
 
-    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *common.TOY_WORDS]
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *toy.TOY_WORDS]
     (Path(folder) / "vocab.txt").write_text("\n".join(words) + "\n")
     tokenizer = BertTokenizer(str(Path(folder) / "vocab.txt"))
     tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
@@ -267,14 +263,14 @@ def bert_tokenizer(folder):
 
 
 def random_imagereward(size, folder, device, dtype, seed=0):
-    """common.imagereward_scorer on ImageReward's architecture (BLIP ViT-L/16 + BERT with
+    """rewards.imagereward_scorer on ImageReward's architecture (BLIP ViT-L/16 + BERT with
     cross-attention + MLP head) with random weights."""
     torch.manual_seed(seed)
     if size == "full":
-        model = common.ImageRewardModel()
+        model = rewards.ImageRewardModel()
     else:
-        model = common.ImageRewardModel(text_config=TINY_TEXT, vision_config=dict(TINY_VISION, layer_norm_eps=1e-6))
-    return common.imagereward_scorer(model.to(device, dtype).eval(), bert_tokenizer(folder), device, dtype)
+        model = rewards.ImageRewardModel(text_config=TINY_TEXT, vision_config=dict(TINY_VISION, layer_norm_eps=1e-6))
+    return rewards.imagereward_scorer(model.to(device, dtype).eval(), bert_tokenizer(folder), device, dtype)
 
 
 def random_taesd_folder(folder, seed=0):
@@ -287,17 +283,15 @@ def random_taesd_folder(folder, seed=0):
 
 
 def random_qwen_refiner(size, device, dtype, max_new_tokens, seed=0):
-    """A common.Refiner: Qwen2.5-VL-3B's architecture with random weights (size full, previews
+    """A refiners.Refiner: Qwen2.5-VL-3B's architecture with random weights (size full, previews
     resized to 448 px as Refiner.from_pretrained does for hub models) or the tiny test one."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-    import toy
-
     if size == "tiny":
-        processor = toy.tiny_qwen_processor(common.TOY_WORDS)
+        processor = toy.tiny_qwen_processor(toy.TOY_WORDS)
         model = toy.tiny_qwen_model(processor, seed=seed)
-        return common.Refiner(model.to(device, dtype), processor, max_new_tokens=max_new_tokens)
-    processor = toy.tiny_qwen_processor(common.TOY_WORDS, image_pixels=448 * 448)  # 16x16 merged vision tokens
+        return refiners.Refiner(model.to(device, dtype), processor, max_new_tokens=max_new_tokens)
+    processor = toy.tiny_qwen_processor(toy.TOY_WORDS, image_pixels=448 * 448)  # 16x16 merged vision tokens
     ids = {t: processor.tokenizer.convert_tokens_to_ids(t) for t in toy.QWEN_SPECIAL_TOKENS}
     config = Qwen2_5_VLConfig(
         text_config=dict(QWEN25_VL_3B_TEXT, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
@@ -310,23 +304,21 @@ def random_qwen_refiner(size, device, dtype, max_new_tokens, seed=0):
         model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
     model.generation_config.pad_token_id = ids["<|endoftext|>"]
     model.generation_config.eos_token_id = ids["<|im_end|>"]
-    return common.Refiner(model.eval(), processor, max_new_tokens=max_new_tokens, preview_size=448)
+    return refiners.Refiner(model.eval(), processor, max_new_tokens=max_new_tokens, preview_size=448)
 
 
 def toy_models(cfg, device, dtype):
-    """The toy world's backbone and refiner where built (python toy.py), else the tiny random ones
+    """The toy world's backbone and refiner where built (python build_toy_world.py), else the tiny random ones
     of the tests. Returns (backbone, refiner, which: a line saying which were used)."""
-    import toy
-
     if (Path(common.BACKBONES["toy"].source) / "model_index.json").is_file():
         backbone, which = common.load_backbone("toy", device=device, dtype=dtype), ["backbone toy"]
     else:
-        pipe = toy.tiny_sd15_pipeline(common.TOY_WORDS, image_size=32, seed=cfg.seed).to(device, dtype)
+        pipe = toy.tiny_sd15_pipeline(toy.TOY_WORDS, image_size=32, seed=cfg.seed).to(device, dtype)
         pipe.set_progress_bar_config(disable=True)
         backbone = common.Backbone(pipe, "tiny-sd15", common.BackboneSpec("tiny random SD1.5-shaped pipeline", 20, 4.0, 32))
         which = ["tiny random backbone (toy world not built)"]
-    if (Path(common.REFINERS["toy-refiner"]) / "config.json").is_file():
-        refiner = common.load_refiner("toy-refiner", device=device, dtype=dtype, max_new_tokens=cfg.max_new_tokens)
+    if (Path(refiners.REFINERS["toy-refiner"]) / "config.json").is_file():
+        refiner = refiners.load_refiner("toy-refiner", device=device, dtype=dtype, max_new_tokens=cfg.max_new_tokens)
         which.append("refiner toy-refiner")
     else:
         refiner = random_qwen_refiner("tiny", device, dtype, cfg.max_new_tokens, cfg.seed)
@@ -345,17 +337,17 @@ def make_preview_decoder(kind, backbone, folder):
 
 def row_lrm_vs_pixel(cfg, device, dtype, tmp):
     backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
-    lrm = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name)).eval()
+    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).eval()
     decoder = common.PreviewDecoder("vae", backbone)  # the full VAE decode a pixel reward needs
     aesthetic = random_aesthetic(cfg.size, Path(tmp) / "aesthetic", device, dtype, cfg.seed)
     imagereward = random_imagereward(cfg.size, tmp, device, dtype, cfg.seed)
-    latents = torch.randn((cfg.batch, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
+    latents = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
     prompts = [PROMPT] * cfg.batch
     images = {}
 
     def lrm_score(draws):
         # what the `lrm:` reward runs: text conditioning + `draws` noisy copies through down+mid blocks
-        return lambda: lrm.ensemble_score(latents, prompts, draws=draws, generator=torch.Generator().manual_seed(0))
+        return lambda: model.ensemble_score(latents, prompts, draws=draws, generator=torch.Generator().manual_seed(0))
 
     def decode():
         images["x"] = decoder(latents)
@@ -389,7 +381,7 @@ def row_lrm_vs_pixel(cfg, device, dtype, tmp):
 def row_preview_decoders(cfg, device, dtype, tmp):
     backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
     decoders = {kind: make_preview_decoder(kind, backbone, tmp) for kind in common.PreviewDecoder.KINDS}
-    x0 = torch.randn((cfg.batch, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
+    x0 = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
     decoders["linear"](x0)  # the linear map is fitted once, on the first preview (one VAE decode), before timing
     times = time_side_by_side({kind: (lambda d=d: d(x0)) for kind, d in decoders.items()}, cfg.repeats, cfg.warmup, device)
     notes = f"cost per refinement step; batch {cfg.batch}, latents {tuple(x0.shape[1:])}, {cfg.size} size; random TAESD (AutoencoderTiny default config)"
@@ -426,7 +418,7 @@ def overhead_times(cfg, backbone, refiner, decoder, num_steps, guidance, device)
 
     Returns (times, notes): the notes say how much of a refined run the refiner's generate took."""
     prompts = [PROMPT] * cfg.batch
-    latents = torch.randn((cfg.batch, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
+    latents = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
     latents = latents.to(device, backbone.pipe.unet.dtype)
     timed = TimedRefiner(refiner)
 
@@ -484,7 +476,7 @@ def row_grpo_batching(cfg, device, dtype, tmp):
     words = ["circle", "square", "triangle"]
     rows = [f"a {words[i % 3]}" for i in range(b) for _ in range(g)]  # (B*G,) group members adjacent
     # a group shares its initial noise (common random numbers), as train_refiner.py rolls out
-    latents = torch.randn((b, *latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
+    latents = torch.randn((b, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
     latents = latents.repeat_interleave(g, 0).to(device, toy_dtype)
     if decoder.kind == "linear":
         decoder(latents)  # the linear map is fitted on its first preview: before timing
@@ -521,10 +513,10 @@ def lrm_train_step(model, optimizer, latents_0, latents_1, captions, targets, ge
     t = torch.randint(0, model.num_timesteps, (len(latents_0),), generator=generator)
     noise = torch.randn(latents_0.shape, generator=generator).to(latents_0.device, latents_0.dtype)
     alpha_bar = model.alphas_cumprod[t].to(latents_0.device)
-    x_t = torch.cat([common.noisy_latents(latents_0, noise, alpha_bar), common.noisy_latents(latents_1, noise, alpha_bar)])
+    x_t = torch.cat([lrm.noisy_latents(latents_0, noise, alpha_bar), lrm.noisy_latents(latents_1, noise, alpha_bar)])
     rewards = model(x_t, torch.cat([t, t]), model.text_conditioning(captions + captions))
     r_0, r_1 = rewards.chunk(2)
-    loss = common.preference_loss("thurstone-nll", r_0, r_1, model.variance(t.to(r_0.device)), targets)
+    loss = lrm.preference_loss("thurstone-nll", r_0, r_1, model.variance(t.to(r_0.device)), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -533,14 +525,14 @@ def lrm_train_step(model, optimizer, latents_0, latents_1, captions, targets, ge
 
 def row_lrm_cached_latents(cfg, device, dtype, tmp):
     backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
-    model = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name)).train()
+    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).train()
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     side = backbone.spec.size
     generator = torch.Generator().manual_seed(cfg.seed)
     # uint8 pixels, as train_reward.py holds the decoded pairs in memory
     pixels = torch.randint(0, 256, (2 * cfg.batch, 3, side, side), dtype=torch.uint8, generator=generator)
     vae = backbone.pipe.vae
-    cache = common.encode_latents(vae, pixels.float() / 127.5 - 1).float().cpu()  # (2B, C, h, w): the cache, encoded once
+    cache = lrm.encode_latents(vae, pixels)  # (2B, C, h, w): the cache, encoded once
     captions, targets = [PROMPT] * cfg.batch, torch.ones(cfg.batch, device=device)
 
     def step(latents):
@@ -548,7 +540,7 @@ def row_lrm_cached_latents(cfg, device, dtype, tmp):
         return lrm_train_step(model, optimizer, latents[: cfg.batch], latents[cfg.batch:], captions, targets, generator)
 
     times = time_side_by_side({
-        "encode_each_step": lambda: step(common.encode_latents(vae, pixels.float() / 127.5 - 1)),
+        "encode_each_step": lambda: step(lrm.encode_latents(vae, pixels)),
         "cached_latents": lambda: step(cache[torch.arange(2 * cfg.batch)]),
     }, cfg.repeats, cfg.warmup, device)
     return [ratio_row("5", "LRM training step: encode the pair with the VAE every step vs cached latents",
@@ -586,15 +578,6 @@ def refiner_train_step(refiner, params, optimizer, outputs):
     refiner.model.eval()
 
 
-def add_refiner_lora(refiner, rank=16):
-    """LoRA on the language model's linear layers, as train_refiner.py's add_lora (rank 16)."""
-    from peft import LoraConfig, get_peft_model
-
-    target = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-    refiner.model = get_peft_model(refiner.model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=target))
-    return [p for p in refiner.model.parameters() if p.requires_grad]
-
-
 def refiner_rollout_outputs(refiner, batch, refine_steps):
     """K RefinerOutputs of a minibatch of `batch` trajectories (random 512 px previews)."""
     previews = torch.rand((batch, 3, 512, 512), generator=torch.Generator().manual_seed(0))
@@ -610,7 +593,7 @@ def row_peak_memory(cfg, device, dtype, tmp):
     rows = []
     # train_refiner: a minibatch of memory_batch trajectories x K=2 actions of <= 64 tokens
     refiner = random_qwen_refiner(cfg.size, device, dtype, 64, cfg.seed)
-    params = add_refiner_lora(refiner)
+    params = refiners.add_lora(refiner, rank=16, alpha=32)  # as train_refiner.py's defaults
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     outputs = refiner_rollout_outputs(refiner, cfg.memory_batch, 2)
     step = lambda: refiner_train_step(refiner, params, optimizer, outputs)  # noqa: E731
@@ -625,11 +608,11 @@ def row_peak_memory(cfg, device, dtype, tmp):
     peaks = {}
     for name, rank, checkpointing in (("frozen", 0, False), ("lora", 8, False), ("lora+checkpointing", 8, True)):
         backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
-        model = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name, lora_rank=rank)).train()
+        model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name, lora_rank=rank)).train()
         if checkpointing:
             backbone.pipe.unet.enable_gradient_checkpointing()
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-        latents = torch.randn((2 * cfg.memory_batch, *latent_shape(backbone)), device=device, dtype=dtype)
+        latents = torch.randn((2 * cfg.memory_batch, *common.latent_shape(backbone)), device=device, dtype=dtype)
         captions, targets = [PROMPT] * cfg.memory_batch, torch.ones(cfg.memory_batch, device=device)
         generator = torch.Generator().manual_seed(cfg.seed)
         peaks[name] = peak_memory(lambda: lrm_train_step(model, optimizer, latents[: cfg.memory_batch], latents[cfg.memory_batch:],

@@ -53,6 +53,9 @@ from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import common
+import lrm
+import refiners
+import rewards
 
 
 @dataclass
@@ -112,18 +115,8 @@ def backbone_labels(names, variant=""):
 
 
 def check(config):
-    if config.refine_steps < 0:
-        raise common.UserError(f"--refine-steps must be >= 0, got {config.refine_steps}")
-    if config.steps is not None and config.steps < 1:
-        raise common.UserError(f"--steps must be >= 1, got {config.steps}")
-    if config.batch_size < 1:
-        raise common.UserError(f"--batch-size must be >= 1, got {config.batch_size}")
-    if config.limit < 0:
-        raise common.UserError(f"--limit must be >= 0, got {config.limit}")
-    if config.max_new_tokens < 1:
-        raise common.UserError(f"--max-new-tokens must be >= 1, got {config.max_new_tokens}")
-    if config.temperature < 0:
-        raise common.UserError(f"--temperature must be >= 0, got {config.temperature}")
+    common.require(config, positive=("steps", "size", "batch_size", "max_new_tokens"),
+                   non_negative=("refine_steps", "limit", "temperature", "guidance", "sheet_prompts", "preference_limit"))
     if not 0 < config.confidence < 1:
         raise common.UserError(f"--confidence must be in (0, 1), got {config.confidence}")
     if config.preview_decoder not in common.PreviewDecoder.KINDS:
@@ -227,20 +220,7 @@ def image_generators(seed, indices):
     return [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i) for i in indices]
 
 
-def score_images(rewards, sample, user_prompts):
-    """Every reward on one batch: {label: (B,) float64 numpy}."""
-    answers = [out.answers for out in sample.refiner_outputs] or None  # answers[k][b]
-    scores = {}
-    for label, reward in rewards.items():
-        values = reward(sample.images, user_prompts, refined_prompts=sample.final_prompts, answers=answers, latents=sample.latents)
-        values = torch.as_tensor(values).detach().float().cpu().reshape(-1)
-        if len(values) != len(user_prompts):
-            raise RuntimeError(f"reward '{label}' returned {len(values)} scores for {len(user_prompts)} images")
-        scores[label] = values.double().numpy()
-    return scores
-
-
-def evaluate_backbone(backbone, refiner, rewards, prompts, seeds, config, sheet_prompts=0):
+def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=0):
     """Sample every (seed, prompt) as baseline and (if a refiner is given) refined, score each image
     with every reward. Returns (records: one dict per (seed, prompt), seconds per arm, refiner fallbacks,
     refinement count, sheet: the first seed's first `sheet_prompts` images per arm)."""
@@ -265,7 +245,7 @@ def evaluate_backbone(backbone, refiner, rewards, prompts, seeds, config, sheet_
             t0 = time.perf_counter()
             samples[arm] = common.refined_sample(backbone, user_prompts, arm_refiner, generator=image_generators(seed, indices), **sample_kwargs)
             seconds[arm] += time.perf_counter() - t0
-            scores[arm] = score_images(rewards, samples[arm], user_prompts)
+            scores[arm] = {label: samples[arm].score(reward).double().numpy() for label, reward in scorers.items()}
         refined = samples.get("refined")
         if refined is not None:
             fallbacks += sum(int(o.fallback.sum()) for o in refined.refiner_outputs)
@@ -274,14 +254,14 @@ def evaluate_backbone(backbone, refiner, rewards, prompts, seeds, config, sheet_
             records.append({
                 "backbone": backbone.name, "seed": seed, "prompt_index": i, "prompt": prompts[i],
                 "refined_prompt": refined.final_prompts[b] if refined is not None else None,
-                "scores": {arm: {label: float(scores[arm][label][b]) for label in rewards} for arm in arms},
+                "scores": {arm: {label: float(scores[arm][label][b]) for label in scorers} for arm in arms},
             })
         if seed == seeds[0]:
             take = [b for b, i in enumerate(indices) if i < sheet_prompts]
             for arm in arms:
                 sheet[arm] += [samples[arm].images[b] for b in take]
             sheet["final_prompts"] += [refined.final_prompts[b] if refined is not None else prompts[indices[b]] for b in take]
-        line = " | ".join(f"{label} " + " ".join(f"{arm[:4]} {np.mean(scores[arm][label]):.3f}" for arm in arms) for label in rewards)
+        line = " | ".join(f"{label} " + " ".join(f"{arm[:4]} {np.mean(scores[arm][label]):.3f}" for arm in arms) for label in scorers)
         tqdm.write(f"{backbone.name} seed {seed} prompts {start:04d}-{indices[-1]:04d} | {line}")
     return records, seconds, fallbacks, refinements, sheet
 
@@ -492,45 +472,37 @@ def sample_sheet(sheets, prompts, title):
 
 
 @torch.no_grad()
-def preference_accuracy(config, rewards, device, dtype, batch_size=16):
+def preference_accuracy(config, scorers, device, dtype, batch_size=16):
     """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
     preferred. The LRM per noise bucket: both images of a pair noised with the same t (uniform in
     the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
     it is used as a reward). The pixel rewards of --rewards on the same pairs' clean images.
     Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
-    import itertools
-
-    model = common.load_lrm(config.lrm, device, dtype)
-    pipe = model.backbone.pipe
-    size = model.backbone.spec.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    counts = {}
-    pairs = common.iter_preference_pairs(config.preference_data, config.preference_split, counts)
-    pairs = list(itertools.islice(pairs, config.preference_limit or None))
-    if not pairs:
-        raise common.UserError(f"no usable preference pairs in '{config.preference_data}' (split {config.preference_split}): {counts}")
-    labels = torch.tensor([p["label_0"] for p in pairs])  # P(image 0 preferred): 1, 0 or 0.5
-    captions = [p["caption"] for p in pairs]
-    pixels = [torch.stack([common.image_to_tensor(p[f"image_{side}"], size) for p in pairs]) for side in (0, 1)]  # [-1, 1]
-    batches = [slice(i, i + batch_size) for i in range(0, len(pairs), batch_size)]
-    latents = [torch.cat([common.encode_latents(pipe.vae, x[b]).float().cpu() for b in batches]) for x in pixels]
+    model = lrm.load_lrm(config.lrm, device, dtype)
+    pairs = lrm.read_pairs(config.preference_data, config.preference_split, common.image_side(model.backbone),
+                           config.preference_limit or None)
+    labels, captions = pairs["labels"], pairs["captions"]  # labels: P(image 0 preferred): 1, 0 or 0.5
+    pixels = [pairs["pixels_0"], pairs["pixels_1"]]  # uint8
+    latents = [lrm.encode_latents(model.backbone.pipe.vae, x, batch_size) for x in pixels]
+    batches = [slice(i, i + batch_size) for i in range(0, len(labels), batch_size)]
     n = int((labels != 0.5).sum())
 
     generator = torch.Generator().manual_seed(config.seed)
-    result = common.lrm_validation_rewards(model, lambda idx: (latents[0][idx], latents[1][idx]), captions, generator,
+    result = lrm.lrm_validation_rewards(model, lambda idx: (latents[0][idx], latents[1][idx]), captions, generator,
                                            batch_size, device, dtype)
-    rows = [dict(scorer="lrm", bucket=f"t {lo}-{hi}", accuracy=common.pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
+    rows = [dict(scorer="lrm", bucket=f"t {lo}-{hi}", accuracy=lrm.pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
             for (lo, hi), (r_0, r_1, _) in result["buckets"].items()]
-    single, ensemble = common.ensemble_accuracies(*result["draws"], labels)
+    single, ensemble = lrm.ensemble_accuracies(*result["draws"], labels)
     draws = model.config.ensemble_draws
     rows += [dict(scorer="lrm, single noise draw (mean over draws)", bucket="clean", accuracy=single, n=n),
              dict(scorer=f"lrm, noise-ensembled ({draws} draws)", bucket="clean", accuracy=ensemble, n=n)]
-    for label, reward in rewards.items():
-        scores = [torch.cat([reward((pixels[side][b] + 1) / 2, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
+    for label, reward in scorers.items():
+        scores = [torch.cat([reward(pixels[side][b].float() / 255, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
                   for side in (0, 1)]
         keep = torch.isfinite(scores[0]) & torch.isfinite(scores[1])
-        accuracy = common.pairwise_accuracy(torch.sigmoid(scores[0][keep] - scores[1][keep]), labels[keep])
+        accuracy = lrm.pairwise_accuracy(torch.sigmoid(scores[0][keep] - scores[1][keep]), labels[keep])
         rows.append(dict(scorer=label, bucket="clean", accuracy=accuracy, n=int((labels[keep] != 0.5).sum())))
-    return rows, counts
+    return rows, pairs["counts"]
 
 
 def lrm_table(rows):
@@ -552,11 +524,11 @@ def main():
     backbone_names = common.parse_list(config.backbones, "--backbones")
     prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)  # UserError if none
     # every reward is built (and every spec checked) before the first image is drawn
-    rewards = {label: common.build_reward(spec, device, dtype) for label, spec in specs.items()}
-    for label, reward in rewards.items():
+    scorers = {label: rewards.build_reward(spec, device, dtype) for label, spec in specs.items()}
+    for label, reward in scorers.items():
         if "answers" in getattr(reward, "inputs", ()):
             raise common.UserError(f"reward '{label}' scores the refiner's answers, which baseline images do not have; leave it out")
-    refiner = common.load_refiner(
+    refiner = refiners.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0, max_new_tokens=config.max_new_tokens,
     )
@@ -566,7 +538,7 @@ def main():
     print(f"{len(prompts)} prompts x {len(seeds)} seeds on {', '.join(backbone_names)}{variant}; rewards {', '.join(specs)}; refiner {config.refiner}")
 
     # the LRM's preference accuracy first: a bad --lrm / --preference-data fails before the long part
-    lrm_rows, pair_counts = preference_accuracy(config, rewards, device, dtype) if config.lrm else (None, None)
+    lrm_rows, pair_counts = preference_accuracy(config, scorers, device, dtype) if config.lrm else (None, None)
     if lrm_rows:
         print(lrm_table(lrm_rows))
 
@@ -576,7 +548,7 @@ def main():
         backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora)
         backbone.name = label
         mine, seconds, fallbacks, refinements, sheet = evaluate_backbone(
-            backbone, refiner, rewards, prompts, seeds, config, sheet_prompts=config.sheet_prompts
+            backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=config.sheet_prompts
         )
         num_steps = config.steps or backbone.spec.steps
         schedule = common.refinement_schedule(num_steps, config.refine_steps) if refiner is not None else []

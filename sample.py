@@ -7,8 +7,10 @@ estimate at K evenly spaced steps and rewrites the prompt used for the remaining
     python sample.py --backbone sdxl-turbo --steps 4 --refine-steps 2 --prompt "a fox" --prompt "a boat"
     python sample.py --backbone sd15 --refiner none --prompt "a cat"                   # the plain pipeline
 
-Several prompts run as one batch. Writes to --out: one PNG per prompt, `trajectory.png` (the
-preview seen at each refinement with the prompt in force after it) and `trajectory.json`.
+Several prompts run as one batch on one device (--device cuda:N); to spread many prompts over
+several GPUs, run one process per GPU with its own prompts and --out. Writes to --out: one PNG per
+prompt, `trajectory.png` (the preview seen at each refinement with the prompt in force after it)
+and `trajectory.json`.
 
 Left out on purpose: negative-prompt refinement (the refiner rewrites the positive prompt
 only, as in the paper), image-to-image and inpainting pipelines.
@@ -25,6 +27,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common
+import refiners
 
 
 @dataclass
@@ -51,12 +54,7 @@ class Config:
 def check(config):
     if not config.prompt or any(not p.strip() for p in config.prompt):
         raise common.UserError("give at least one non-empty --prompt")
-    if config.refine_steps < 0:
-        raise common.UserError(f"--refine-steps must be >= 0, got {config.refine_steps}")
-    if config.steps is not None and config.steps < 1:
-        raise common.UserError(f"--steps must be >= 1, got {config.steps}")
-    if config.temperature < 0:
-        raise common.UserError(f"--temperature must be >= 0, got {config.temperature}")
+    common.require(config, positive=("steps", "size"), non_negative=("refine_steps", "temperature", "guidance"))
     if config.preview_decoder not in common.PreviewDecoder.KINDS:
         raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
 
@@ -103,7 +101,7 @@ def main():
     device = common.pick_device(config.device)
     dtype = common.pick_dtype(config.dtype, device)
     backbone = common.load_backbone(config.backbone, device, dtype, unet=config.unet, lora=config.lora)
-    refiner = common.load_refiner(
+    refiner = refiners.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
     )

@@ -1,93 +1,239 @@
 """
-Builds the offline toy world: the project's CartPole.
+toy.py: the offline toy world as a module -- the project's CartPole.
 
-    python toy.py                      # full build into toy_world/ (see --help)
-    python toy.py --stages pairs       # rebuild some stages: data, backbones, measure, pairs, refiner
+    grammar            captions "a [small|large] [<colour>] <shape> [on a <colour> background]",
+                       their parser, the user prompts split into train / test
+    toy rewards        weight-free pixel rewards: toy_aesthetic (contrast and size of the shape)
+                       and toy_faithfulness (the image shows what the user asked for)
+    drawing            procedural images of the grammar, the data set the toy backbones learn
+    tiny architectures SD1.5- and SDXL-shaped diffusers pipelines and a Qwen2.5-VL with its
+                       processor and chat template: the real block structure, narrow widths;
+                       the tests and the toy world build them, save them with `save_pretrained`
+                       and load them with `from_pretrained` like the real models
 
-Stages (each adds its numbers to toy_world/metrics.json):
-  data       procedural 32 px images of the toy grammar (common.py "toy world"), data.parquet
-  backbones  one AutoencoderKL, then an SD1.5-shaped and an SDXL-shaped pipeline trained on the
-             data (UNet + text encoders, caption dropout for CFG): toy-sd15/, toy-sdxl/
-  measure    how often samples show the captioned colour / shape / size / background, and the
-             toy aesthetic a scripted refiner reaches with and without seeing the preview
-  pairs      preference pairs in the Pick-a-Pic v2 parquet schema, images from both backbones,
-             labels from a noisy Thurstone model of the toy aesthetic: pickapic-toy/
-  refiner    a tiny Qwen2.5-VL supervised on the refinement format: toy-refiner/
-Left out on purpose: the VAE has no GAN or perceptual loss, the backbones share one VAE, and
-the networks are a few MB -- enough to follow the grammar, not to be pretty.
-
-This file also holds the builders of *tiny architectures* (SD1.5- and
-SDXL-shaped pipelines, a tiny Qwen2.5-VL with its processor and chat template)
-that both the toy world and the tests use. They are ordinary diffusers /
-transformers objects, saved and loaded with `save_pretrained` /
-`from_pretrained` like the real models.
+It imports none of the project's other modules; the artifacts (trained toy backbones, toy refiner,
+toy preference pairs) are built by `python build_toy_world.py` and committed in toy_world/.
+The heavy libraries (diffusers, transformers) are imported inside the builders that need them.
 """
 
-import io
-import json
 import math
-import time
-from dataclasses import dataclass, field
-from pathlib import Path
+import re
 
 import torch
-import torch.nn.functional as F
-from diffusers import (
-    AutoencoderKL,
-    DDIMScheduler,
-    StableDiffusionPipeline,
-    StableDiffusionXLPipeline,
-    UNet2DConditionModel,
-)
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    CLIPTokenizer,
-    Qwen2_5_VLConfig,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2_5_VLProcessor,
-    Qwen2Tokenizer,
-    Qwen2VLImageProcessor,
-    Qwen2VLVideoProcessor,
-)
-from transformers.convert_slow_tokenizer import bytes_to_unicode
-
-import common
-from common import TOY_COLOURS, TOY_SHAPES, TOY_SIZES, TOY_WORDS, toy_caption
 
 
-@dataclass
-class ToyConfig:
-    out: str = field(default="toy_world", metadata={"help": "folder that receives the toy world"})
-    seed: int = field(default=0, metadata={"help": "seed of everything: data, weights, pairs, labels"})
-    stages: str = field(default="data,backbones,pairs,refiner",
-                        metadata={"help": "comma-separated stages to build: data, backbones, pairs, refiner; "
-                                          "'measure' re-measures saved backbones"})
-    threads: int = field(default=1, metadata={"help": "torch CPU threads per process (1 is fastest on a busy 2-core machine)"})
-    parallel: bool = field(default=True, metadata={"help": "train the two backbones in two processes at once "
-                                                             "(--no-parallel: one after the other)"})
-    image_size: int = field(default=32, metadata={"help": "side of the toy images in pixels"})
-    dataset_size: int = field(default=4000, metadata={"help": "procedural images the backbones are trained on"})
-    vae_steps: int = field(default=600, metadata={"help": "VAE training steps (one VAE, shared by both backbones)"})
-    unet_steps: int = field(default=3000, metadata={"help": "UNet + text encoder training steps per backbone"})
-    refiner_steps: int = field(default=900, metadata={"help": "supervised training steps of the toy refiner"})
-    batch_size: int = field(default=32, metadata={"help": "training batch size"})
-    lr: float = field(default=1.5e-3, metadata={"help": "peak learning rate (one-cycle schedule)"})
-    caption_dropout: float = field(default=0.1, metadata={"help": "caption dropout, so that CFG works"})
-    background_settles: int = field(default=700, metadata={
-        "help": "training timestep below which the captions' background words are made uninformative: "
-                "the background is fixed by the noisy latent from then on, as a real model's layout is (0 = off)"})
-    sample_steps: int = field(default=20, metadata={"help": "default sampling steps written to promptloop.json"})
-    guidance: float = field(default=4.0, metadata={"help": "default CFG scale written to promptloop.json"})
-    eval_samples: int = field(default=60, metadata={"help": "samples per backbone to measure prompt following"})
-    pairs_train: int = field(default=4000, metadata={"help": "preference pairs in the train split"})
-    pairs_validation: int = field(default=1000, metadata={"help": "preference pairs in the validation split"})
-    pairs_test: int = field(default=1000, metadata={"help": "preference pairs in the test split"})
-    images_per_prompt: int = field(default=4, metadata={"help": "images per caption; pairs are drawn among them"})
-    pair_steps: int = field(default=10, metadata={"help": "sampling steps for the pair images"})
-    label_noise: float = field(default=0.05, metadata={"help": "Thurstone noise: std of each image's perceived aesthetic"})
-    tie_margin: float = field(default=0.01, metadata={"help": "perceived aesthetic gap below which a pair is a tie"})
+# -----------------------------------------------------------------------------
+# the toy grammar
+#
+# A toy image is one shape (circle, square, triangle) of one colour and size, centred on a plain
+# background of another colour. Captions come from a closed grammar; the shape is always named,
+# size, colour and background may be left out ("a circle", "a red square", ...):
+#     a [small|large] [<colour>] <shape> [on a <colour> background]
+# An attribute the caption leaves out is drawn at random by the data set, so the backbones learn
+# to leave it free. The background is settled in the first sampling steps and cannot be repainted
+# by a later prompt; the shape's colour and size can. So a refiner that *sees* the emerging image
+# can choose a shape colour that suits the background it finds there.
+
+TOY_COLOURS = {  # name -> RGB in [0, 1]; far apart in RGB and spread in luminance
+    "red": (0.85, 0.10, 0.10),
+    "green": (0.10, 0.65, 0.15),
+    "blue": (0.10, 0.20, 0.85),
+    "yellow": (0.95, 0.85, 0.10),
+    "white": (0.95, 0.95, 0.95),
+    "black": (0.05, 0.05, 0.05),
+}
+TOY_SHAPES = ("circle", "square", "triangle")
+TOY_SIZES = {"small": 0.20, "large": 0.36}  # half-extent of the shape as a fraction of the image side
+TOY_WORDS = ["a", "on", "background", *TOY_SIZES, *TOY_COLOURS, *TOY_SHAPES]  # whole-word tokens
+
+
+def toy_caption(shape, colour=None, size=None, background=None):
+    """Caption of the toy grammar; None leaves an attribute out."""
+    words = ["a"] + [w for w in (size, colour) if w] + [shape]
+    if background:
+        words += ["on", "a", background, "background"]
+    return " ".join(words)
+
+
+def parse_toy_prompt(prompt):
+    """The attributes a prompt names: a dict with some of shape, colour, size, background.
+
+    Tolerant of extra words (refined prompts may add some): the background is the colour word
+    right before "background", the shape colour the first other colour word before the shape."""
+    words = re.findall(r"[a-z]+", prompt.lower())
+    named = {}
+    background_at = None
+    for i, word in enumerate(words):
+        if word == "background" and i > 0 and words[i - 1] in TOY_COLOURS:
+            background_at = i - 1
+            named["background"] = words[i - 1]
+            break
+    shape_at = next((i for i, w in enumerate(words) if w in TOY_SHAPES), None)
+    if shape_at is not None:
+        named["shape"] = words[shape_at]
+    for i, word in enumerate(words[: shape_at if shape_at is not None else len(words)]):
+        if word in TOY_COLOURS and i != background_at and "colour" not in named:
+            named["colour"] = word
+        if word in TOY_SIZES and "size" not in named:
+            named["size"] = word
+    return named
+
+
+def _all_toy_captions():
+    captions = []
+    for shape in TOY_SHAPES:
+        for size in (None, *TOY_SIZES):
+            for colour in (None, *TOY_COLOURS):
+                for background in (None, *TOY_COLOURS):
+                    if colour is None or colour != background:
+                        captions.append(toy_caption(shape, colour, size, background))
+    return captions
+
+
+def _names_everything(named):
+    return all(k in named for k in ("size", "colour", "background"))
+
+
+TOY_PROMPT_KINDS = {  # which user prompts of the grammar a kind selects (from the attributes it names)
+    "all": lambda named: True,
+    "full": _names_everything,
+    "partial": lambda named: not _names_everything(named),
+    "open": lambda named: "background" not in named,  # as users mostly write: the background left free
+}
+
+
+def toy_prompts(split="train", n=None, seed=0, kind="all"):
+    """User prompts of the toy world, split once and for all (20% held out as "test").
+
+    kind: "all", "partial" (leaves size, colour or background free: room for refinement),
+          "full" (names all three) or "open" (leaves the background free: only a refiner that
+          sees the preview knows which background it got). n: draw n prompts (without
+          replacement while possible) with `seed`.
+    The split is a fixed permutation, independent of `seed`, so train and test never overlap."""
+    import random
+
+    if split not in ("train", "test"):
+        raise ValueError(f"toy prompt split must be 'train' or 'test', got '{split}'")
+    if kind not in TOY_PROMPT_KINDS:
+        raise ValueError(f"toy prompt kind must be one of {', '.join(TOY_PROMPT_KINDS)}, got '{kind}'")
+    captions = _all_toy_captions()
+    random.Random(1234).shuffle(captions)
+    n_test = len(captions) // 5
+    chosen = captions[:n_test] if split == "test" else captions[n_test:]
+    chosen = [c for c in chosen if TOY_PROMPT_KINDS[kind](parse_toy_prompt(c))]
+    chosen = sorted(chosen)
+    if n is None:
+        return chosen
+    rng = random.Random(seed)
+    out = []
+    while len(out) < n:
+        out += rng.sample(chosen, min(len(chosen), n - len(out)))
+    return out
+
+
+def _luminance(rgb):
+    return rgb @ torch.tensor([0.299, 0.587, 0.114], dtype=rgb.dtype)
+
+
+def toy_contrast(rgb_a, rgb_b):
+    """Perceived contrast of two colours (..., 3) -> (...) in [0, 1]: half colour distance, half luminance."""
+    colour = (rgb_a - rgb_b).norm(dim=-1) / math.sqrt(3)
+    return 0.5 * colour + 0.5 * (_luminance(rgb_a) - _luminance(rgb_b)).abs()
+
+
+def _nearest_toy_colour(rgb):
+    palette = torch.tensor(list(TOY_COLOURS.values()), dtype=rgb.dtype)
+    return list(TOY_COLOURS)[int((palette - rgb).norm(dim=-1).argmin())]
+
+
+@torch.no_grad()
+def toy_analyze(images, border=2):
+    """Read a toy image from its pixels. images: (B, 3, H, W) in [0, 1].
+
+    Background = median colour of a `border`-pixel frame. Shape mask = pixels farther from it
+    than half the largest distance (so a faint shape is still found; its faintness is the
+    contrast). Returns a list of dicts: background / colour (nearest palette names), shape,
+    size, area (mask fraction), extent (bbox side / image side), contrast, clean (1 = uniform
+    background frame, 0 = blotchy)."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    b, _, h, w = images.shape
+    frame = torch.ones(h, w, dtype=torch.bool)
+    frame[border:h - border, border:w - border] = False
+    results = []
+    for image in images:
+        pixels = image.permute(1, 2, 0)  # (H, W, 3)
+        background = pixels[frame].median(dim=0).values  # (3,)
+        distance = (pixels - background).norm(dim=-1)  # (H, W)
+        # non-uniform frame = a background that changed its mind half way (or noise)
+        frame_spread = distance[frame].mean().item()
+        clean = max(0.0, 1.0 - frame_spread / 0.3)  # two backgrounds half and half: ~0.3-0.5
+        # the shape never reaches the frame: frame pixels are left out of the mask, so a decoder's
+        # rim artefacts along the image edge cannot stretch the shape's bounding box
+        inner = distance.masked_fill(frame, 0.0)
+        peak = inner.flatten().quantile(0.99).item()  # robust to a few outlier pixels
+        mask = inner > max(0.5 * peak, 0.1) if peak > 0.15 else torch.zeros(h, w, dtype=torch.bool)
+        area = mask.float().mean().item()
+        info = dict(background=_nearest_toy_colour(background), area=area, clean=clean, contrast=0.0,
+                    colour=None, shape=None, size=None, extent=0.0)
+        if mask.sum() >= 4:
+            rows = torch.where(mask.sum(1) >= 1)[0]
+            cols = torch.where(mask.sum(0) >= 1)[0]
+            top, bottom, left, right = rows.min().item(), rows.max().item(), cols.min().item(), cols.max().item()
+            height, width = bottom - top + 1, right - left + 1
+            shape_rgb = pixels[mask].mean(0)
+            # shape from the mask: fill of its bounding box (square 1, circle pi/4, triangle 1/2)
+            # and the width of its top third vs its bottom third (a triangle points up)
+            fill = mask[top:bottom + 1, left:right + 1].float().mean().item()
+            third = max(1, height // 3)
+            top_width = mask[top:top + third].float().sum(1).mean().item()
+            bottom_width = mask[bottom + 1 - third:bottom + 1].float().sum(1).mean().item()
+            if top_width < 0.65 * bottom_width:
+                shape = "triangle"
+            elif fill > 0.88:
+                shape = "square"
+            else:
+                shape = "circle"
+            extent = max(height / h, width / w)
+            info.update(colour=_nearest_toy_colour(shape_rgb), shape=shape, extent=extent,
+                        size="large" if extent > 0.56 else "small",
+                        contrast=toy_contrast(shape_rgb, background).item())
+        results.append(info)
+    return results
+
+
+def toy_aesthetic(images, prompts=None, **_):
+    """Toy "aesthetic" on pixels, (B, 3, H, W) in [0, 1] -> (B,) float32 in [0, 1].
+
+    (0.6 contrast(shape, background) + 0.4 min(1, area / 0.3)) x (0.5 + 0.5 clean):
+    a large shape that stands out on a clean background scores high. The prompt is ignored.
+    What a refiner can learn: add "large"; choose a shape colour that contrasts with the
+    background (the best one depends on it: white on black, black on white). The toy
+    backbones settle the background in their first steps (build_toy_world.py, `background_settles`): after
+    that a prompt can no longer repaint it, but can still recolour and resize the shape. So when
+    the user leaves the background free, only a refiner that *sees* it in the preview can pick
+    the right colour; a blind one can only guess (see build_toy_world.py, stage "measure")."""
+    scores = [
+        (0.6 * r["contrast"] + 0.4 * min(1.0, r["area"] / 0.3)) * (0.5 + 0.5 * r["clean"])
+        for r in toy_analyze(images)
+    ]
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+def toy_faithfulness(images, prompts, **_):
+    """Toy faithfulness to the (user) prompt: the fraction of attributes the prompt names that
+    the image shows (shape, colour, size, background). (B,) float32 in [0, 1]; a prompt naming
+    nothing of the grammar scores 1."""
+    if len(prompts) != len(images):
+        raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
+    scores = []
+    for found, prompt in zip(toy_analyze(images), prompts):
+        named = parse_toy_prompt(prompt)
+        scores.append(sum(found[k] == v for k, v in named.items()) / len(named) if named else 1.0)
+    return torch.tensor(scores, dtype=torch.float32)
+
+
+TOY_REWARDS = {"toy-aesthetic": toy_aesthetic, "toy-faithful": toy_faithfulness}
+
 
 # -----------------------------------------------------------------------------
 # tiny tokenizers: byte-level BPE alphabets, plus whole words for a small vocabulary
@@ -98,6 +244,8 @@ def _byte_level_vocab(words, end_of_word=""):
 
     `end_of_word` is CLIP's "</w>" suffix; Qwen2 (GPT-2 style) marks a leading space
     with "Ġ" instead. Returns (vocab dict, merges: list of symbol pairs)."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
     alphabet = list(bytes_to_unicode().values())
     vocab = {ch: i for i, ch in enumerate(alphabet)}
     if end_of_word:
@@ -121,6 +269,8 @@ def _byte_level_vocab(words, end_of_word=""):
 
 
 def tiny_clip_tokenizer(words=(), model_max_length=77):
+    from transformers import CLIPTokenizer
+
     vocab, merges = _byte_level_vocab(words, end_of_word="</w>")
     for special in ("<|startoftext|>", "<|endoftext|>"):
         vocab[special] = len(vocab)
@@ -152,6 +302,8 @@ def tiny_qwen_processor(words=(), image_pixels=56 * 56):
 
     `image_pixels` bounds the resized image (multiples of 28 px per side), so a
     56x56 preview becomes 2x2 merged vision tokens."""
+    from transformers import Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
     vocab, merges = _byte_level_vocab(["Ġ" + w for w in words])
     for special in QWEN_SPECIAL_TOKENS:
         vocab[special] = len(vocab)
@@ -169,6 +321,8 @@ def tiny_qwen_processor(words=(), image_pixels=56 * 56):
 
 
 def tiny_qwen_model(processor, hidden=64, layers=2, heads=4, vision_hidden=32, vision_depth=1, seed=0):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
     tok = processor.tokenizer
     ids = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
     head_dim = hidden // heads
@@ -199,37 +353,58 @@ def tiny_qwen_model(processor, hidden=64, layers=2, heads=4, vision_hidden=32, v
 
 # -----------------------------------------------------------------------------
 # tiny diffusion pipelines (SD1.5- and SDXL-shaped), ordinary diffusers objects
+#
+# The real models' block layouts (their diffusers configs), kept as they are; only the widths
+# shrink. SD1.5: four levels, two layers per block, cross-attention in the first three down
+# blocks, no downsampler after the last one; VAE: four levels of two layers (8x downsampling).
+# SDXL: three levels, no attention in the first down block, transformer depth (1, 2, 10), here
+# (1, 1, 2). A layout that only a toy has would hide the bugs that show at full size.
+
+SD15_UNET_BLOCKS = dict(
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    layers_per_block=2,
+)
+SDXL_UNET_BLOCKS = dict(
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=2, transformer_layers_per_block=(1, 1, 2),
+)
 
 
-def _tiny_unet(cross_dim, sample_size, addition=None, channels=(32, 64), seed=0, attend_everywhere=False):
-    """attend_everywhere: cross-attention to the text at every resolution (as SD1.5), not only
-    at the lowest one -- the trained toy backbones bind attributes to the shape better."""
+def _tiny_unet(cross_dim, sample_size, blocks, channels, addition=None, seed=0, norm_groups=4):
+    """A UNet2DConditionModel with the block layout `blocks` (e.g. SD15_UNET_BLOCKS) and the
+    widths `channels` (one per block). addition: SDXL's pooled-text + time-ids input width.
+    norm_groups: GroupNorm groups; 4 channels or more per group, as SD's 32 groups of 320 have
+    10 (fewer make GroupNorm an instance norm, which removes each map's mean level)."""
+    from diffusers import UNet2DConditionModel
+
     torch.manual_seed(seed)
-    first_down, last_up = ("CrossAttnDownBlock2D", "CrossAttnUpBlock2D") if attend_everywhere else ("DownBlock2D", "UpBlock2D")
-    kwargs = dict(
-        sample_size=sample_size, in_channels=4, out_channels=4, layers_per_block=1,
-        block_out_channels=channels, down_block_types=(first_down, "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", last_up), cross_attention_dim=cross_dim,
-        attention_head_dim=8, norm_num_groups=8,
-    )
+    kwargs = dict(sample_size=sample_size, in_channels=4, out_channels=4, block_out_channels=channels,
+                  cross_attention_dim=cross_dim, attention_head_dim=8, norm_num_groups=norm_groups, **blocks)
     if addition is not None:  # SDXL: pooled text embedding + size/crop "time ids"
         kwargs.update(addition_embed_type="text_time", addition_time_embed_dim=8,
                       projection_class_embeddings_input_dim=addition)
     return UNet2DConditionModel(**kwargs)
 
 
-def _tiny_vae(seed=0, channels=(16, 32), norm_groups=8):
-    """norm_groups: GroupNorm groups. With one channel per group GroupNorm is an instance norm,
+def _tiny_vae(seed=0, channels=(8, 16, 16, 16), norm_groups=2, layers=2):
+    """An AutoencoderKL with one level per entry of `channels` (each but the last halves the side).
+    norm_groups: GroupNorm groups. With one channel per group GroupNorm is an instance norm,
     which subtracts each channel's image mean: the absolute colour of a flat image is lost."""
+    from diffusers import AutoencoderKL
+
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=1, norm_num_groups=norm_groups, sample_size=32,
+        layers_per_block=layers, norm_num_groups=norm_groups, sample_size=32,
     )
 
 
 def _tiny_text_encoder(tokenizer, hidden, projection=None, seed=0):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
     torch.manual_seed(seed)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
@@ -241,35 +416,41 @@ def _tiny_text_encoder(tokenizer, hidden, projection=None, seed=0):
 
 
 def _scheduler():
+    from diffusers import DDIMScheduler
+
     return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                          clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def tiny_sd15_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), vae_channels=(16, 32),
-                        vae_norm_groups=8, attend_everywhere=False):
-    """SD1.5-shaped: CLIPTextModel + UNet2DConditionModel + AutoencoderKL, DDIM."""
+def tiny_sd15_pipeline(words=(), image_size=64, seed=0, unet_blocks=SD15_UNET_BLOCKS, unet_channels=(16, 16, 32, 32),
+                       unet_norm_groups=4, vae_channels=(8, 16, 16, 16), vae_norm_groups=2, vae_layers=2):
+    """SD1.5-shaped: CLIPTextModel + UNet2DConditionModel + AutoencoderKL, DDIM. The defaults keep
+    SD1.5's layout (64 px -> 8x8 latents); the toy world passes its own (build_toy_world.py)."""
+    from diffusers import StableDiffusionPipeline
+
     tokenizer = tiny_clip_tokenizer(words)
-    vae = _tiny_vae(seed, vae_channels, vae_norm_groups)
+    vae = _tiny_vae(seed, vae_channels, vae_norm_groups, vae_layers)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
     return StableDiffusionPipeline(
         vae=vae, text_encoder=_tiny_text_encoder(tokenizer, 32, seed=seed), tokenizer=tokenizer,
-        unet=_tiny_unet(32, latent_size, channels=unet_channels, seed=seed, attend_everywhere=attend_everywhere),
-        scheduler=_scheduler(),
+        unet=_tiny_unet(32, latent_size, unet_blocks, unet_channels, seed=seed, norm_groups=unet_norm_groups), scheduler=_scheduler(),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )
 
 
-def tiny_sdxl_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), vae_channels=(16, 32),
-                        vae_norm_groups=8, attend_everywhere=False):
+def tiny_sdxl_pipeline(words=(), image_size=64, seed=0, unet_blocks=SDXL_UNET_BLOCKS, unet_channels=(16, 32, 32),
+                       unet_norm_groups=4, vae_channels=(8, 16, 16, 16), vae_norm_groups=2, vae_layers=2):
     """SDXL-shaped: two text encoders (the second with a projection = pooled embedding),
     a UNet with text_time additional conditioning, AutoencoderKL, DDIM."""
+    from diffusers import StableDiffusionXLPipeline
+
     tokenizer = tiny_clip_tokenizer(words)
-    vae = _tiny_vae(seed, vae_channels, vae_norm_groups)
+    vae = _tiny_vae(seed, vae_channels, vae_norm_groups, vae_layers)
     latent_size = image_size // 2 ** (len(vae_channels) - 1)
     hidden_1, hidden_2 = 16, 32
     # projection_class_embeddings_input_dim = pooled dim + 6 time ids * addition_time_embed_dim
-    unet = _tiny_unet(hidden_1 + hidden_2, latent_size, addition=hidden_2 + 6 * 8, channels=unet_channels, seed=seed,
-                      attend_everywhere=attend_everywhere)
+    unet = _tiny_unet(hidden_1 + hidden_2, latent_size, unet_blocks, unet_channels, addition=hidden_2 + 6 * 8, seed=seed,
+                      norm_groups=unet_norm_groups)
     return StableDiffusionXLPipeline(
         vae=vae, text_encoder=_tiny_text_encoder(tokenizer, hidden_1, seed=seed),
         text_encoder_2=_tiny_text_encoder(tokenizer, hidden_2, projection=hidden_2, seed=seed + 1),
@@ -278,7 +459,7 @@ def tiny_sdxl_pipeline(words=(), image_size=32, seed=0, unet_channels=(32, 64), 
 
 
 # -----------------------------------------------------------------------------
-# toy data set: procedural images of the toy grammar (see common.py, "toy world")
+# toy data set: procedural images of the toy grammar
 
 
 def draw_toy_image(shape, colour, size, background, image_size=32, offset=(0.0, 0.0), supersample=4):
@@ -338,732 +519,3 @@ def toy_dataset(n, seed=0, image_size=32, p_full=0.5):
         captions.append(random_caption(attrs, rng, p_full))
         attributes.append(attrs)
     return torch.stack(images), captions, attributes
-
-
-# -----------------------------------------------------------------------------
-# toy backbones: train the tiny SD1.5- and SDXL-shaped pipelines on the toy data set
-
-
-def train_toy_vae(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6, seed=0, log=print):
-    """Fit the AutoencoderKL to the toy images (MSE + a tiny KL, as the SD VAEs are trained, minus
-    the GAN and perceptual terms a 32 px world does not need), then set its `scaling_factor` so
-    scaled latents have unit variance (SD1.5: 0.18215, SDXL: 0.13025 -- same idea)."""
-    generator = torch.Generator().manual_seed(seed)
-    x = images * 2 - 1  # the VAE works in [-1, 1]
-    # The encoder's last conv emits (mean, log-variance). Start the log-variance at -8 (std 0.02):
-    # with the default start (std ~1) the decoder first sees mostly noise and a few hundred CPU
-    # steps are not enough to learn it away; trained SD VAEs have near-deterministic posteriors.
-    with torch.no_grad():
-        half = vae.encoder.conv_out.out_channels // 2
-        vae.encoder.conv_out.weight[half:].zero_()
-        vae.encoder.conv_out.bias[half:].fill_(-8.0)
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.1)
-    vae.train()
-    for step in range(steps):
-        batch = x[torch.randint(0, len(x), (batch_size,), generator=generator)]
-        posterior = vae.encode(batch).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator)).sample
-        loss = F.mse_loss(reconstruction, batch) + kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"vae step {step:05d}/{steps} | loss {loss.item():.4f}")
-    vae.eval()
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in x.split(256)])
-    vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
-    return vae
-
-
-def text_conditioning(pipe, captions, drop):
-    """UNet conditioning for training, computed exactly as the pipeline computes it at sampling
-    (its own `encode_prompt`, with gradients into the text encoders).
-
-    drop: (B,) bool, caption dropout for classifier-free guidance. The dropped rows get what the
-    pipeline uses as the unconditional input: SD1.5 encodes the empty prompt; SDXL
-    (force_zeros_for_empty_prompt) uses zero embeddings and a zero pooled embedding.
-    Returns kwargs for the UNet: encoder_hidden_states (B, L, D) [+ added_cond_kwargs]."""
-    is_sdxl = hasattr(pipe, "text_encoder_2")
-    if not is_sdxl:
-        captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    embeds = common.encode_prompts(pipe, captions)
-    hidden = embeds["prompt_embeds"]
-    if not is_sdxl:
-        return dict(encoder_hidden_states=hidden)
-    keep = (~drop).float()
-    pooled = embeds["add_text_embeds"] * keep[:, None]
-    hidden = hidden * keep[:, None, None]
-    side = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    # SDXL's micro-conditioning: (original h, w, crop top, left, target h, w), as the pipeline passes
-    time_ids = torch.tensor([side, side, 0, 0, side, side], dtype=hidden.dtype).repeat(len(captions), 1)
-    return dict(encoder_hidden_states=hidden, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids})
-
-
-def min_snr_weights(alpha_bar, gamma=5.0):
-    """Min-SNR-gamma loss weights for epsilon prediction (Hang et al., 2023): min(SNR, gamma) / SNR
-    with SNR = alpha_bar / (1 - alpha_bar). Low-noise steps stop dominating; converges ~3x faster."""
-    snr = alpha_bar / (1 - alpha_bar)
-    return snr.clamp(max=gamma) / snr
-
-
-def uninformative_background(caption, generator):
-    """The caption with its background phrase dropped or naming a random colour (1/2 each):
-    a background phrase that says nothing about the image."""
-    named = common.parse_toy_prompt(caption)
-    named.pop("background", None)
-    if torch.rand((), generator=generator) < 0.5:
-        named["background"] = list(TOY_COLOURS)[int(torch.randint(len(TOY_COLOURS), (), generator=generator))]
-    return toy_caption(**named)
-
-
-def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, caption_dropout=0.1, seed=0,
-                       log=print, name="backbone", min_snr_gamma=5.0, background_settles=0):
-    """Denoising score matching on the VAE latents (epsilon prediction, the pipeline's own
-    scheduler and its training noise schedule, min-SNR weighting); UNet and text encoder(s) are
-    trained together (they start from random weights). The VAE is frozen, its latents encoded once.
-
-    background_settles: at training timesteps t below it the captions' background phrase is made
-    uninformative (dropped or a random colour), so the UNet learns to read the background from x_t
-    there and to ignore what the prompt says about it. At sampling, the background
-    is then decided in the first steps (t >= background_settles) and a later prompt cannot repaint
-    it, while the shape's colour and size stay open a few steps longer -- the order in which a
-    real model settles layout before detail, made explicit. That is what makes the preview worth
-    looking at: a refiner that sees the emerging background can pick a shape colour to match."""
-    generator = torch.Generator().manual_seed(seed)
-    vae, unet, noise_schedule = pipe.vae, pipe.unet, pipe.scheduler
-    with torch.no_grad():
-        latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
-    latents = latents * vae.config.scaling_factor  # (N, 4, h, w), unit variance
-    text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    params = list(unet.parameters()) + [p for m in text_encoders for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    for module in (unet, *text_encoders):
-        module.train()
-    alphas_cumprod = noise_schedule.alphas_cumprod
-    running = None
-    for step in range(steps):
-        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
-        x0 = latents[index]
-        noise = torch.randn(x0.shape, generator=generator)
-        t = torch.randint(0, noise_schedule.config.num_train_timesteps, (batch_size,), generator=generator)
-        a = alphas_cumprod[t].view(-1, 1, 1, 1)
-        noisy = a.sqrt() * x0 + (1 - a).sqrt() * noise  # q(x_t | x_0)
-        drop = torch.rand(batch_size, generator=generator) < caption_dropout
-        batch_captions = [uninformative_background(captions[i], generator) if step_t < background_settles
-                          else captions[i] for i, step_t in zip(index.tolist(), t.tolist())]
-        conditioning = text_conditioning(pipe, batch_captions, drop)
-        prediction = unet(noisy, t, **conditioning).sample
-        loss = (min_snr_weights(a.flatten(), min_snr_gamma) * ((prediction - noise) ** 2).mean((1, 2, 3))).mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        if step % 100 == 0 or step == steps - 1:
-            log(f"{name} step {step:05d}/{steps} | loss {running:.4f}")
-    for module in (unet, *text_encoders):
-        module.eval()
-    return pipe
-
-
-def prompt_following(backbone, n=60, seed=0, num_steps=None, guidance=None, batch_size=60):
-    """How often samples of full captions show the named colour / shape / size / background,
-    as judged by the toy faithfulness check (common.toy_analyze). Returns a dict of rates."""
-    import random
-
-    rng = random.Random(seed)
-    prompts = [toy_caption(**sample_toy_attributes(rng)) for _ in range(n)]
-    found = []
-    for start in range(0, n, batch_size):
-        chunk = prompts[start:start + batch_size]
-        generator = torch.Generator().manual_seed(seed + start)
-        images = common.refined_sample(backbone, chunk, num_steps=num_steps, guidance=guidance,
-                                       generator=generator).images
-        found += common.toy_analyze(images)
-    rates = {}
-    for key in ("colour", "shape", "size", "background"):
-        rates[key] = sum(f[key] == common.parse_toy_prompt(p)[key] for f, p in zip(found, prompts)) / n
-    return rates
-
-
-class ScriptedRefiner:
-    """A rule-based refiner (no model) for measuring what the toy world rewards.
-
-    Keeps the user's size and background, adds "large" when the size is free, and picks the
-    shape colour with the most contrast -- overriding the user's colour, as a policy trained on
-    the aesthetic alone learns to: sees_preview=True against the background the preview shows
-    (and names it); sees_preview=False on average over the backgrounds it could meet (the best
-    a blind policy can do once the background is settled)."""
-
-    def __init__(self, sees_preview):
-        self.sees_preview = sees_preview
-
-    @staticmethod
-    def best_shape_colour(backgrounds):
-        """The shape colour with the highest mean contrast over `backgrounds` (a colour never meets itself)."""
-        best, best_contrast = None, -1.0
-        for colour, rgb in TOY_COLOURS.items():
-            against = [TOY_COLOURS[b] for b in backgrounds if b != colour]
-            if against:
-                contrast = float(common.toy_contrast(torch.tensor(rgb), torch.tensor(against)).mean())
-                if contrast > best_contrast:
-                    best, best_contrast = colour, contrast
-        return best
-
-    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        seen = [r["background"] for r in common.toy_analyze(previews)]
-        prompts = []
-        for user, background in zip(user_prompts, seen):
-            named = common.parse_toy_prompt(user)
-            if "background" in named:
-                candidates = [named["background"]]
-            elif self.sees_preview:
-                candidates = [background]
-                named["background"] = background
-            else:
-                candidates = list(TOY_COLOURS)
-            named["colour"] = self.best_shape_colour(candidates)
-            named.setdefault("size", "large")
-            prompts.append(toy_caption(**named))
-        return common.RefinerOutput.from_prompts(prompts)
-
-
-def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
-    """Mean toy aesthetic of user prompts that leave the background free: plain, blind scripted
-    refiner, seeing scripted refiner (same initial noise for all three). Shows how much latent
-    feedback can be worth."""
-    prompts = common.toy_prompts("test", n=n, seed=seed, kind="open")
-    result = {}
-    for name, refiner in (("plain", None), ("blind", ScriptedRefiner(False)), ("seeing", ScriptedRefiner(True))):
-        generator = torch.Generator().manual_seed(seed)
-        sample = common.refined_sample(backbone, prompts, refiner=refiner, refine_steps=refine_steps, generator=generator)
-        result[name] = round(float(common.toy_aesthetic(sample.images).mean()), 4)
-        result[name + "_faithful"] = round(float(common.toy_faithfulness(sample.images, prompts).mean()), 4)
-    return result
-
-
-TOY_ARCHITECTURE = dict(vae_channels=(16, 32, 32), vae_norm_groups=2, attend_everywhere=True)
-# 3 levels: 32 px -> 8x8 latents (SD's VAE downsamples 8x; 4x here); 2 GroupNorm groups keep
-# colour information that an instance norm (1 channel per group) would remove
-
-
-def train_and_save_backbone(name, config, out, vae_state, vae_scaling, log=print):
-    """Train one toy backbone (`toy-sd15` or `toy-sdxl`) on the shared trained VAE; save its
-    diffusers folder + promptloop.json. Runs in a worker process of build_toy_backbones."""
-    torch.set_num_threads(max(1, config.threads))
-    images, captions, _ = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
-    build, seed = (tiny_sd15_pipeline, config.seed) if name == "toy-sd15" else (tiny_sdxl_pipeline, config.seed + 1)
-    pipe = build(TOY_WORDS, config.image_size, seed, **TOY_ARCHITECTURE)
-    pipe.vae.load_state_dict(vae_state)  # one latent space for both backbones
-    pipe.vae.register_to_config(scaling_factor=vae_scaling)
-    start = time.time()
-    train_toy_backbone(pipe, images, captions, config.unet_steps, config.batch_size, config.lr, config.caption_dropout,
-                       seed=config.seed, log=log, name=name, background_settles=config.background_settles)
-    folder = out / name
-    pipe.save_pretrained(folder)
-    defaults = dict(steps=config.sample_steps, guidance=config.guidance, size=config.image_size)
-    (folder / "promptloop.json").write_text(json.dumps(defaults, indent=1) + "\n")
-    seconds = round(time.time() - start, 1)
-    log(f"{name}: trained in {seconds}s -> {folder}")
-    return seconds
-
-
-def build_toy_backbones(config, out, log=print):
-    """Train one VAE, then the SD1.5- and SDXL-shaped pipelines on it (in two processes at once
-    with --parallel); save diffusers folders `toy-sd15/` and `toy-sdxl/` (+ promptloop.json with
-    their sampling defaults). The two backbones share the VAE (one latent space), but have their
-    own text encoders and UNets."""
-    from concurrent.futures import ProcessPoolExecutor
-    from functools import partial
-    from multiprocessing import get_context
-
-    metrics = {}
-    images, _, _ = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
-    vae = _tiny_vae(config.seed, TOY_ARCHITECTURE["vae_channels"], TOY_ARCHITECTURE["vae_norm_groups"])
-    start = time.time()
-    train_toy_vae(vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
-    metrics["vae_seconds"] = round(time.time() - start, 1)
-    train = partial(train_and_save_backbone, config=config, out=out, vae_state=vae.state_dict(),
-                    vae_scaling=vae.config.scaling_factor)
-    names = ("toy-sd15", "toy-sdxl")
-    if config.parallel:  # worker logs go to stdout (print), the only log a worker can reach
-        with ProcessPoolExecutor(len(names), mp_context=get_context("spawn")) as pool:
-            seconds = list(pool.map(train, names))
-    else:
-        seconds = [train(name, log=log) for name in names]
-    for name, s in zip(names, seconds):
-        metrics[name] = dict(train_seconds=s)
-    for name, measured in measure_toy_backbones(config, out, log).items():
-        metrics[name].update(measured)
-    return metrics
-
-
-def measure_toy_backbones(config, out, log=print):
-    """Prompt following and the scripted-refiner aesthetic of the saved toy backbones."""
-    metrics = {}
-    for name in ("toy-sd15", "toy-sdxl"):
-        backbone = common.load_backbone(str(out / name))
-        rates = prompt_following(backbone, config.eval_samples, seed=config.seed + 7)
-        log(f"{name}: samples match colour {rates['colour']:.0%} shape {rates['shape']:.0%} "
-            f"size {rates['size']:.0%} background {rates['background']:.0%} "
-            f"({config.eval_samples} full captions)")
-        gain = preview_feedback_gain(backbone, config.eval_samples, seed=config.seed + 8)
-        log(f"{name}: toy aesthetic, prompts that leave the background free | plain {gain['plain']:.3f} | blind scripted refiner "
-            f"{gain['blind']:.3f} | seeing scripted refiner {gain['seeing']:.3f}")
-        metrics[name] = dict(prompt_following=rates, preview_feedback=gain)
-    return metrics
-
-
-# -----------------------------------------------------------------------------
-# toy preference pairs in the Pick-a-Pic v2 schema, labelled by a noisy Thurstone model
-
-
-def thurstone_labels(scores_0, scores_1, noise, tie_margin, generator):
-    """Noisy preference labels from true scores (N,), (N,) -> label_0 (N,) in {0, 0.5, 1}.
-
-    Thurstone case V: each annotator perceives s + noise * N(0, 1) for each image and prefers
-    the higher one, P(0 > 1) = Phi((s0 - s1) / (noise * sqrt(2))); perceived gaps below
-    `tie_margin` are ties (Pick-a-Pic's label_0 = label_1 = 0.5)."""
-    perceived_0 = scores_0 + noise * torch.randn(scores_0.shape, generator=generator)
-    perceived_1 = scores_1 + noise * torch.randn(scores_1.shape, generator=generator)
-    gap = perceived_0 - perceived_1
-    label_0 = (gap > 0).float()
-    label_0[gap.abs() < tie_margin] = 0.5
-    return label_0
-
-
-def noise_ceiling(scores_0, scores_1, label_0):
-    """Agreement of the *true* score order with the noisy labels, on pairs with a strict label
-    and distinct true scores: the accuracy a perfect reward model would reach."""
-    strict = (label_0 != 0.5) & (scores_0 != scores_1)
-    return ((scores_0 > scores_1).float() == label_0)[strict].float().mean().item()
-
-
-def _jpeg(image):
-    buffer = io.BytesIO()
-    common.to_pil(image[None])[0].save(buffer, format="JPEG", quality=95)
-    return buffer.getvalue()
-
-
-def _unjpeg(data):
-    """JPEG bytes -> (3, H, W) in [0, 1]."""
-    import numpy as np
-    from PIL import Image
-
-    return torch.from_numpy(np.array(Image.open(io.BytesIO(data)).convert("RGB"))).permute(2, 0, 1).float() / 255
-
-
-def toy_pairs(backbones, n_pairs, config, seed, split, log=print):
-    """Rows of Pick-a-Pic v2 (one dict per pair) and the true scores (N,), (N,).
-
-    As in Pick-a-Pic, several images are generated per caption (by different models) and pairs
-    are drawn among them; `num_example_per_prompt` counts the pairs of that caption."""
-    import random
-    import uuid
-    from datetime import datetime, timedelta
-
-    rng = random.Random(seed)
-    generator = torch.Generator().manual_seed(seed)
-    pairs_per_prompt = max(1, config.images_per_prompt * (config.images_per_prompt - 1) // 4)  # half of all pairs
-    n_prompts = math.ceil(n_pairs / pairs_per_prompt)
-    # captions: user prompts of the grammar, mostly partial (those leave room for taste)
-    captions = [toy_caption(**partial_attributes(sample_toy_attributes(rng), rng, 0.4)) for _ in range(n_prompts)]
-    names = list(backbones)
-    model_of = [[names[j % len(names)] for j in range(config.images_per_prompt)] for _ in captions]
-    images = torch.zeros(n_prompts, config.images_per_prompt, 3, config.image_size, config.image_size)
-    for name in names:  # one batched pipeline call per backbone and chunk
-        slots = [(i, j) for i in range(n_prompts) for j in range(config.images_per_prompt) if model_of[i][j] == name]
-        for start in range(0, len(slots), 128):
-            chunk = slots[start:start + 128]
-            sample = common.refined_sample(backbones[name], [captions[i] for i, _ in chunk],
-                                           num_steps=config.pair_steps, generator=generator)
-            for (i, j), image in zip(chunk, sample.images):
-                images[i, j] = image
-        log(f"{split}: {len(slots)} images from {name}")
-    uids = [[str(uuid.UUID(int=rng.getrandbits(128), version=4)) for _ in range(config.images_per_prompt)] for _ in captions]
-    jpegs = [[_jpeg(images[i, j]) for j in range(config.images_per_prompt)] for i in range(n_prompts)]
-    # the annotators judge the images as stored (JPEG), so the labels' noise ceiling is one a model
-    # of the stored data can reach (scoring the pixels before compression costs ~1 point of it)
-    stored = torch.stack([_unjpeg(jpeg) for row in jpegs for jpeg in row])
-    scores = common.toy_aesthetic(stored).view(n_prompts, config.images_per_prompt)
-    index_pairs = [(a, b) for a in range(config.images_per_prompt) for b in range(a + 1, config.images_per_prompt)]
-    rows, s0, s1 = [], [], []
-    start_time = datetime(2023, 4, 1)
-    for i, caption in enumerate(captions):
-        for a, b in rng.sample(index_pairs, pairs_per_prompt):
-            if rng.random() < 0.5:
-                a, b = b, a
-            rows.append(dict(
-                are_different=True, caption=caption, created_at=start_time + timedelta(seconds=rng.randrange(10**7)),
-                has_label=True, image_0_uid=uids[i][a], image_0_url="", image_1_uid=uids[i][b], image_1_url="",
-                jpg_0=jpegs[i][a], jpg_1=jpegs[i][b], model_0=model_of[i][a], model_1=model_of[i][b],
-                num_example_per_prompt=pairs_per_prompt, ranking_id=len(rows) + seed * 10**6,
-                user_id=rng.randrange(1, 200),
-                toy_aesthetic_0=float(scores[i, a]), toy_aesthetic_1=float(scores[i, b]),
-            ))
-            s0.append(float(scores[i, a]))
-            s1.append(float(scores[i, b]))
-    rows, s0, s1 = rows[:n_pairs], torch.tensor(s0[:n_pairs]), torch.tensor(s1[:n_pairs])
-    label_0 = thurstone_labels(s0, s1, config.label_noise, config.tie_margin, generator)
-    for row, label in zip(rows, label_0.tolist()):
-        row.update(label_0=label, label_1=1.0 - label,
-                   best_image_uid="" if label == 0.5 else (row["image_0_uid"] if label == 1 else row["image_1_uid"]))
-    return rows, s0, s1, label_0
-
-
-PICKAPIC_COLUMNS = [  # the Pick-a-Pic v2 parquet columns, in its order; toy_aesthetic_* are extra
-    "are_different", "best_image_uid", "caption", "created_at", "has_label", "image_0_uid", "image_0_url",
-    "image_1_uid", "image_1_url", "jpg_0", "jpg_1", "label_0", "label_1", "model_0", "model_1",
-    "ranking_id", "user_id", "num_example_per_prompt", "toy_aesthetic_0", "toy_aesthetic_1",
-]
-
-
-def build_toy_pairs(config, out, log=print):
-    """Write pickapic-toy/{train,validation,test}.parquet from the saved toy backbones."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    backbones = {name: common.load_backbone(str(out / name)) for name in ("toy-sd15", "toy-sdxl")}
-    folder = out / "pickapic-toy"
-    folder.mkdir(parents=True, exist_ok=True)
-    metrics = {}
-    sizes = {"train": config.pairs_train, "validation": config.pairs_validation, "test": config.pairs_test}
-    for k, (split, n) in enumerate(sizes.items()):
-        rows, s0, s1, label_0 = toy_pairs(backbones, n, config, config.seed + 100 + k, split, log)
-        table = pa.Table.from_pylist([{c: row[c] for c in PICKAPIC_COLUMNS} for row in rows])
-        pq.write_table(table, folder / f"{split}.parquet")
-        metrics[split] = dict(pairs=len(rows), ties=float((label_0 == 0.5).float().mean()),
-                              noise_ceiling=noise_ceiling(s0, s1, label_0))
-        log(f"{split}: {len(rows)} pairs | ties {metrics[split]['ties']:.1%} | "
-            f"noise ceiling {metrics[split]['noise_ceiling']:.3f}")
-    metrics.update(label_noise=config.label_noise, tie_margin=config.tie_margin)
-    (folder / "labels.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    return metrics
-
-
-# -----------------------------------------------------------------------------
-# toy refiner: a tiny Qwen2.5-VL taught the refinement format by supervised fine-tuning
-#
-# The policy GRPO starts from. It sees exactly what the refiner sees at inference (the chat
-# messages of common.refiner_messages with an x0_hat preview of a toy backbone) and is trained
-# on the answer tokens of common.format_answer(target), where the target is a *random* valid
-# refinement of the user's prompt: all the user's attributes, plus some of the missing ones; an
-# added background is the one the preview shows (the refiner describes what it sees).
-# So the supervised refiner writes well-formed prompts that keep the user's words, reads the
-# preview, and is uncommitted about what it adds; which additions raise the reward is GRPO's to learn.
-
-ANSWER_TAGS = ("<prompt>", "</prompt>")  # one token each: the format costs 2 tokens, not 17 bytes
-
-
-def refiner_vocabulary(prompts):
-    """Whole words of the refiner's fixed text (system prompt, message template) and of `prompts`.
-
-    Each becomes one token of the byte-level tokenizer, so a refinement state is ~160 tokens
-    instead of ~600 bytes."""
-    import re
-
-    template = common.refiner_messages("", "", 0, 0)[1]["content"][1]["text"]
-    texts = [common.REFINER_SYSTEM, template, *prompts]
-    return sorted({word for text in texts for word in re.findall(r"[A-Za-z]+", text)})
-
-
-def toy_refiner_processor():
-    """The toy refiner's Qwen2.5-VL processor: whole-word tokens for the grammar and the fixed
-    text, the answer tags as single (non-special, so decoded) tokens, a 56 px image -> 4 vision tokens."""
-    processor = tiny_qwen_processor(refiner_vocabulary(common.toy_prompts("train") + common.toy_prompts("test")))
-    processor.tokenizer.add_tokens(list(ANSWER_TAGS))
-    return processor
-
-
-def keeps_user_words(user_prompt, refined_prompt):
-    """Every word of the user's prompt appears in the refined prompt (case-insensitive)."""
-    return set(user_prompt.lower().split()) <= set(refined_prompt.lower().split())
-
-
-def keeps_user_attributes(user_prompt, refined_prompt):
-    """The refined prompt names every attribute the user's prompt names, with the same value
-    (stricter than keeping the words: "a red circle on a blue background" -> "a blue circle on a
-    red background" keeps the words but not the attributes)."""
-    user, refined = common.parse_toy_prompt(user_prompt), common.parse_toy_prompt(refined_prompt)
-    return all(refined.get(key) == value for key, value in user.items())
-
-
-def in_toy_grammar(prompt):
-    """The prompt is exactly a caption of the toy grammar (no missing or repeated word)."""
-    named = common.parse_toy_prompt(prompt)
-    return "shape" in named and toy_caption(**named) == prompt
-
-
-def refinement_target(user_prompt, rng, p_add=0.5, seen_background=None, p_seen=0.8):
-    """A random valid refinement of a toy prompt: the user's attributes kept, each missing one
-    (size, colour, background) added with probability `p_add`, its value drawn uniformly; the
-    background never takes the shape's colour (as in the grammar). rng: a random.Random.
-
-    seen_background: the background colour the preview shows, if any. The background is then
-    added with probability `p_seen` and names it -- the refiner describes what it sees, as a
-    real MLLM does (and learns to look) -- and the shape's colour is drawn among the others.
-    Which colour goes well with it is not taught: that is GRPO's."""
-    attributes = common.parse_toy_prompt(user_prompt)
-    if "shape" not in attributes:  # not a toy prompt: nothing to refine
-        return user_prompt
-    if "size" not in attributes and rng.random() < p_add:
-        attributes["size"] = rng.choice(list(TOY_SIZES))
-    background = attributes.get("background") or seen_background
-    if "colour" not in attributes and rng.random() < p_add:
-        attributes["colour"] = rng.choice([c for c in TOY_COLOURS if c != background])
-    if "background" not in attributes and rng.random() < (p_seen if seen_background else p_add):
-        if seen_background is not None and seen_background != attributes.get("colour"):
-            attributes["background"] = seen_background
-        else:
-            attributes["background"] = rng.choice([c for c in TOY_COLOURS if c != attributes.get("colour")])
-    return toy_caption(**attributes)
-
-
-def seen_backgrounds(previews):
-    """The background colour each preview (list of (3, h, w)) shows, None for a blank (grey) one."""
-    return [None if preview.std() < 1e-3 else common.toy_analyze(preview[None])[0]["background"] for preview in previews]
-
-
-class PreviewRecorder:
-    """A refiner that keeps the prompt and records what a refiner would see: (preview (3, h, w),
-    step, num_steps) at every refinement of every sample."""
-
-    def __init__(self):
-        self.states = []
-
-    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        self.states += [(preview, step, num_steps) for preview in previews]
-        return common.RefinerOutput.from_prompts(current_prompts)
-
-
-def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16):
-    """x0_hat previews of `backbone` sampling `prompts` (its default steps, VAE previews), as
-    common.refined_sample shows them to a refiner: list of (preview, step, num_steps), grouped
-    by batch, then refinement, then prompt."""
-    recorder = PreviewRecorder()
-    for start in range(0, len(prompts), batch_size):
-        generator = torch.Generator().manual_seed(seed + start)
-        common.refined_sample(backbone, prompts[start:start + batch_size], recorder, refine_steps, generator=generator)
-    return recorder.states
-
-
-def refinement_state(preview, user_prompt, step, num_steps, rng):
-    """One training state as met at inference. The current prompt is the user's (first
-    refinement) or an earlier refinement; half the time (step, num_steps) are rescaled to
-    another number of sampling steps, so the state text also covers e.g. 4-step or 50-step runs."""
-    current = user_prompt if rng.random() < 0.5 else refinement_target(user_prompt, rng)
-    if rng.random() < 0.5:
-        new_num_steps = rng.choice([4, 8, 30, 50])
-        step = min(new_num_steps - 1, max(1, round(step * new_num_steps / num_steps)))
-        num_steps = new_num_steps
-    return preview, user_prompt, current, step, num_steps
-
-
-def sft_batch(processor, states, rng):
-    """One SFT batch: states (preview, user prompt, current prompt, step, num_steps) rendered
-    with the inference chat template, a fresh random target's answer appended (an added
-    background names the one the preview shows).
-
-    Returns (inputs, labels): the processor's outputs for the whole sequences (right-padded)
-    and labels (B, L) = the answer's tokens and its end token, -100 elsewhere (the loss is on
-    the answer only)."""
-    tokenizer = processor.tokenizer
-    texts, answers = [], []
-    seen = seen_backgrounds([state[0] for state in states])
-    for (_, user, current, step, num_steps), background in zip(states, seen):
-        messages = common.refiner_messages(user, current, step, num_steps)
-        prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        target = refinement_target(user, rng, seen_background=background)
-        answers.append(common.format_answer(target) + tokenizer.eos_token)
-        texts.append(prompt + answers[-1])
-    images = [common.to_pil(state[0][None])[0] for state in states]  # sizes differ (blank previews)
-    inputs = processor(text=texts, images=images, padding=True, padding_side="right", return_tensors="pt")
-    labels = torch.full_like(inputs["input_ids"], -100)
-    lengths = inputs["attention_mask"].sum(1)
-    for row, answer in enumerate(answers):
-        answer_ids = torch.tensor(tokenizer(answer)["input_ids"])
-        end = int(lengths[row])
-        # the answer must tokenize the same alone and after the prompt (the prompt ends in "\n")
-        if not torch.equal(inputs["input_ids"][row, end - len(answer_ids):end], answer_ids):
-            raise ValueError(f"answer tokens shift at the prompt boundary: {answer!r}")
-        labels[row, end - len(answer_ids):end] = answer_ids
-    return dict(inputs), labels
-
-
-def answer_loss(model, inputs, labels):
-    """Mean next-token cross-entropy over the answer tokens."""
-    logits = model(**inputs, use_cache=False).logits[:, :-1]  # (B, L-1, V): predicts tokens 1..L-1
-    return F.cross_entropy(logits.flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-
-
-@torch.no_grad()
-def refiner_sampling_stats(refiner, previews, user_prompts, step, num_steps, samples=8):
-    """Sample `samples` refinements of each user prompt in one batched call (at the refiner's
-    own temperature, current prompt = user prompt). previews: (P, 3, h, w), one per prompt.
-
-    Returns parse_rate (answers common.parse_answer accepts), keep_words_rate,
-    keep_attributes_rate and grammatical_rate (exactly a caption of the toy grammar; all three
-    among parsed prompts), distinct (mean distinct prompts per user
-    prompt), distinct_partial (the same over prompts that leave an attribute free) and
-    distinct_targets (mean distinct prompts among as many draws of refinement_target)."""
-    import random
-
-    users = [user for user in user_prompts for _ in range(samples)]
-    out = refiner.refine(previews.repeat_interleave(samples, 0), users, users, step, num_steps)
-    parsed = [common.parse_answer(answer, refiner.max_words) for answer in out.answers]
-    kept = [(user, prompt) for user, prompt in zip(users, parsed) if prompt is not None]
-    distinct = {u: len({p for user, p in zip(users, parsed) if user == u}) for u in user_prompts}
-    partial = [u for u in user_prompts if common.TOY_PROMPT_KINDS["partial"](common.parse_toy_prompt(u))]
-    # the same count for draws of the SFT target distribution itself: the diversity to expect
-    rng = random.Random(0)
-    target_distinct = [len({refinement_target(u, rng) for _ in range(samples)}) for u in user_prompts]
-    return dict(
-        parse_rate=len(kept) / len(users),
-        keep_words_rate=sum(keeps_user_words(u, p) for u, p in kept) / max(1, len(kept)),
-        keep_attributes_rate=sum(keeps_user_attributes(u, p) for u, p in kept) / max(1, len(kept)),
-        grammatical_rate=sum(in_toy_grammar(p) for _, p in kept) / max(1, len(kept)),
-        distinct=sum(distinct.values()) / len(distinct),
-        distinct_partial=sum(distinct[u] for u in partial) / max(1, len(partial)),
-        distinct_targets=sum(target_distinct) / len(target_distinct),
-        samples=samples,
-    )
-
-
-def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr=3e-3, hidden=128, layers=2,
-                      heads=8, eval_prompts=24):
-    """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format; save it (model,
-    processor, chat template) to `out/toy-refiner`, then measure it sampled at temperature 1.
-
-    config: the ToyConfig (its `seed`); out: the toy world folder, whose toy backbones
-    (`toy-sd15`, `toy-sdxl`, built first) provide the x0_hat previews. ~2-5 minutes on 2 CPU
-    cores. Returns the metrics (parse / keep rates, distinct prompts, final loss)."""
-    import random
-
-    seed = config.seed
-    backbone_dirs = [out / name for name in ("toy-sd15", "toy-sdxl") if (out / name / "model_index.json").is_file()]
-    if not backbone_dirs:
-        raise common.UserError(f"the refiner stage needs the toy backbones in {out}: build the 'backbones' stage first")
-    rng = random.Random(seed)
-    train_prompts, test_prompts = common.toy_prompts("train"), common.toy_prompts("test", n=eval_prompts, seed=seed)
-
-    # previews of both backbones at the refinement steps of inference (K=5) and GRPO (K=2), and
-    # grey ones (refined_sample's blank_preview ablation)
-    start = time.time()
-    previews = []
-    for folder in backbone_dirs:
-        backbone = common.load_backbone(str(folder))
-        prompts = rng.sample(train_prompts, 16)
-        previews += record_previews(backbone, prompts, 5, seed) + record_previews(backbone, prompts, 2, seed + 1)
-    num_steps = previews[0][2]
-    previews += [(torch.full((3, 64, 64), 0.5), step, num_steps) for step in range(1, num_steps, 2)]
-    log(f"refiner: {len(previews)} previews from {', '.join(f.name for f in backbone_dirs)} in {time.time() - start:.0f}s")
-
-    processor = toy_refiner_processor()
-    # 8 heads of 16 dims learn to copy the user's words from the state sooner than 4 of 32
-    model = tiny_qwen_model(processor, hidden=hidden, layers=layers, heads=heads, seed=seed)
-    params = sum(p.numel() for p in model.parameters())
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=train_steps, pct_start=0.1)
-    model.train()
-    start, losses = time.time(), []
-    for step in range(1, train_steps + 1):
-        # the preview is drawn independently of the user prompt; the targets read only its
-        # background (what else the image is good for is GRPO's to learn)
-        states = []
-        for _ in range(batch_size):
-            preview, preview_step, preview_num_steps = previews[rng.randrange(len(previews))]
-            states.append(refinement_state(preview, rng.choice(train_prompts), preview_step, preview_num_steps, rng))
-        inputs, labels = sft_batch(processor, states, rng)
-        loss = answer_loss(model, inputs, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        losses.append(loss.item())
-        if step % 50 == 0 or step == train_steps:
-            log(f"refiner step {step:05d}/{train_steps} | loss {sum(losses[-50:]) / len(losses[-50:]):.4f} "
-                f"| {(time.time() - start) / step * 1000:.0f} ms/step")
-    train_seconds = time.time() - start
-    model.eval()
-    folder = out / "toy-refiner"
-    model.save_pretrained(folder)
-    processor.save_pretrained(folder)
-
-    # measure the saved folder, loaded the way sample.py loads it, sampled at temperature 1
-    torch.manual_seed(seed)
-    refiner = common.load_refiner(str(folder), temperature=1.0, max_new_tokens=32)
-    backbone = common.load_backbone(str(backbone_dirs[0]))
-    test_states = record_previews(backbone, test_prompts, 1, seed + 2)  # one refinement: one preview per prompt
-    test_previews = torch.stack([state[0] for state in test_states])
-    stats = refiner_sampling_stats(refiner, test_previews, test_prompts, test_states[0][1], test_states[0][2])
-    size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
-    log(f"refiner: {params / 1e6:.2f}M parameters, {size_mb:.1f} MB, trained in {train_seconds:.0f}s | "
-        f"held-out prompts x {stats['samples']} samples at temperature 1: parseable {stats['parse_rate']:.1%}, "
-        f"keep the user's words {stats['keep_words_rate']:.1%} (attributes {stats['keep_attributes_rate']:.1%}), "
-        f"in the grammar {stats['grammatical_rate']:.1%}, "
-        f"distinct prompts per user prompt {stats['distinct']:.2f} (partial prompts {stats['distinct_partial']:.2f}; "
-        f"SFT targets {stats['distinct_targets']:.2f})")
-    return dict(stats, parameters=params, size_mb=round(size_mb, 2), train_steps=train_steps,
-                final_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4), train_seconds=round(train_seconds, 1))
-
-
-# -----------------------------------------------------------------------------
-# build: python toy.py [--stages data,backbones,pairs,refiner]
-
-STAGES = ("data", "backbones", "measure", "pairs", "refiner")  # measure: re-measure saved backbones
-
-
-def build_toy_data(config, out, log=print):
-    """The procedural data set as a parquet file (PNG bytes + caption + attributes), for reference:
-    the backbone stage regenerates the same images from the seed."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    images, captions, attributes = toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
-    rows = []
-    for pil, caption, attrs in zip(common.to_pil(images), captions, attributes):
-        buffer = io.BytesIO()
-        pil.save(buffer, format="PNG")
-        rows.append(dict(image=buffer.getvalue(), caption=caption, **attrs))
-    out.mkdir(parents=True, exist_ok=True)
-    pq.write_table(pa.Table.from_pylist(rows), out / "data.parquet")
-    log(f"data: {len(rows)} images of {config.image_size} px -> {out / 'data.parquet'}")
-    partial = common.TOY_PROMPT_KINDS["partial"]
-    return dict(images=len(rows), partial_captions=sum(partial(common.parse_toy_prompt(c)) for c in captions))
-
-
-def main(args=None):
-    config = common.parse_config(ToyConfig, args)
-    stages = common.parse_list(config.stages, "--stages", STAGES)
-    if config.images_per_prompt < 2:
-        raise common.UserError(f"--images_per_prompt must be >= 2 (a pair needs two images), got {config.images_per_prompt}")
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    common.seed_everything(config.seed)
-    out = Path(config.out)
-    out.mkdir(parents=True, exist_ok=True)
-    metrics_path = out / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    builders = dict(data=build_toy_data, backbones=build_toy_backbones, measure=measure_toy_backbones, pairs=build_toy_pairs,
-                    refiner=lambda config, out, log: build_toy_refiner(config, out, log=log, train_steps=config.refiner_steps))
-    for stage in STAGES:
-        if stage not in stages:
-            continue
-        start = time.time()
-        print(f"== {stage}", flush=True)
-        result = builders[stage](config, out, log=lambda line: print(line, flush=True))
-        seconds = round(time.time() - start, 1)
-        metrics[stage] = dict(result or {}, seconds=seconds)
-        print(f"== {stage} done in {seconds}s", flush=True)
-        metrics_path.write_text(json.dumps(metrics, indent=1) + "\n")  # after each stage: a partial build keeps its numbers
-    print(json.dumps(metrics, indent=1))
-
-
-if __name__ == "__main__":
-    common.run_cli(main)

@@ -37,17 +37,17 @@ share one terminal reward (no per-step credit assignment); the held-out monitor 
 
 import json
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 import common
+import refiners
+import rewards
 
 # -----------------------------------------------------------------------------
 # config
@@ -59,7 +59,7 @@ class Config:
     refiner: str = field(default="qwen2.5-vl-3b", metadata={"help": "base refiner (MLLM): alias (qwen2.5-vl-3b, toy-refiner), hub id or folder"})
     reward: str = field(default="imagereward", metadata={"help": "training reward: a name or a weighted sum, e.g. imagereward:1,length:0.1"})
     monitor_rewards: str = field(default="", metadata={"help": "other rewards scored on held-out prompts (comma-separated names), so reward hacking shows as a divergence"})
-    prompts: str = field(default="pickapic", metadata={"help": "training prompts: toy (toy-partial, toy-open, toy-full), a text file, a parquet file/folder (Pick-a-Pic schema) or a hub id"})
+    prompts: str = field(default="", metadata={"help": "training prompts: toy (toy-partial, toy-open, toy-full), a text file, a parquet file/folder (Pick-a-Pic schema) or a hub id; empty = the backbone's own (toy for a toy backbone, else pickapic)"})
     heldout_prompts: str = field(default="", metadata={"help": "held-out prompts (same kinds); empty = the 'test' split of --prompts (for a text file: prompts held out of it)"})
     max_prompts: int = field(default=0, metadata={"help": "use at most this many training prompts (0 = all)"})
     steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch + its update each)"})
@@ -76,7 +76,7 @@ class Config:
     max_new_tokens: int = field(default=64, metadata={"help": "longest refiner answer in tokens"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
-    lora_targets: str = field(default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj", metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
+    lora_targets: str = field(default=",".join(refiners.LORA_TARGETS), metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
     clip_epsilon: float = field(default=0.2, metadata={"help": "eps of the clipped surrogate: rho is clipped to [1-eps, 1+eps]"})
     kl_coef: float = field(default=0.04, metadata={"help": "beta: weight of the k3 KL to the adapter-disabled base"})
@@ -100,10 +100,9 @@ RESUMABLE_CHANGES = {"steps", "resume", "monitor_every", "save_every", "device",
 
 
 def check_config(config):
-    positive = ["steps", "prompts_per_step", "group_size", "inner_epochs", "minibatches", "max_new_tokens", "lora_rank", "save_every", "monitor_prompts"]
-    for name in positive:
-        if getattr(config, name) < 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    common.require(config, positive=("steps", "prompts_per_step", "group_size", "inner_epochs", "minibatches", "max_new_tokens",
+                                     "lora_rank", "lora_alpha", "save_every", "monitor_prompts", "max_grad_norm", "advantage_eps"),
+                   non_negative=("monitor_every", "max_prompts", "sampling_steps", "size"))
     if config.group_size < 2:
         raise common.UserError("--group-size must be >= 2: GRPO compares trajectories within a group")
     if (config.prompts_per_step * config.group_size) % config.minibatches:
@@ -114,10 +113,9 @@ def check_config(config):
         raise common.UserError("--temperature must be > 0 (GRPO needs a stochastic policy)")
     if not 0 < config.clip_epsilon < 1 or config.kl_coef < 0 or config.learning_rate <= 0:
         raise common.UserError("need 0 < clip-epsilon < 1, kl-coef >= 0, learning-rate > 0")
+    common.parse_list(config.lora_targets, "--lora-targets")  # a malformed list fails before the slow loads
     if config.gradient_checkpointing not in ("auto", "on", "off"):
         raise common.UserError(f"--gradient-checkpointing must be auto, on or off, got '{config.gradient_checkpointing}'")
-    if config.monitor_every < 0 or config.max_prompts < 0:
-        raise common.UserError("--monitor-every and --max-prompts must be >= 0")
 
 
 # -----------------------------------------------------------------------------
@@ -184,112 +182,6 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_epsil
 # helpers: batching the refiner's inputs, LoRA, distributed
 
 
-def select_rows(inputs, rows):
-    """Rows of a batched Qwen2.5-VL processor output (on CPU), for a minibatch.
-
-    pixel_values hold every image's patches concatenated, (sum_i t_i*h_i*w_i, D), so they are cut
-    with image_grid_thw; the other tensors are (B, ...). Columns that are left padding in every
-    selected row are dropped (the rope positions come from the attention mask, so they do not
-    change)."""
-    rows = torch.as_tensor(rows)
-    out = {}
-    for key, value in inputs.items():
-        if key == "pixel_values" and "image_grid_thw" in inputs:
-            counts = inputs["image_grid_thw"].prod(-1)  # (B,) patches per image
-            starts = torch.cumsum(counts, 0) - counts
-            out[key] = torch.cat([value[starts[r]: starts[r] + counts[r]] for r in rows.tolist()])
-        else:
-            out[key] = value[rows]
-    first = int(out["attention_mask"].any(0).float().argmax())  # first column not all padding
-    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
-        if key in out:
-            out[key] = out[key][:, first:]
-    return out
-
-
-def add_lora(refiner, config):
-    """Wrap the refiner's model in a peft LoRA on the language model's linear layers only."""
-    names = common.parse_list(config.lora_targets, "--lora-targets")
-    # a regex, so that the vision tower's layers of the same name (mlp.gate_proj, ...) stay frozen
-    target = rf".*language_model.*\.({'|'.join(names)})"
-    lora = LoraConfig(r=config.lora_rank, lora_alpha=config.lora_alpha, lora_dropout=0.0, target_modules=target)
-    try:
-        model = get_peft_model(refiner.model, lora)
-    except ValueError as e:
-        raise common.UserError(f"LoRA targets '{config.lora_targets}' not found in the refiner's language model: {e}") from e
-    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert trainable and all("language_model" in n and "lora_" in n for n in trainable), trainable[:4]
-    refiner.model = model
-    return [p for p in model.parameters() if p.requires_grad]
-
-
-def base_model_name(name):
-    """What adapter_config.json records as the base: the alias (resolved by common.REFINERS on
-    load, wherever the toy world lives), an absolute folder, or the hub id."""
-    if name in common.REFINERS:
-        return name
-    return str(Path(name).resolve()) if Path(name).is_dir() else name
-
-
-def save_adapter(model, out, base_name):
-    """PEFT adapter folder in `out` (adapter_config.json + adapter_model.safetensors), each file
-    written to a temp folder first and moved in with an atomic rename."""
-    model.peft_config["default"].base_model_name_or_path = base_name
-    with tempfile.TemporaryDirectory(dir=out) as tmp:
-        model.save_pretrained(tmp)
-        for f in Path(tmp).iterdir():
-            os.replace(f, Path(out) / f.name)
-
-
-def all_reduce_gradients(params, world_size):
-    """Average the LoRA gradients over ranks (what DDP does; done by hand because the same model
-    also runs generate() and peft's disable_adapter(), which DDP's forward wrapper does not cover)."""
-    if world_size == 1:
-        return
-    import torch.distributed as dist
-
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
-        p.grad /= world_size
-
-
-def all_sum(value, world_size, device):
-    """Sum of a float over ranks (token counts, reward sums)."""
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=device)
-    if world_size > 1:
-        import torch.distributed as dist
-
-        dist.all_reduce(tensor)
-    return tensor.item()
-
-
-def all_gather_rewards(rewards, world_size, device):
-    """(B*G,) on each rank -> (world*B*G,) everywhere (for logging mean/std over all ranks)."""
-    if world_size == 1:
-        return rewards
-    import torch.distributed as dist
-
-    gathered = [torch.zeros_like(rewards, device=device) for _ in range(world_size)]
-    dist.all_gather(gathered, rewards.to(device))
-    return torch.cat(gathered).cpu()
-
-
-def rank_divergence(params, world_size, device):
-    """Largest |w_rank - w_rank0| over all LoRA weights and ranks: 0.0 when ranks are in sync."""
-    if world_size == 1:
-        return 0.0
-    import torch.distributed as dist
-
-    flat = torch.cat([p.detach().float().flatten() for p in params]).to(device)
-    reference = flat.clone()
-    dist.broadcast(reference, 0)
-    gap = (flat - reference).abs().max()
-    dist.all_reduce(gap, op=dist.ReduceOp.MAX)
-    return gap.item()
-
-
 def step_seed(seed, step, rank):
     """Each (step, rank) has its own seed, so a resumed run replays exactly what it would have done."""
     return (seed * 1_000_003 + step * 1009 + rank) % (2**31)
@@ -297,9 +189,7 @@ def step_seed(seed, step, rank):
 
 def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
     """Unit Gaussian initial latents (B*G, C, h, w); with `shared` a group repeats one draw."""
-    pipe = backbone.pipe
-    side = size or backbone.spec.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    shape = (pipe.unet.config.in_channels, side // pipe.vae_scale_factor, side // pipe.vae_scale_factor)
+    shape = common.latent_shape(backbone, size or None)
     if shared:
         return torch.randn((num_prompts, *shape), generator=generator).repeat_interleave(group_size, 0)
     return torch.randn((num_prompts * group_size, *shape), generator=generator)
@@ -309,10 +199,8 @@ def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
 # rollout, log-probs, update
 
 
-def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
-    """B prompts -> B*G refined trajectories in one batched refined_sample call."""
-    rows = [p for p in prompts for _ in range(config.group_size)]  # (B*G,) group members adjacent
-    latents = initial_noise(backbone, len(prompts), config.group_size, config.shared_noise, generator, config.size)
+def sample(backbone, refiner, rows, latents, generator, config, preview_decoder):
+    """refined_sample with the run's sampling settings: the rollouts and the held-out monitor."""
     return common.refined_sample(
         backbone, rows, refiner, refine_steps=config.refine_steps, num_steps=config.sampling_steps or None,
         guidance=None if config.guidance < 0 else config.guidance, generator=generator, latents=latents,
@@ -320,14 +208,11 @@ def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
     )
 
 
-def score(reward, sample):
-    """Terminal reward of each trajectory: (B*G,) float32 (NaN where the reward is not finite).
-
-    answers[k][b]: the raw answer of refinement k (None for an unrefined sample)."""
-    return reward(
-        sample.images, sample.prompts[0], refined_prompts=sample.final_prompts,
-        answers=[out.answers for out in sample.refiner_outputs] or None, latents=sample.latents,
-    ).float()
+def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
+    """B prompts -> B*G refined trajectories in one batched refined_sample call."""
+    rows = [p for p in prompts for _ in range(config.group_size)]  # (B*G,) group members adjacent
+    latents = initial_noise(backbone, len(prompts), config.group_size, config.shared_noise, generator, config.size)
+    return sample(backbone, refiner, rows, latents, generator, config, preview_decoder)
 
 
 @torch.no_grad()
@@ -343,7 +228,7 @@ def old_and_reference_logprobs(refiner, outputs, chunk):
         old_k, ref_k = [], []
         for start in range(0, len(rows), chunk):
             idx = list(rows[start: start + chunk])
-            args = (select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
+            args = (refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
             old_k.append(refiner.token_logprobs(*args).float().cpu())
             with refiner.model.disable_adapter():
                 ref_k.append(refiner.token_logprobs(*args).float().cpu())
@@ -363,11 +248,11 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
         for mb in range(config.minibatches):
             idx = order[mb * size: (mb + 1) * size].tolist()
             masks = [out.completion_mask[idx] * valid[idx].unsqueeze(1) for out in outputs]  # (n_mb, T_k)
-            num_tokens = max(1.0, all_sum(sum(m.sum().item() for m in masks), dist_info.world_size, dist_info.device))
+            num_tokens = max(1.0, common.all_sum(sum(m.sum().item() for m in masks), dist_info))
             optimizer.zero_grad(set_to_none=True)
             total, kls, clips = 0.0, [], []
             for k, out in enumerate(outputs):
-                logprobs = refiner.token_logprobs(select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
+                logprobs = refiner.token_logprobs(refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
                 loss, s = grpo_loss(
                     logprobs.float(), old[k][idx].to(logprobs.device), ref[k][idx].to(logprobs.device),
                     advantages[idx].to(logprobs.device), masks[k].to(logprobs.device), config.clip_epsilon,
@@ -377,7 +262,7 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
                 total += loss.item()
                 kls.append(s["kl"])
                 clips.append(s["clip_fraction"])
-            all_reduce_gradients(params, dist_info.world_size)
+            common.all_reduce_gradients(params, dist_info)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if not torch.isfinite(grad_norm):  # NaN/inf loss or gradient on any rank: never applied
                 stats["skipped"] += 1
@@ -399,16 +284,11 @@ def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder,
     generator = torch.Generator().manual_seed(config.seed + 12345)
     torch.manual_seed(config.seed + 12345)  # the refiner samples with the global generator
     latents = initial_noise(backbone, len(prompts), 1, False, generator, config.size)
-    sample = common.refined_sample(
-        backbone, prompts, refiner if refined else None, refine_steps=config.refine_steps,
-        num_steps=config.sampling_steps or None, guidance=None if config.guidance < 0 else config.guidance,
-        generator=generator, latents=latents, preview_decoder=preview_decoder, blank_preview=config.blank_preview,
-        size=config.size or None,
-    )
+    samples = sample(backbone, refiner if refined else None, prompts, latents, generator, config, preview_decoder)
     try:
-        result = {"reward": nanmean(score(reward, sample))}
+        result = {"reward": nanmean(samples.score(reward))}
         if others is not None:
-            score(others, sample)
+            samples.score(others)
             result.update(others.term_means())
     except common.UserError:  # e.g. `structure` scores answers: an unrefined sample has none
         if refined:
@@ -427,30 +307,25 @@ def nanmean(x):
 
 
 def load_prompt_sets(config):
-    train = common.load_prompts(config.prompts, "train", config.max_prompts or None, config.seed)
+    """(train, held-out) prompts; --prompts defaults to the backbone's own prompts: the toy grammar
+    for a toy backbone (offline), Pick-a-Pic v2's captions otherwise."""
+    source = config.prompts or ("toy" if config.backbone.startswith("toy") else "pickapic")
+    train = common.load_prompts(source, "train", config.max_prompts or None, config.seed)
     if config.heldout_prompts:
         heldout = common.load_prompts(config.heldout_prompts, "test", config.monitor_prompts, config.seed)
     else:
-        heldout = common.load_prompts(config.prompts, "test", config.monitor_prompts, config.seed)
+        heldout = common.load_prompts(source, "test", config.monitor_prompts, config.seed)
         if set(heldout) & set(train):  # a source without splits (a text file): hold prompts out of it
             rng = random.Random(config.seed)
             heldout = rng.sample(train, min(config.monitor_prompts, len(train) // 5))
             train = [p for p in train if p not in set(heldout)]
             if not heldout or not train:
-                raise common.UserError(f"too few prompts in '{config.prompts}' to hold some out: give --heldout-prompts")
+                raise common.UserError(f"too few prompts in '{source}' to hold some out: give --heldout-prompts")
     return train, heldout
 
 
-def log_step(line):
-    """Step of a log.jsonl line; a line cut off by a kill counts as after any checkpoint."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError):
-        return math.inf
-
-
 def train(config, reward=None, monitor_reward=None):
-    """The training run; `reward` / `monitor_reward` (callables like common.Reward) override the
+    """The training run; `reward` / `monitor_reward` (callables like rewards.Reward) override the
     registry specs -- the tests use that to train on rewards they define."""
     check_config(config)
     dist_info = common.setup_distributed(config.device)
@@ -459,40 +334,35 @@ def train(config, reward=None, monitor_reward=None):
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
+    state = common.resume_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES) if config.resume else None
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
-    reward = reward or common.build_reward(config.reward, device, dtype)
-    others = monitor_reward or (common.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
+    reward = reward or rewards.build_reward(config.reward, device, dtype)
+    others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
     train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype)
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
-    base = common.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
+    base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
                                max_new_tokens=config.max_new_tokens)
     if isinstance(base.model, PeftModel):
         raise common.UserError(f"--refiner '{config.refiner}' is an adapter folder: start from a base refiner (use --resume to continue a run)")
     use_checkpointing = config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and device.type == "cuda")
     if use_checkpointing:
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = add_lora(base, config)
+    params = refiners.add_lora(base, config.lora_rank, config.lora_alpha, common.parse_list(config.lora_targets, "--lora-targets"))
     refiner = base
     preview_decoder = None if config.blank_preview else common.PreviewDecoder(config.preview_decoder, backbone)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
     start_step = 0
-    if config.resume and checkpoint_path.is_file():
-        state = common.load_checkpoint(checkpoint_path)
-        changed = {k for k, v in state["config"].items() if k not in RESUMABLE_CHANGES and getattr(config, k, None) != v}
-        if changed:
-            raise common.UserError(f"--resume with a different config ({', '.join(sorted(changed))}) than {checkpoint_path}")
+    if state is not None:
         set_peft_model_state_dict(refiner.model, state["lora"])
         optimizer.load_state_dict(state["optimizer"])
         start_step = state["step"]
         log(f"resumed from {checkpoint_path} at step {start_step}")
-    elif config.resume:
-        log(f"--resume: no checkpoint in {out_dir}, starting from scratch")
     elif dist_info.world_size > 1:
         import torch.distributed as dist
 
@@ -500,8 +370,7 @@ def train(config, reward=None, monitor_reward=None):
             dist.broadcast(p.data, 0)
     log_path = out_dir / "log.jsonl"
     if dist_info.is_main:  # keep only the log lines the checkpoint covers (a killed run may have more)
-        lines = log_path.read_text().splitlines() if log_path.exists() and start_step > 0 else []
-        log_path.write_text("".join(line + "\n" for line in lines if log_step(line) <= start_step))
+        common.trim_log(log_path, start_step)
     log(f"train prompts {len(train_prompts)} | held-out {len(heldout_prompts)} | trainable LoRA parameters "
         f"{sum(p.numel() for p in params):,} | world {dist_info.world_size} | device {device} {dtype}")
 
@@ -534,30 +403,30 @@ def train(config, reward=None, monitor_reward=None):
         # each rank draws its own B prompts
         prompts = random.Random(seed).choices(train_prompts, k=config.prompts_per_step)
         refiner.model.eval()
-        sample = rollout(backbone, refiner, prompts, config, preview_decoder, generator)
-        rewards = score(reward, sample)  # (B*G,)
-        valid = torch.isfinite(rewards)
-        advantages, zero_variance = group_advantages(rewards, config.group_size, config.advantage_eps)
-        outputs = sample.refiner_outputs
+        trajectories = rollout(backbone, refiner, prompts, config, preview_decoder, generator)
+        scores = trajectories.score(reward)  # (B*G,) terminal rewards
+        valid = torch.isfinite(scores)
+        advantages, zero_variance = group_advantages(scores, config.group_size, config.advantage_eps)
+        outputs = trajectories.refiner_outputs
         chunk = (config.prompts_per_step * config.group_size) // config.minibatches
         old, ref = old_and_reference_logprobs(refiner, outputs, chunk)
         logprob_gap = max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old))
         stats = update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator)
 
-        all_rewards = all_gather_rewards(rewards, dist_info.world_size, device)
+        all_rewards = common.all_gather(scores, dist_info)
         finite = all_rewards[torch.isfinite(all_rewards)]
         record = dict(
             step=step,
             reward_mean=finite.mean().item() if len(finite) else math.nan,
             reward_std=finite.std().item() if len(finite) > 1 else math.nan,
-            nonfinite_rewards=int(all_sum((~valid).sum().item(), dist_info.world_size, device)),
-            zero_variance_groups=int(all_sum(zero_variance.sum().item(), dist_info.world_size, device)),
+            nonfinite_rewards=int(common.all_sum((~valid).sum().item(), dist_info)),
+            zero_variance_groups=int(common.all_sum(zero_variance.sum().item(), dist_info)),
             groups=config.prompts_per_step * dist_info.world_size,
-            fallback_rate=all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info.world_size, device) / dist_info.world_size,
+            fallback_rate=common.all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info) / dist_info.world_size,
             logprob_gap=logprob_gap,
             **stats,
             seconds=time.time() - t0,
-            example=[sample.prompts[0][0], sample.final_prompts[0]],  # user prompt -> final prompt
+            example=[trajectories.prompts[0][0], trajectories.final_prompts[0]],  # user prompt -> final prompt
         )
         if hasattr(reward, "term_means") and len(getattr(reward, "terms", [])) > 1:
             record["reward_terms"] = reward.term_means()
@@ -570,9 +439,9 @@ def train(config, reward=None, monitor_reward=None):
         if config.monitor_every and step % config.monitor_every == 0 and step < config.steps:
             heldout(step)
         if step % config.save_every == 0 or step == config.steps:
-            divergence = rank_divergence(params, dist_info.world_size, device)
+            divergence = common.rank_divergence(params, dist_info)
             if dist_info.is_main:
-                save_adapter(refiner.model, out_dir, base_model_name(config.refiner))
+                refiners.save_adapter(refiner.model, out_dir, refiners.base_model_name(config.refiner))
                 common.save_checkpoint(checkpoint_path, dict(
                     lora=get_peft_model_state_dict(refiner.model), optimizer=optimizer.state_dict(),
                     step=step, config=asdict(config), rng=torch.get_rng_state(),

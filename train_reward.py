@@ -6,7 +6,7 @@ train_reward.py: fit the diffusion-native latent reward model (LRM) on preferenc
         --val-split validation_unique --out runs/lrm-sd15                                        # Pick-a-Pic v2
     torchrun --nproc_per_node=8 train_reward.py ...                                             # DDP (nccl; gloo on CPU)
 
-The model (common.LatentRewardModel, after LPO and DiNa-LRM) scores a *noisy latent* x_t with the
+The model (lrm.LatentRewardModel, after LPO and DiNa-LRM) scores a *noisy latent* x_t with the
 backbone's own UNet features (down blocks + mid block, pooled), a timestep embedding and a small
 head. Training, for each batch of pairs (w, l, y = P(w preferred)):
 
@@ -18,7 +18,7 @@ head. Training, for each batch of pairs (w, l, y = P(w preferred)):
 The VAE latents of the data are encoded once and cached on disk (--cache-dir). Validation reports
 accuracy and calibration error (ECE) per noise bucket t in [0,200), [200,400), ... and the accuracy
 of noise-ensembled vs single-draw scores of the clean latents; all in metrics.json.
-Output: OUT/model.safetensors + OUT/lrm_config.json (common.load_lrm, the reward `lrm:OUT`),
+Output: OUT/model.safetensors + OUT/lrm_config.json (lrm.load_lrm, the reward `lrm:OUT`),
 OUT/ckpt.pt (resume), OUT/log.jsonl, OUT/metrics.json.
 
 Simplifications on purpose: pairs are drawn from latents held in memory (fine up to ~10^6 pairs at
@@ -35,9 +35,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
 
 import common
+import lrm
 
 # -----------------------------------------------------------------------------
 # config
@@ -70,7 +70,7 @@ class Config:
     max_val_pairs: int = field(default=1000, metadata={"help": "use at most this many validation pairs"})
     cache_latents: bool = field(default=True, metadata={"help": "encode the images with the VAE once and cache them on disk; false = encode every step"})
     cache_dir: str | None = field(default=None, metadata={"help": "latent cache folder (default OUT/latent_cache)"})
-    eval_every: int = field(default=200, metadata={"help": "validate every N steps (and at the end)"})
+    eval_every: int = field(default=200, metadata={"help": "validate every N steps and at the end (0 = only at the end)"})
     save_every: int = field(default=100, metadata={"help": "checkpoint every N steps (and at the end)"})
     ensemble_draws: int = field(default=8, metadata={"help": "noise ensembling: (t, eps) draws averaged per clean latent"})
     val_draws: int = field(default=1, metadata={"help": "noise draws (t, eps) per validation pair and noise bucket; more give steadier accuracy and ECE"})
@@ -85,14 +85,15 @@ RESUME_MAY_CHANGE = {"resume", "steps", "eval_every", "save_every", "threads", "
 
 
 def check_config(cfg):
-    if cfg.loss not in common.PREFERENCE_LOSSES:
-        raise common.UserError(f"unknown --loss '{cfg.loss}': use one of {', '.join(common.PREFERENCE_LOSSES)}")
+    if cfg.loss not in lrm.PREFERENCE_LOSSES:
+        raise common.UserError(f"unknown --loss '{cfg.loss}': use one of {', '.join(lrm.PREFERENCE_LOSSES)}")
     if cfg.variance not in ("fixed", "learned"):
         raise common.UserError(f"unknown --variance '{cfg.variance}': use fixed or learned")
     if cfg.variance == "learned" and cfg.loss == "bradley-terry":
         raise common.UserError("--variance learned needs a Thurstone loss (Bradley-Terry has no v(t))")
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.lr <= 0 or cfg.v0 <= 0 or cfg.kappa < 0:
-        raise common.UserError("--steps, --batch-size, --lr and --v0 must be positive, --kappa >= 0")
+    common.require(cfg, positive=("steps", "batch_size", "lr", "v0", "grad_clip", "hidden", "save_every", "max_pairs",
+                                  "max_val_pairs", "resolution"),
+                   non_negative=("kappa", "weight_decay", "warmup_steps", "vfe_scale", "lora_rank", "eval_every", "threads"))
     if cfg.variance == "learned" and cfg.kappa == 0:
         raise common.UserError("--variance learned needs --kappa > 0 (it is learned in log space)")
     if not 0 < cfg.ensemble_t_max <= 1000 or cfg.ensemble_draws < 1 or cfg.val_draws < 1:
@@ -103,35 +104,9 @@ def check_config(cfg):
 # data: preference pairs -> VAE latents, cached on disk
 
 
-def read_pairs(source, split, resolution, max_pairs, keep_row=None):
-    """Decode pairs into uint8 pixel tensors: dict(pixels_0, pixels_1 (N, 3, S, S), labels (N,), captions, counts)."""
-    counts, pixels_0, pixels_1, labels, captions = {}, [], [], [], []
-    for pair in tqdm(common.iter_preference_pairs(source, split, counts), desc=f"read {split}", leave=False):
-        if keep_row is not None and not keep_row(pair["index"]):
-            continue
-        # keep uint8 in memory: 4x smaller than float
-        pixels_0.append(((common.image_to_tensor(pair["image_0"], resolution) + 1) * 127.5).round().to(torch.uint8))
-        pixels_1.append(((common.image_to_tensor(pair["image_1"], resolution) + 1) * 127.5).round().to(torch.uint8))
-        labels.append(pair["label_0"])
-        captions.append(pair["caption"])
-        if max_pairs is not None and len(labels) >= max_pairs:
-            break
-    if not labels:
-        raise common.UserError(f"no usable preference pairs in '{source}' (split '{split}'): {counts}")
-    return dict(pixels_0=torch.stack(pixels_0), pixels_1=torch.stack(pixels_1), labels=torch.tensor(labels), captions=captions, counts=counts)
-
-
-def encode_pixels(vae, pixels, batch_size=32):
-    """uint8 (N, 3, S, S) -> latents (N, C, S/f, S/f) on CPU, float32."""
-    out = []
-    for i in range(0, len(pixels), batch_size):
-        out.append(common.encode_latents(vae, pixels[i : i + batch_size].float() / 127.5 - 1).float().cpu())
-    return torch.cat(out).contiguous()
-
-
 def cache_path(cfg, backbone, source, split, resolution, max_pairs, holdout):
     """One cache file per (data, split, backbone, resolution, subset): a changed input is a new file."""
-    files = common.preference_data_files(source, split) or [source]
+    files = lrm.preference_data_files(source, split) or [source]
     stamp = [(f, Path(f).stat().st_mtime_ns if Path(f).exists() else 0) for f in files]
     key = json.dumps([stamp, split, backbone.spec.source, resolution, max_pairs, holdout])
     folder = Path(cfg.cache_dir or Path(cfg.out) / "latent_cache")
@@ -146,20 +121,20 @@ def load_split(cfg, backbone, dist, source, split, resolution, max_pairs, holdou
 
     keep_row = None if holdout is None else (lambda i: (i % 10 == 0) == (holdout == "val"))
     if not cfg.cache_latents:
-        return read_pairs(source, split, resolution, max_pairs, keep_row)
+        return lrm.read_pairs(source, split, resolution, max_pairs, keep_row)
     path = cache_path(cfg, backbone, source, split, resolution, max_pairs, holdout)
     if dist.is_main and not path.is_file():
-        pairs = read_pairs(source, split, resolution, max_pairs, keep_row)
+        pairs = lrm.read_pairs(source, split, resolution, max_pairs, keep_row)
         t0 = time.time()
-        latents_0 = encode_pixels(backbone.pipe.vae, pairs["pixels_0"])
-        latents_1 = encode_pixels(backbone.pipe.vae, pairs["pixels_1"])
+        latents_0 = lrm.encode_latents(backbone.pipe.vae, pairs["pixels_0"])
+        latents_1 = lrm.encode_latents(backbone.pipe.vae, pairs["pixels_1"])
         print(f"encoded {len(pairs['labels'])} {split} pairs in {time.time() - t0:.1f}s -> {path}")
         path.parent.mkdir(parents=True, exist_ok=True)
         metadata = {"captions": json.dumps(pairs["captions"]), "counts": json.dumps(pairs["counts"])}
         tmp = Path(f"{path}.{os.getpid()}.tmp")  # one per process: two runs may share a cache folder
         save_file({"latents_0": latents_0, "latents_1": latents_1, "labels": pairs["labels"]}, str(tmp), metadata=metadata)
         tmp.replace(path)  # atomic: a killed encode leaves no half-written cache
-    barrier(dist)
+    common.barrier(dist)
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -172,15 +147,8 @@ def pair_latents(model, data, indices):
     """Clean latents (B, C, h, w) of both sides of the pairs at `indices`; encodes now when not cached."""
     if "latents_0" in data:
         return data["latents_0"][indices], data["latents_1"][indices]
-    vae = model.backbone.pipe.vae
     both = torch.cat([data["pixels_0"][indices], data["pixels_1"][indices]])
-    latents = common.encode_latents(vae, both.float() / 127.5 - 1).float().cpu()
-    return latents.chunk(2)
-
-
-def barrier(dist):
-    if dist.world_size > 1:
-        torch.distributed.barrier()
+    return lrm.encode_latents(model.backbone.pipe.vae, both, batch_size=len(both)).chunk(2)
 
 
 # -----------------------------------------------------------------------------
@@ -219,7 +187,7 @@ def pair_rewards(model, latents_0, latents_1, noise, t, captions, device):
     raw = model.module if hasattr(model, "module") else model
     latents_0, latents_1, noise, t = latents_0.to(device), latents_1.to(device), noise.to(device), t.to(device)
     alpha_bar = raw.alphas_cumprod[t]
-    x_t = torch.cat([common.noisy_latents(latents_0, noise, alpha_bar), common.noisy_latents(latents_1, noise, alpha_bar)])
+    x_t = torch.cat([lrm.noisy_latents(latents_0, noise, alpha_bar), lrm.noisy_latents(latents_1, noise, alpha_bar)])
     cond = raw.text_conditioning(captions + captions)
     rewards = model(x_t, torch.cat([t, t]), cond)
     return rewards.chunk(2)
@@ -232,16 +200,16 @@ def evaluate(model, data, cfg, device, batch_size=64):
     model.eval()
     labels = data["labels"]
     generator = torch.Generator().manual_seed(1234)  # the same validation noise at every evaluation
-    rewards = common.lrm_validation_rewards(model, lambda idx: pair_latents(model, data, idx), data["captions"], generator,
+    rewards = lrm.lrm_validation_rewards(model, lambda idx: pair_latents(model, data, idx), data["captions"], generator,
                                             batch_size, device, bucket_draws=cfg.val_draws)
     result = {"pairs": len(labels), "ties": int((labels == 0.5).sum()), "val_draws": cfg.val_draws, "buckets": {}}
     repeated = labels.repeat(cfg.val_draws)
     for (lo, hi), (r_0, r_1, t) in rewards["buckets"].items():
         variance = model.variance(t.to(device)).cpu()
-        p = common.preference_probability(cfg.loss, r_0, r_1, variance)
-        result["buckets"][f"{lo}-{hi}"] = dict(accuracy=common.pairwise_accuracy(p, repeated), ece=common.expected_calibration_error(p, repeated),
-                                               loss=common.preference_loss(cfg.loss, r_0, r_1, variance, repeated).item())
-    single, ensemble = common.ensemble_accuracies(*rewards["draws"], labels)
+        p = lrm.preference_probability(cfg.loss, r_0, r_1, variance)
+        result["buckets"][f"{lo}-{hi}"] = dict(accuracy=lrm.pairwise_accuracy(p, repeated), ece=lrm.expected_calibration_error(p, repeated),
+                                               loss=lrm.preference_loss(cfg.loss, r_0, r_1, variance, repeated).item())
+    single, ensemble = lrm.ensemble_accuracies(*rewards["draws"], labels)
     result.update(single_accuracy=single, ensemble_accuracy=ensemble, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max)
     model.train()
     return result
@@ -269,41 +237,35 @@ def main():
     device, dtype = dist.device, common.pick_dtype(cfg.dtype, dist.device)
     ckpt_path = out / "ckpt.pt"
     out.mkdir(parents=True, exist_ok=True)
-    if cfg.resume and not ckpt_path.is_file():
-        raise common.UserError(f"--resume: no checkpoint at {ckpt_path}")
+    state = common.resume_checkpoint(ckpt_path, cfg, RESUME_MAY_CHANGE) if cfg.resume else None
 
     # --- backbone, data
     backbone = common.load_backbone(cfg.backbone, device, dtype)
-    resolution = cfg.resolution or backbone.spec.size or backbone.pipe.unet.config.sample_size * backbone.pipe.vae_scale_factor
+    resolution = common.image_side(backbone, cfg.resolution)
     val_source = cfg.val_data or cfg.data
     same_file = Path(cfg.data).is_file() and Path(val_source).is_file() and Path(cfg.data).resolve() == Path(val_source).resolve()
     train = load_split(cfg, backbone, dist, cfg.data, cfg.train_split, resolution, cfg.max_pairs, "train" if same_file else None)
     val = load_split(cfg, backbone, dist, val_source, cfg.val_split, resolution, cfg.max_val_pairs, "val" if same_file else None)
     num_pairs = len(train["labels"])
-    latent_shape = tuple(train["latents_0"].shape[1:]) if "latents_0" in train else (
-        backbone.pipe.vae.config.latent_channels, resolution // backbone.pipe.vae_scale_factor, resolution // backbone.pipe.vae_scale_factor)
+    latent_shape = common.latent_shape(backbone, resolution)
     if dist.is_main:
         print(f"train pairs {num_pairs} (rows {train['counts']}) | val pairs {len(val['labels'])} (rows {val['counts']})")
 
     # --- model, optimizer
     backbone_name = cfg.backbone if cfg.backbone in common.BACKBONES else str(Path(cfg.backbone).resolve()) if Path(cfg.backbone).exists() else cfg.backbone
-    lrm_config = common.LRMConfig(
+    lrm_config = lrm.LRMConfig(
         backbone=backbone_name, hidden=cfg.hidden, vfe_scale=cfg.vfe_scale, lora_rank=cfg.lora_rank, variance=cfg.variance,
         v0=cfg.v0, kappa=cfg.kappa, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max,
     )
-    model = common.LatentRewardModel(backbone, lrm_config).train()
+    model = lrm.LatentRewardModel(backbone, lrm_config).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     start_step, history = 0, []
-    if cfg.resume:
-        ckpt = common.load_checkpoint(ckpt_path)
-        changed = sorted(k for k, v in asdict(cfg).items() if ckpt["config"].get(k) != v and k not in RESUME_MAY_CHANGE)
-        if changed:
-            raise common.UserError(f"--resume: {ckpt_path} was written with different {', '.join(changed)}")
-        model.load_trainable_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        torch.set_rng_state(ckpt["rng"])
-        start_step, history = ckpt["step"], ckpt["eval_history"]
+    if state is not None:
+        model.load_trainable_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"])
+        start_step, history = state["step"], state["eval_history"]
         if dist.is_main:
             print(f"resumed from {ckpt_path} at step {start_step}")
     ddp_model = model
@@ -318,16 +280,14 @@ def main():
                 model=model.trainable_state_dict(), optimizer=optimizer.state_dict(), step=step,
                 rng=torch.get_rng_state(), config=asdict(cfg), eval_history=history,
             ))
-        barrier(dist)
+        common.barrier(dist)
 
     # --- training loop
     local = cfg.batch_size // dist.world_size
     log = None
     if dist.is_main:
-        # on resume, drop the log lines of steps after the checkpoint (they are redone)
-        old = (out / "log.jsonl").read_text().splitlines() if cfg.resume and (out / "log.jsonl").is_file() else []
-        log = open(out / "log.jsonl", "w")
-        log.writelines(line + "\n" for line in old if json.loads(line)["step"] <= start_step)
+        common.trim_log(out / "log.jsonl", start_step)  # on resume the steps after the checkpoint are redone
+        log = open(out / "log.jsonl", "a")
     skipped_steps, step_times = 0, []
     for step in range(start_step, cfg.steps):
         t0 = time.time()
@@ -343,7 +303,7 @@ def main():
         targets = train["labels"][indices].to(device)
         r_0, r_1 = pair_rewards(ddp_model, latents_0, latents_1, noise, t, captions, device)
         variance = model.variance(t.to(device))
-        loss = common.preference_loss(cfg.loss, r_0, r_1, variance, targets)
+        loss = lrm.preference_loss(cfg.loss, r_0, r_1, variance, targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -355,8 +315,8 @@ def main():
         dt = time.time() - t0
         step_times.append(dt)
         if dist.is_main:
-            p = common.preference_probability(cfg.loss, r_0, r_1, variance).detach().cpu()
-            record = dict(step=step + 1, loss=loss.item(), accuracy=common.pairwise_accuracy(p, targets.cpu()),
+            p = lrm.preference_probability(cfg.loss, r_0, r_1, variance).detach().cpu()
+            record = dict(step=step + 1, loss=loss.item(), accuracy=lrm.pairwise_accuracy(p, targets.cpu()),
                           lr=learning_rate(step, cfg), grad_norm=grad_norm.item(), dt=dt, skipped=skipped_steps)
             if cfg.variance == "learned":
                 record.update(v0=model.log_v0.exp().item(), kappa=model.log_kappa.exp().item())
@@ -364,13 +324,13 @@ def main():
                   f"lr {record['lr']:.2e} | dt {dt * 1000:.0f}ms" + ("" if finite else " | non-finite, skipped"), flush=True)
             log.write(json.dumps(record) + "\n")
             log.flush()
-        if (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
+        if cfg.eval_every and (step + 1) % cfg.eval_every == 0 and step + 1 < cfg.steps:
             if dist.is_main:
                 result = evaluate(model, val, cfg, device)
                 history.append(dict(step=step + 1, **result))
                 print(eval_line(step + 1, result), flush=True)
                 log.write(json.dumps(dict(step=step + 1, eval=result)) + "\n")
-            barrier(dist)
+            common.barrier(dist)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
 
@@ -378,7 +338,7 @@ def main():
     if dist.is_main:
         result = evaluate(model, val, cfg, device)
         print(eval_line(cfg.steps, result))
-        common.save_lrm(model, out)
+        lrm.save_lrm(model, out)
         # an epoch = one pass over the training pairs at this batch size (step times of this process)
         steps_per_epoch = num_pairs / cfg.batch_size
         mean_dt = sum(step_times) / max(1, len(step_times))
@@ -392,7 +352,7 @@ def main():
             metrics["noise_ceiling"] = json.loads(labels_info.read_text()).get(cfg.val_split, {}).get("noise_ceiling")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.close()
-    barrier(dist)
+    common.barrier(dist)
     common.cleanup_distributed(dist)
 
 

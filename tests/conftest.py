@@ -16,6 +16,7 @@ import torch  # noqa: E402
 torch.set_num_threads(1)
 
 import common  # noqa: E402
+import refiners  # noqa: E402
 import toy  # noqa: E402
 
 WORDS = ["a", "red", "blue", "green", "circle", "square", "triangle", "on", "background", "large", "small"]
@@ -57,4 +58,4 @@ def sdxl(tiny_sdxl_dir):
 @pytest.fixture
 def refiner(tiny_refiner_dir):
     torch.manual_seed(0)
-    return common.load_refiner(str(tiny_refiner_dir), max_new_tokens=12)
+    return refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=12)

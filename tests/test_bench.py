@@ -11,6 +11,8 @@ import torch
 
 import bench
 import common
+import lrm
+import refiners
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
@@ -28,12 +30,12 @@ def test_time_side_by_side_interleaves_variants_after_warmup():
 
 def test_lrm_train_step_trains_the_head_only():
     backbone = bench.random_sd15("tiny", 64, torch.device("cpu"), torch.float32)
-    model = common.LatentRewardModel(backbone, common.LRMConfig(backbone=backbone.name)).train()
+    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     head_before = [p.detach().clone() for p in model.head.parameters()]
     unet_before = next(model.unet.parameters()).detach().clone()
-    latents = torch.randn(4, *bench.latent_shape(backbone))
+    latents = torch.randn(4, *common.latent_shape(backbone))
     loss = bench.lrm_train_step(model, optimizer, latents[:2], latents[2:], ["a circle"] * 2, torch.ones(2),
                                 torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
@@ -44,7 +46,7 @@ def test_lrm_train_step_trains_the_head_only():
 def test_refiner_train_step_updates_lora_weights():
     """The step whose peak memory row 6a measures on a GPU, run here at tiny size."""
     refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, max_new_tokens=6)
-    params = bench.add_refiner_lora(refiner)
+    params = refiners.add_lora(refiner, rank=16, alpha=32)
     assert params and all(p.requires_grad for p in params)
     outputs = bench.refiner_rollout_outputs(refiner, batch=2, refine_steps=2)
     assert len(outputs) == 2 and outputs[0].completion_ids.shape[0] == 2
@@ -58,12 +60,14 @@ def test_refiner_train_step_updates_lora_weights():
     (["--rows", "1,7"], "--rows must name entries among"),
     (["--size", "huge"], "--size must be full or tiny"),
 ])
+@pytest.mark.slow
 def test_bad_flags_are_one_line_errors(flags, message):
     run = subprocess.run([sys.executable, "bench.py", *flags], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2
     assert run.stderr.strip().startswith("error:") and message in run.stderr and "Traceback" not in run.stderr
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_row(tmp_path):
     run = subprocess.run([sys.executable, "bench.py", "--quick", "--threads", "1", "--out", str(tmp_path)],
                          cwd=REPO, env=ENV, capture_output=True, text=True, timeout=900)

@@ -10,6 +10,9 @@ import pytest
 import torch
 
 import common
+import lrm
+import refiners
+import rewards
 import toy
 from conftest import WORDS
 
@@ -31,13 +34,13 @@ def clip_tokenizer_dir(tmp_path_factory):
 
 
 def test_parse_spec_names_args_weights():
-    terms = common.parse_reward_spec("imagereward:1,vlm:0.5, length:0.1,structure:0.1,lrm:runs/lrm:0.25,lrm:runs/x")
+    terms = rewards.parse_reward_spec("imagereward:1,vlm:0.5, length:0.1,structure:0.1,lrm:runs/lrm:0.25,lrm:runs/x")
     assert [(t.name, t.arg, t.weight) for t in terms] == [
         ("imagereward", None, 1.0), ("vlm", None, 0.5), ("length", None, 0.1), ("structure", None, 0.1),
         ("lrm", "runs/lrm", 0.25), ("lrm", "runs/x", 1.0),
     ]
-    assert common.parse_reward_spec("jpeg")[0].weight == 1.0
-    assert common.parse_reward_spec("clip:/models/clip:-2")[0].weight == -2.0
+    assert rewards.parse_reward_spec("jpeg")[0].weight == 1.0
+    assert rewards.parse_reward_spec("clip:/models/clip:-2")[0].weight == -2.0
 
 
 @pytest.mark.parametrize("spec, message", [
@@ -55,27 +58,27 @@ def test_parse_spec_names_args_weights():
 ])
 def test_bad_specs_are_user_errors(spec, message):
     with pytest.raises(common.UserError, match=message) as info:
-        common.build_reward(spec)
+        rewards.build_reward(spec)
     if message.startswith(("unknown", "empty reward spec", "empty term")):  # the message lists the valid names
-        assert all(name in str(info.value) for name in common.REWARDS)
+        assert all(name in str(info.value) for name in rewards.REWARDS)
 
 
 def test_registry_has_every_documented_name():
     names = {"imagereward", "hpsv2", "aesthetic", "pickscore", "clip", "vlm", "jpeg", "jpeg-incompressibility",
              "length", "structure", "toy-aesthetic", "toy-faithful", "lrm"}
-    assert names <= set(common.REWARDS)
+    assert names <= set(rewards.REWARDS)
 
 
 def test_composite_is_the_weighted_sum_and_keeps_terms():
     images = _images(4)
     answers = ["<prompt>a red circle</prompt>", "a red circle", "<prompt></prompt>", "<prompt>a square</prompt>"]
     prompts = ["a circle"] * 4
-    reward = common.build_reward("jpeg:2,structure:-0.5,toy-aesthetic")
+    reward = rewards.build_reward("jpeg:2,structure:-0.5,toy-aesthetic")
     total = reward(images, prompts, answers=answers)
     assert total.shape == (4,) and total.dtype == torch.float32 and not total.requires_grad
-    jpeg = -common.jpeg_sizes(images)
+    jpeg = -rewards.jpeg_sizes(images)
     structure = torch.tensor([1.0, 0.0, 0.0, 1.0])
-    toy_aesthetic = common.TOY_REWARDS["toy-aesthetic"](images, prompts)
+    toy_aesthetic = toy.TOY_REWARDS["toy-aesthetic"](images, prompts)
     torch.testing.assert_close(reward.last_terms["jpeg"], jpeg)
     torch.testing.assert_close(reward.last_terms["structure"], structure)
     torch.testing.assert_close(total, 2 * jpeg - 0.5 * structure + toy_aesthetic)
@@ -88,22 +91,22 @@ def test_nonfinite_scores_are_reported_and_left_nan(monkeypatch):
     def factory(arg, device, dtype):
         return lambda images, prompts, **_: torch.tensor([1.0, math.nan, math.inf, -2.0])
 
-    monkeypatch.setitem(common.REWARDS, "flaky", factory)
-    reward = common.build_reward("flaky:0.5,toy-faithful")
+    monkeypatch.setitem(rewards.REWARDS, "flaky", factory)
+    reward = rewards.build_reward("flaky:0.5,toy-faithful")
     with pytest.warns(RuntimeWarning, match=r"2/4 samples .*flaky: 2"):
         total = reward(_images(4), ["a circle"] * 4)
     assert reward.last_nonfinite == 2
     assert torch.isnan(total[1]) and torch.isnan(total[2])  # inf becomes NaN too: "skip this sample"
     assert torch.isfinite(total[[0, 3]]).all()
     # a weight-0 term is only logged: its NaNs are reported but leave the sum alone
-    reward = common.build_reward("flaky:0,toy-faithful")
+    reward = rewards.build_reward("flaky:0,toy-faithful")
     with pytest.warns(RuntimeWarning, match=r"0/4 samples .*flaky: 2"):
         total = reward(_images(4), ["a circle"] * 4)
     assert torch.isfinite(total).all() and reward.last_nonfinite == 0
     assert torch.isnan(reward.last_terms["flaky"][1])
     # a healthy call resets the count and warns nothing
-    monkeypatch.setitem(common.REWARDS, "flaky", lambda a, d, t: lambda images, prompts, **_: torch.ones(4))
-    reward = common.build_reward("flaky")
+    monkeypatch.setitem(rewards.REWARDS, "flaky", lambda a, d, t: lambda images, prompts, **_: torch.ones(4))
+    reward = rewards.build_reward("flaky")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reward(_images(4), ["a"] * 4)
@@ -111,9 +114,9 @@ def test_nonfinite_scores_are_reported_and_left_nan(monkeypatch):
 
 
 def test_wrong_number_of_scores_is_an_error(monkeypatch):
-    monkeypatch.setitem(common.REWARDS, "short", lambda a, d, t: lambda images, prompts, **_: torch.ones(2))
+    monkeypatch.setitem(rewards.REWARDS, "short", lambda a, d, t: lambda images, prompts, **_: torch.ones(2))
     with pytest.raises(ValueError, match="returned"):
-        common.build_reward("short")(_images(3), ["a"] * 3)
+        rewards.build_reward("short")(_images(3), ["a"] * 3)
 
 
 # -----------------------------------------------------------------------------
@@ -124,16 +127,16 @@ def test_jpeg_prefers_flat_images():
     flat = torch.full((1, 3, 64, 64), 0.5)
     noisy = _images(1, 64)
     images = torch.cat([flat, noisy])
-    compress = common.build_reward("jpeg")(images, ["a", "b"])
-    incompress = common.build_reward("jpeg-incompressibility")(images, ["a", "b"])
+    compress = rewards.build_reward("jpeg")(images, ["a", "b"])
+    incompress = rewards.build_reward("jpeg-incompressibility")(images, ["a", "b"])
     assert compress[0] > compress[1] and incompress[1] > incompress[0]
     torch.testing.assert_close(compress, -incompress)
 
 
 def test_length_score_against_budget(clip_tokenizer_dir):
-    torch.testing.assert_close(common.length_score(torch.tensor([5, 77, 96, 154, 300])),
+    torch.testing.assert_close(rewards.length_score(torch.tensor([5, 77, 96, 154, 300])),
                                torch.tensor([1.0, 1.0, 1.0 - 19 / 77, 0.0, 0.0]))
-    reward = common.build_reward(f"length:{clip_tokenizer_dir}")
+    reward = rewards.build_reward(f"length:{clip_tokenizer_dir}")
     short, long_ = "a red circle", " ".join(["red"] * 100)  # 3 + 2 tokens; 100 + 2 tokens
     scores = reward(None, ["a circle", "a circle"], refined_prompts=[short, long_])
     torch.testing.assert_close(scores, torch.tensor([1.0, 2 - 102 / 77]))
@@ -143,27 +146,27 @@ def test_length_score_against_budget(clip_tokenizer_dir):
 
 
 def test_length_reads_a_pipeline_folder_or_backbone_alias(tiny_sd15_dir, monkeypatch):
-    reward = common.build_reward(f"length:{tiny_sd15_dir}")
+    reward = rewards.build_reward(f"length:{tiny_sd15_dir}")
     assert reward(None, ["a"], refined_prompts=["a red circle"]).item() == 1.0
     monkeypatch.setitem(common.BACKBONES, "tiny", common.BackboneSpec(str(tiny_sd15_dir), 2, 1.0))
-    reward = common.build_reward("length:tiny")
+    reward = rewards.build_reward("length:tiny")
     assert reward(None, ["a"], refined_prompts=[" ".join(["red"] * 100)]).item() == pytest.approx(2 - 102 / 77)
 
 
 def test_structure_per_answer_and_per_refinement():
-    good, bad = common.format_answer("a red circle"), "sure! a red circle"
-    torch.testing.assert_close(common.structure_score([good, bad, "<prompt> </prompt>"]), torch.tensor([1.0, 0.0, 0.0]))
+    good, bad = refiners.format_answer("a red circle"), "sure! a red circle"
+    torch.testing.assert_close(rewards.structure_score([good, bad, "<prompt> </prompt>"]), torch.tensor([1.0, 0.0, 0.0]))
     # answers[k][b]: fraction of the K answers of each sample that followed the format
-    torch.testing.assert_close(common.structure_score([[good, bad], [good, good]]), torch.tensor([1.0, 0.5]))
-    torch.testing.assert_close(common.structure_score([None, good]), torch.tensor([0.0, 1.0]))  # no answer
+    torch.testing.assert_close(rewards.structure_score([[good, bad], [good, good]]), torch.tensor([1.0, 0.5]))
+    torch.testing.assert_close(rewards.structure_score([None, good]), torch.tensor([0.0, 1.0]))  # no answer
     with pytest.raises(common.UserError, match="needs a refiner"):
-        common.build_reward("structure")(None, ["a"])
+        rewards.build_reward("structure")(None, ["a"])
 
 
 def test_toy_rewards_come_from_the_toy_world():
     images, prompts = _images(2), ["a red circle", "a square"]
     for name in ("toy-aesthetic", "toy-faithful"):
-        torch.testing.assert_close(common.build_reward(name)(images, prompts), common.TOY_REWARDS[name](images, prompts))
+        torch.testing.assert_close(rewards.build_reward(name)(images, prompts), toy.TOY_REWARDS[name](images, prompts))
 
 
 def test_lrm_hook_calls_lrm_reward(monkeypatch):
@@ -173,8 +176,8 @@ def test_lrm_hook_calls_lrm_reward(monkeypatch):
         seen.update(path=path, device=device, dtype=dtype)
         return lambda images, prompts, *, latents=None, **_: latents.flatten(1).mean(1)
 
-    monkeypatch.setattr(common, "lrm_reward", fake_lrm_reward, raising=False)
-    reward = common.build_reward("lrm:some/dir:0.5")
+    monkeypatch.setattr(lrm, "lrm_reward", fake_lrm_reward)
+    reward = rewards.build_reward("lrm:some/dir:0.5")
     latents = torch.randn(3, 4, 8, 8)
     torch.testing.assert_close(reward(None, ["a"] * 3, latents=latents), 0.5 * latents.flatten(1).mean(1))
     assert seen == dict(path="some/dir", device=torch.device("cpu"), dtype=torch.float32)
@@ -195,13 +198,13 @@ def test_expected_rating():
     logits = torch.full((2, 10), -1e4)
     logits[0, 7] = 0.0  # all mass on "7"
     logits[1, [0, 9]] = 0.0  # half on "0", half on "9"
-    torch.testing.assert_close(common.expected_rating(logits), torch.tensor([7 / 9, 0.5]))
+    torch.testing.assert_close(rewards.expected_rating(logits), torch.tensor([7 / 9, 0.5]))
 
 
 def test_vlm_judge_batched_equals_one_by_one(tiny_refiner_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    reward = common.build_reward(f"vlm:{tiny_refiner_dir}")
+    reward = rewards.build_reward(f"vlm:{tiny_refiner_dir}")
     judge = reward.fns[0]
     tokenizer = judge.processor.tokenizer
     assert tokenizer.convert_ids_to_tokens(judge.digit_ids) == list("0123456789")
@@ -213,13 +216,13 @@ def test_vlm_judge_batched_equals_one_by_one(tiny_refiner_dir):
     model = AutoModelForImageTextToText.from_pretrained(tiny_refiner_dir).eval()
     processor = AutoProcessor.from_pretrained(tiny_refiner_dir)
     for image, prompt, score in zip(common.to_pil(images), prompts, scores):
-        text = processor.apply_chat_template(common.vlm_judge_messages(prompt), tokenize=False, add_generation_prompt=True)
+        text = processor.apply_chat_template(rewards.vlm_judge_messages(prompt), tokenize=False, add_generation_prompt=True)
         assert prompt in text
         with torch.no_grad():
             logits = model(**processor(text=[text], images=[image], return_tensors="pt")).logits[0, -1]
         probs = torch.softmax(logits[judge.digit_ids], -1)
         assert score.item() == pytest.approx((probs * torch.arange(10)).sum().item() / 9, abs=1e-5)
-    _assert_bf16_close(common.build_reward(f"vlm:{tiny_refiner_dir}", dtype=torch.bfloat16)(images, prompts), scores)
+    _assert_bf16_close(rewards.build_reward(f"vlm:{tiny_refiner_dir}", dtype=torch.bfloat16)(images, prompts), scores)
 
 
 # -----------------------------------------------------------------------------
@@ -269,25 +272,25 @@ def test_pickscore_and_clip_score_match_the_reference(tiny_clip_dir):
 
     images = _images(3, 40)
     prompts = ["a red circle", "a large blue square on a green background " * 8, "a"]  # the 2nd is truncated
-    pickscore = common.build_reward(f"pickscore:{tiny_clip_dir}")(images, prompts)
+    pickscore = rewards.build_reward(f"pickscore:{tiny_clip_dir}")(images, prompts)
     reference = torch.stack([_pickscore_reference(tiny_clip_dir, [p], [im])[0] for p, im in zip(prompts, common.to_pil(images))])
     torch.testing.assert_close(pickscore, reference, atol=1e-4, rtol=0)
     # CLIP score = 100 max(cos, 0): the model's own logits_per_image / logit_scale
-    clip_score = common.build_reward(f"clip:{tiny_clip_dir}")(images, prompts)
+    clip_score = rewards.build_reward(f"clip:{tiny_clip_dir}")(images, prompts)
     model, processor = CLIPModel.from_pretrained(tiny_clip_dir).eval(), CLIPProcessor.from_pretrained(tiny_clip_dir)
     inputs = processor(text=prompts, images=common.to_pil(images), padding=True, truncation=True, max_length=77, return_tensors="pt")
     with torch.no_grad():
         cosine = model(**inputs).logits_per_image.diagonal() / model.logit_scale.exp()
     torch.testing.assert_close(clip_score, 100 * cosine.clamp(min=0), atol=1e-4, rtol=0)
     assert pickscore.std() > 1e-3  # different images and prompts: different scores
-    _assert_bf16_close(common.build_reward(f"pickscore:{tiny_clip_dir}", dtype=torch.bfloat16)(images, prompts), pickscore)
-    _assert_bf16_close(common.build_reward(f"clip:{tiny_clip_dir}", dtype=torch.bfloat16)(images, prompts), clip_score)
+    _assert_bf16_close(rewards.build_reward(f"pickscore:{tiny_clip_dir}", dtype=torch.bfloat16)(images, prompts), pickscore)
+    _assert_bf16_close(rewards.build_reward(f"clip:{tiny_clip_dir}", dtype=torch.bfloat16)(images, prompts), clip_score)
 
 
 def test_hub_scorers_fail_offline_with_one_clear_line():
     for name in ("clip", "pickscore", "aesthetic", "hpsv2", "imagereward", "vlm"):
         with pytest.raises(common.UserError, match="cannot load"):
-            common.build_reward(name)
+            rewards.build_reward(name)
 
 
 def _randomised(module, seed=0):
@@ -339,7 +342,7 @@ def test_aesthetic_matches_simple_inference(tmp_path):
     torch.save(reference_mlp.state_dict(), tmp_path / "sac+logos+ava1-l14-linearMSE.pth")
 
     images = _images(3, 96)[:, :, :80]  # not square: resize of the short side + centre crop
-    scores = common.build_reward(f"aesthetic:{tmp_path}")(images, ["x"] * 3)
+    scores = rewards.build_reward(f"aesthetic:{tmp_path}")(images, ["x"] * 3)
 
     preprocess = clip_clip._transform(reference_clip.visual.input_resolution)
     reference = []
@@ -353,7 +356,7 @@ def test_aesthetic_matches_simple_inference(tmp_path):
             reference.append(reference_mlp(torch.from_numpy(im_emb_arr).float()).item())
     torch.testing.assert_close(scores, torch.tensor(reference), atol=1e-4, rtol=0)
     assert scores.std() > 1e-3
-    _assert_bf16_close(common.build_reward(f"aesthetic:{tmp_path}", dtype=torch.bfloat16)(images, ["x"] * 3), scores)
+    _assert_bf16_close(rewards.build_reward(f"aesthetic:{tmp_path}", dtype=torch.bfloat16)(images, ["x"] * 3), scores)
 
 
 def test_aesthetic_clip_covers_openai_vit_l14_at_full_size():
@@ -434,7 +437,7 @@ def test_hps_matches_img_score(tmp_path, monkeypatch):
 
     images = _images(3, 96)[:, :, :72]
     prompts = ["a red circle", "a large blue square on a green background " * 10, "a"]
-    ours = common.hps_scorer(*common.load_hps_model(str(checkpoint), "tiny-hps"), "cpu", torch.float32)(images, prompts)
+    ours = rewards.hps_scorer(*rewards.load_hps_model(str(checkpoint), "tiny-hps"), "cpu", torch.float32)(images, prompts)
     reference = []
     for pil_image, prompt in zip(common.to_pil(images), prompts):  # img_score.score, per image
         with torch.no_grad():
@@ -446,7 +449,7 @@ def test_hps_matches_img_score(tmp_path, monkeypatch):
     torch.testing.assert_close(ours, torch.tensor(reference), atol=1e-4, rtol=0)
     assert ours.std() > 1e-3
     bf16 = torch.bfloat16
-    _assert_bf16_close(common.hps_scorer(*common.load_hps_model(str(checkpoint), "tiny-hps", dtype=bf16), "cpu", bf16)(images, prompts), ours)
+    _assert_bf16_close(rewards.hps_scorer(*rewards.load_hps_model(str(checkpoint), "tiny-hps", dtype=bf16), "cpu", bf16)(images, prompts), ours)
 
 
 # -----------------------------------------------------------------------------
@@ -526,11 +529,11 @@ def test_imagereward_mapping_covers_the_official_checkpoint(monkeypatch, tmp_pat
     monkeypatch.setattr(vit_module, "torch", types.SimpleNamespace(**{**vars(torch), "linspace": cpu_linspace}))
     with torch.device("meta"):
         reference = _reference_imagereward(monkeypatch, tmp_path, MED_CONFIG, tokenizer_dir=bert_tokenizer_dir)
-        ours = common.ImageRewardModel()
+        ours = rewards.ImageRewardModel()
     official = reference.state_dict()
-    mapped = common.imagereward_state_dict(official)
+    mapped = rewards.imagereward_state_dict(official)
     assert {k: v.shape for k, v in mapped.items()} == {k: v.shape for k, v in ours.state_dict().items()}
-    left_out = sorted(set(official) - {k for k in official if common._imagereward_name(k) is not None})
+    left_out = sorted(set(official) - {k for k in official if rewards._imagereward_name(k) is not None})
     assert left_out == ["blip.text_encoder.embeddings.position_ids", "blip.text_proj.bias", "blip.text_proj.weight",
                         "blip.vision_proj.bias", "blip.vision_proj.weight"]
     assert sum(v.numel() for v in mapped.values()) > 400e6  # ViT-L + BERT-base: the real size
@@ -547,17 +550,17 @@ def test_imagereward_matches_the_official_score(monkeypatch, tmp_path, bert_toke
     # the folder layout of THUDM/ImageReward: ImageReward.pt + med_config.json (+ tokenizer files here)
     torch.save(reference.state_dict(), tmp_path / "ImageReward.pt")
     tokenizer.save_pretrained(tmp_path)
-    vision = dict(common.IMAGEREWARD_VISION, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+    vision = dict(rewards.IMAGEREWARD_VISION, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
                   num_attention_heads=4, patch_size=32)
-    model, our_tokenizer = common.load_imagereward(str(tmp_path), vision_config=vision)
+    model, our_tokenizer = rewards.load_imagereward(str(tmp_path), vision_config=vision)
     assert len(our_tokenizer) == med_config["vocab_size"]
 
     images = _images(3, 96)[:, :, :80]
     prompts = ["a red circle", "a large blue square on a green background " * 5, "a small triangle"]
-    ours = common.imagereward_scorer(model, our_tokenizer, "cpu", torch.float32)(images, prompts)
+    ours = rewards.imagereward_scorer(model, our_tokenizer, "cpu", torch.float32)(images, prompts)
     with torch.no_grad():
         expected = torch.tensor([reference.score(p, im) for p, im in zip(prompts, common.to_pil(images))])
     torch.testing.assert_close(ours, expected, atol=1e-4, rtol=0)
     assert ours.std() > 1e-2
-    model, our_tokenizer = common.load_imagereward(str(tmp_path), dtype=torch.bfloat16, vision_config=vision)
-    _assert_bf16_close(common.imagereward_scorer(model, our_tokenizer, "cpu", torch.bfloat16)(images, prompts), ours)
+    model, our_tokenizer = rewards.load_imagereward(str(tmp_path), dtype=torch.bfloat16, vision_config=vision)
+    _assert_bf16_close(rewards.imagereward_scorer(model, our_tokenizer, "cpu", torch.bfloat16)(images, prompts), ours)

@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # every test here starts sample.py in a subprocess
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -27,7 +29,7 @@ def test_sample_writes_images_and_trajectory(tiny_sd15_dir, tiny_refiner_dir, tm
     assert record["schedule"] == [2, 4] and record["seed"] == 3
     assert [item["user_prompt"] for item in record["items"]] == ["a red circle", "a square", "a triangle"]
     for item in record["items"]:
-        assert Image.open(out / item["image"]).size == (32, 32)
+        assert Image.open(out / item["image"]).size == (64, 64)
         assert len(item["refinements"]) == 2
         assert all(r["fallback"] for r in item["refinements"])  # a random refiner never answers in format
     assert record["fallbacks"] == 6
@@ -44,7 +46,7 @@ def test_sample_without_refiner_sdxl(tiny_sdxl_dir, tmp_path):
 
 def test_sample_every_option(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
     """--unet, --lora, --adapter, --negative-prompt, --guidance, --size, --temperature 0 (greedy), --dtype, --device."""
-    import common
+    import refiners
     import toy
     from conftest import WORDS
     from diffusers import StableDiffusionPipeline
@@ -55,7 +57,7 @@ def test_sample_every_option(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
     unet = toy.tiny_sd15_pipeline(WORDS).unet
     unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_v"], init_lora_weights=False))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=get_peft_model_state_dict(unet))
-    base = common.load_refiner(str(tiny_refiner_dir))
+    base = refiners.load_refiner(str(tiny_refiner_dir))
     get_peft_model(base.model, LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False)).save_pretrained(tmp_path / "adapter")
 
     def run(out, *extra):

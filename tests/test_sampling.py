@@ -5,6 +5,7 @@ import torch
 from diffusers import AutoencoderTiny, DDIMScheduler, PNDMScheduler
 
 import common
+import refiners
 import toy
 from conftest import WORDS
 
@@ -21,7 +22,7 @@ class ScriptedRefiner:
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         self.calls.append(dict(previews=previews, user=list(user_prompts), current=list(current_prompts), step=step, num_steps=num_steps))
         new = list(current_prompts) if self.script is None else self.script[len(self.calls) - 1]
-        return common.RefinerOutput.from_prompts(new)
+        return refiners.RefinerOutput.from_prompts(new)
 
 
 def seeded():
@@ -29,7 +30,7 @@ def seeded():
 
 
 def stock_images(backbone, prompts=PROMPTS, steps=STEPS, guidance=4.0):
-    size = backbone.spec.size or 32
+    size = common.image_side(backbone)
     return backbone.pipe(prompts, num_inference_steps=steps, guidance_scale=guidance, generator=seeded(),
                          output_type="pt", height=size, width=size).images
 
@@ -160,10 +161,10 @@ def test_float32_latents_on_a_bf16_backbone(tiny_sd15_dir):
     """Callers draw initial noise in float32 on the CPU (train_refiner); a bf16 pipeline on a GPU
     moves given latents to its device but not to its dtype, so refined_sample must."""
     backbone = common.load_backbone(str(tiny_sd15_dir), dtype=torch.bfloat16)
-    latents = torch.randn(2, 4, 16, 16, generator=seeded())
+    latents = torch.randn(2, *common.latent_shape(backbone), generator=seeded())
     result = common.refined_sample(backbone, ["a circle", "a square"], ScriptedRefiner(), refine_steps=1, num_steps=3,
                                    guidance=4.0, latents=latents, preview_decoder="linear")
-    assert result.images.shape == (2, 3, 32, 32) and torch.isfinite(result.images).all()
+    assert result.images.shape == (2, 3, 64, 64) and torch.isfinite(result.images).all()
 
 
 def test_empty_prompt_rejected(sd15):
@@ -193,7 +194,7 @@ def test_preview_is_decoded_denoised_estimate(sd15):
     vae = sd15.pipe.vae
     with torch.no_grad():
         expected = (vae.decode(captured["x0"] / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
-    assert preview.shape == (2, 3, 32, 32)
+    assert preview.shape == (2, 3, 64, 64)
     torch.testing.assert_close(preview, expected)
 
 
@@ -231,11 +232,12 @@ def test_linear_preview_fits_vae(sd15):
 
 def test_taesd_preview(sd15, tmp_path):
     torch.manual_seed(0)
-    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8),
-                    num_encoder_blocks=(1, 1), num_decoder_blocks=(1, 1)).save_pretrained(tmp_path / "taesd")
+    # TAESD's layout (4 levels, 1/3/3/3 blocks: 8x upsampling), narrow
+    AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
+                    num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1)).save_pretrained(tmp_path / "taesd")
     decoder = common.PreviewDecoder("taesd", sd15, taesd_source=str(tmp_path / "taesd"))
-    preview = decoder(torch.randn(2, 4, 16, 16))
-    assert preview.shape == (2, 3, 32, 32) and preview.min() >= 0 and preview.max() <= 1
+    preview = decoder(torch.randn(2, *common.latent_shape(sd15)))
+    assert preview.shape == (2, 3, 64, 64) and preview.min() >= 0 and preview.max() <= 1
     with pytest.raises(common.UserError, match="TAESD"):
         common.PreviewDecoder("taesd", sd15)  # a local folder has no known TAESD
     with pytest.raises(common.UserError):
@@ -266,6 +268,7 @@ def test_folder_defaults_from_promptloop_json(tiny_sd15_dir, tmp_path):
     assert (spec.steps, spec.guidance, spec.size) == (7, 3.0, 32)
 
 
+@pytest.mark.slow
 def test_aligned_unet_over_base(tiny_sd15_dir, tmp_path):
     other = toy.tiny_sd15_pipeline(WORDS, seed=1).unet
     other.save_pretrained(tmp_path / "aligned" / "unet")
@@ -276,6 +279,7 @@ def test_aligned_unet_over_base(tiny_sd15_dir, tmp_path):
     assert not torch.equal(stock_images(backbone), stock_images(base))
 
 
+@pytest.mark.slow
 def test_lora_over_base(tiny_sd15_dir, tmp_path):
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig

@@ -8,7 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
+import build_toy_world
 import common
+import refiners
 import toy
 
 TOY_DIR = common.TOY_DIR
@@ -23,42 +25,44 @@ def draw(**attrs):
 
 
 def test_prompt_splits_are_disjoint_and_deterministic():
-    train, test = common.toy_prompts("train"), common.toy_prompts("test")
+    train, test = toy.toy_prompts("train"), toy.toy_prompts("test")
     assert len(train) > 200 and len(test) > 50
     assert not set(train) & set(test)
-    assert common.toy_prompts("test") == test
-    assert common.toy_prompts("train", n=5, seed=1) == common.toy_prompts("train", n=5, seed=1)
-    assert common.toy_prompts("train", n=5, seed=1) != common.toy_prompts("train", n=5, seed=2)
-    assert len(common.toy_prompts("test", n=500)) == 500  # more than the split: drawn again
-    partial = common.toy_prompts("train", kind="partial")
-    assert "a circle" in partial + common.toy_prompts("test", kind="partial")
+    assert toy.toy_prompts("test") == test
+    assert toy.toy_prompts("train", n=5, seed=1) == toy.toy_prompts("train", n=5, seed=1)
+    assert toy.toy_prompts("train", n=5, seed=1) != toy.toy_prompts("train", n=5, seed=2)
+    assert len(toy.toy_prompts("test", n=500)) == 500  # more than the split: drawn again
+    partial = toy.toy_prompts("train", kind="partial")
+    assert "a circle" in partial + toy.toy_prompts("test", kind="partial")
     full_keys = {"size", "colour", "background"}
-    assert all(not full_keys <= set(common.parse_toy_prompt(p)) for p in partial)
-    assert all(full_keys <= set(common.parse_toy_prompt(p)) for p in common.toy_prompts("test", kind="full"))
-    open_ = common.toy_prompts("train", kind="open")
-    assert len(open_) > 50 and all("background" not in common.parse_toy_prompt(p) for p in open_)
-    assert common.load_prompts("toy-open", "test") == common.toy_prompts("test", kind="open")
-    with pytest.raises(common.UserError):
-        common.toy_prompts("validation")
+    assert all(not full_keys <= set(toy.parse_toy_prompt(p)) for p in partial)
+    assert all(full_keys <= set(toy.parse_toy_prompt(p)) for p in toy.toy_prompts("test", kind="full"))
+    open_ = toy.toy_prompts("train", kind="open")
+    assert len(open_) > 50 and all("background" not in toy.parse_toy_prompt(p) for p in open_)
+    assert common.load_prompts("toy-open", "test") == toy.toy_prompts("test", kind="open")
+    with pytest.raises(ValueError, match="train' or 'test'"):
+        toy.toy_prompts("validation")
+    with pytest.raises(common.UserError, match="train' or 'test'"):
+        common.load_prompts("toy", "validation")
 
 
 def test_parse_round_trips_every_caption():
-    for prompt in common.toy_prompts("train") + common.toy_prompts("test"):
-        assert common.toy_caption(**common.parse_toy_prompt(prompt)) == prompt
-    named = common.parse_toy_prompt("a large red circle on a blue background, sharp and bright")
+    for prompt in toy.toy_prompts("train") + toy.toy_prompts("test"):
+        assert toy.toy_caption(**toy.parse_toy_prompt(prompt)) == prompt
+    named = toy.parse_toy_prompt("a large red circle on a blue background, sharp and bright")
     assert named == dict(size="large", colour="red", shape="circle", background="blue")
-    assert common.parse_toy_prompt("a blue circle") == dict(colour="blue", shape="circle")
-    assert common.parse_toy_prompt("a dog") == {}
+    assert toy.parse_toy_prompt("a blue circle") == dict(colour="blue", shape="circle")
+    assert toy.parse_toy_prompt("a dog") == {}
 
 
 def test_dataset_is_deterministic_with_partial_captions():
     images, captions, attributes = toy.toy_dataset(40, seed=3)
     again, captions_again, _ = toy.toy_dataset(40, seed=3)
     assert images.shape == (40, 3, 32, 32) and torch.equal(images, again) and captions == captions_again
-    partial = [common.TOY_PROMPT_KINDS["partial"](common.parse_toy_prompt(c)) for c in captions]
+    partial = [toy.TOY_PROMPT_KINDS["partial"](toy.parse_toy_prompt(c)) for c in captions]
     assert any(partial) and not all(partial)
     for caption, attrs in zip(captions, attributes):  # a caption never contradicts its image
-        assert all(attrs[k] == v for k, v in common.parse_toy_prompt(caption).items())
+        assert all(attrs[k] == v for k, v in toy.parse_toy_prompt(caption).items())
 
 
 # -----------------------------------------------------------------------------
@@ -67,13 +71,13 @@ def test_dataset_is_deterministic_with_partial_captions():
 
 def test_analyze_reads_drawn_images():
     images, _, attributes = toy.toy_dataset(120, seed=0)
-    found = common.toy_analyze(images)
+    found = toy.toy_analyze(images)
     for key in ("shape", "colour", "size", "background"):
         assert all(f[key] == a[key] for f, a in zip(found, attributes)), key
 
 
 def test_aesthetic_prefers_contrast_size_and_a_clean_background():
-    aesthetic = common.toy_aesthetic
+    aesthetic = toy.toy_aesthetic
     strong = draw(shape="circle", colour="white", size="large", background="black")
     faint_small = draw(shape="circle", colour="red", size="small", background="black")
     small = draw(shape="circle", colour="white", size="small", background="black")
@@ -83,7 +87,7 @@ def test_aesthetic_prefers_contrast_size_and_a_clean_background():
     assert scores[0] > scores[2] > scores[1]  # size matters, contrast matters
     assert scores[0] > scores[3]
     blotchy = strong.clone()
-    blotchy[..., :, :16] = torch.tensor(common.TOY_COLOURS["blue"]).view(1, 3, 1, 1)  # two backgrounds
+    blotchy[..., :, :16] = torch.tensor(toy.TOY_COLOURS["blue"]).view(1, 3, 1, 1)  # two backgrounds
     assert aesthetic(blotchy) < aesthetic(strong) - 0.1
     # the best shape colour depends on the background: what a refiner that sees the preview exploits
     on_black = aesthetic(torch.cat([draw(shape="square", colour=c, size="large", background="black") for c in ("white", "blue")]))
@@ -95,12 +99,11 @@ def test_faithfulness_detects_wrong_attributes():
     image = draw(shape="circle", colour="red", size="large", background="blue")
     prompts = ["a large red circle on a blue background", "a red circle", "a circle",
                "a green circle", "a red square", "a small red circle on a blue background", "a dog"]
-    scores = common.toy_faithfulness(image.repeat(len(prompts), 1, 1, 1), prompts)
+    scores = toy.toy_faithfulness(image.repeat(len(prompts), 1, 1, 1), prompts)
     assert scores.tolist()[:3] == [1.0, 1.0, 1.0]
     assert scores[3] == 0.5 and scores[4] == 0.5  # one of two named attributes wrong
     assert scores[5] == 0.75
     assert scores[6] == 1.0  # names nothing of the grammar
-    assert set(common.TOY_REWARDS) == {"toy-aesthetic", "toy-faithful"}
 
 
 # -----------------------------------------------------------------------------
@@ -110,10 +113,10 @@ def test_faithfulness_detects_wrong_attributes():
 def test_thurstone_labels_and_noise_ceiling():
     generator = torch.Generator().manual_seed(0)
     s0, s1 = torch.rand(4000, generator=generator), torch.rand(4000, generator=generator)
-    exact = toy.thurstone_labels(s0, s1, noise=0.0, tie_margin=0.0, generator=generator)
-    assert toy.noise_ceiling(s0, s1, exact) == 1.0
-    noisy = toy.thurstone_labels(s0, s1, noise=0.2, tie_margin=0.05, generator=generator)
-    ceiling = toy.noise_ceiling(s0, s1, noisy)
+    exact = build_toy_world.thurstone_labels(s0, s1, noise=0.0, tie_margin=0.0, generator=generator)
+    assert build_toy_world.noise_ceiling(s0, s1, exact) == 1.0
+    noisy = build_toy_world.thurstone_labels(s0, s1, noise=0.2, tie_margin=0.05, generator=generator)
+    ceiling = build_toy_world.noise_ceiling(s0, s1, noisy)
     assert 0.6 < ceiling < 0.95
     ties = (noisy == 0.5).float().mean()
     assert 0.05 < ties < 0.3
@@ -126,37 +129,37 @@ def test_thurstone_labels_and_noise_ceiling():
 
 def test_min_snr_weights():
     alpha_bar = torch.tensor([0.01, 0.5, 5 / 6, 0.99])  # SNR 0.0101, 1, 5, 99
-    weights = toy.min_snr_weights(alpha_bar, gamma=5.0)
+    weights = build_toy_world.min_snr_weights(alpha_bar, gamma=5.0)
     assert torch.allclose(weights[:3], torch.ones(3)) and torch.isclose(weights[3], torch.tensor(5 / 99))
 
 
 def test_training_steps_run_on_tiny_pipelines():
     images, captions, _ = toy.toy_dataset(16, seed=0)
     for builder in (toy.tiny_sd15_pipeline, toy.tiny_sdxl_pipeline):
-        pipe = builder(common.TOY_WORDS)
-        toy.train_toy_vae(pipe.vae, images, steps=2, batch_size=4, log=lambda _: None)
+        pipe = builder(toy.TOY_WORDS)
+        build_toy_world.train_toy_vae(pipe.vae, images, steps=2, batch_size=4, log=lambda _: None)
         assert pipe.vae.config.scaling_factor > 0
         before = [p.clone() for p in pipe.unet.parameters()][:3]
-        toy.train_toy_backbone(pipe, images, captions, steps=2, batch_size=4, caption_dropout=0.5, log=lambda _: None)
+        build_toy_world.train_toy_backbone(pipe, images, captions, steps=2, batch_size=4, caption_dropout=0.5, log=lambda _: None)
         assert any(not torch.equal(b, a) for b, a in zip(before, pipe.unet.parameters()))
     drop = torch.tensor([True, False])
-    conditioning = toy.text_conditioning(pipe, ["a circle", "a red square"], drop)  # SDXL
+    conditioning = build_toy_world.text_conditioning(pipe, ["a circle", "a red square"], drop)  # SDXL
     assert conditioning["encoder_hidden_states"][0].abs().sum() == 0  # the zero unconditional input
     assert conditioning["added_cond_kwargs"]["text_embeds"][0].abs().sum() == 0
     assert conditioning["added_cond_kwargs"]["time_ids"].shape == (2, 6)
 
 
 def test_pairs_rows_on_tiny_backbones(sd15, sdxl):
-    config = toy.ToyConfig(pair_steps=1, images_per_prompt=2, label_noise=0.05, tie_margin=0.01)
+    config = build_toy_world.ToyConfig(image_size=64, pair_steps=1, images_per_prompt=2, label_noise=0.05, tie_margin=0.01)
     backbones = {"toy-sd15": sd15, "toy-sdxl": sdxl}
-    rows, s0, s1, label_0 = toy.toy_pairs(backbones, 5, config, seed=0, split="test", log=lambda _: None)
+    rows, s0, s1, label_0 = build_toy_world.toy_pairs(backbones, 5, config, seed=0, split="test", log=lambda _: None)
     assert len(rows) == 5 == len(s0) == len(label_0)
-    assert all(set(toy.PICKAPIC_COLUMNS) <= set(row) for row in rows)
+    assert all(set(build_toy_world.PICKAPIC_COLUMNS) <= set(row) for row in rows)
     for row in rows:
         assert row["image_0_uid"] != row["image_1_uid"] and row["label_0"] + row["label_1"] == 1.0
         assert {row["model_0"], row["model_1"]} <= set(backbones)
-        assert Image.open(io.BytesIO(row["jpg_1"])).size == (32, 32)
-    again = toy.toy_pairs(backbones, 5, config, seed=0, split="test", log=lambda _: None)[0]
+        assert Image.open(io.BytesIO(row["jpg_1"])).size == (64, 64)
+    again = build_toy_world.toy_pairs(backbones, 5, config, seed=0, split="test", log=lambda _: None)[0]
     assert [r["jpg_0"] for r in again] == [r["jpg_0"] for r in rows]  # deterministic from the seed
 
 
@@ -164,26 +167,26 @@ def test_scripted_refiners_keep_the_user_attributes():
     previews = torch.cat([draw(shape="circle", colour="black", size="small", background="white"),
                           draw(shape="circle", colour="white", size="small", background="black")])
     users = ["a circle", "a red triangle"]
-    seeing = toy.ScriptedRefiner(True).refine(previews, users, users, 1, 4).prompts
-    blind = toy.ScriptedRefiner(False).refine(previews, users, users, 1, 4).prompts
+    seeing = build_toy_world.ScriptedRefiner(True).refine(previews, users, users, 1, 4).prompts
+    blind = build_toy_world.ScriptedRefiner(False).refine(previews, users, users, 1, 4).prompts
     # seeing: the most contrasting colour against the background in the preview (and names it)
     assert seeing == ["a large black circle on a white background", "a large white triangle on a black background"]
     # blind: the best colour on average over the backgrounds it could meet, the same for both previews
     assert blind == ["a large white circle", "a large white triangle"]
     users = ["a small red triangle on a white background"]  # a named background is known to both
-    assert toy.ScriptedRefiner(False).refine(previews[:1], users, users, 1, 4).prompts == [
+    assert build_toy_world.ScriptedRefiner(False).refine(previews[:1], users, users, 1, 4).prompts == [
         "a small black triangle on a white background"]
 
 
 def test_cli_rejects_bad_flags(tmp_path):
     with pytest.raises(common.UserError):
-        toy.main(["--stages", "data,weights", "--out", str(tmp_path)])
+        build_toy_world.main(["--stages", "data,weights", "--out", str(tmp_path)])
     with pytest.raises(common.UserError):
-        toy.main(["--stages", "pairs", "--images_per_prompt", "1", "--out", str(tmp_path)])
+        build_toy_world.main(["--stages", "pairs", "--images-per-prompt", "1", "--out", str(tmp_path)])
 
 
 def test_data_stage_writes_a_parquet(tmp_path):
-    toy.main(["--stages", "data", "--out", str(tmp_path), "--dataset_size", "12"])
+    build_toy_world.main(["--stages", "data", "--out", str(tmp_path), "--dataset-size", "12"])
     import pyarrow.parquet as pq
 
     table = pq.read_table(tmp_path / "data.parquet").to_pylist()
@@ -191,13 +194,14 @@ def test_data_stage_writes_a_parquet(tmp_path):
     assert json.loads((tmp_path / "metrics.json").read_text())["data"]["images"] == 12
 
 
+@pytest.mark.slow
 def test_backbones_stage_in_parallel_equals_one_after_the_other(tmp_path):
     # the stage end to end at a few steps: the two backbones trained in two worker processes
     # are bit-identical to the ones trained in this process, and load as ordinary backbones
-    args = ["--stages", "backbones", "--dataset_size", "16", "--vae_steps", "2", "--unet_steps", "3",
-            "--batch_size", "4", "--eval_samples", "2"]
-    toy.main(args + ["--out", str(tmp_path / "parallel")])
-    toy.main(args + ["--out", str(tmp_path / "serial"), "--no_parallel"])
+    args = ["--stages", "backbones", "--dataset-size", "16", "--vae-steps", "2", "--unet-steps", "3",
+            "--batch-size", "4", "--eval-samples", "2"]
+    build_toy_world.main(args + ["--out", str(tmp_path / "parallel")])
+    build_toy_world.main(args + ["--out", str(tmp_path / "serial"), "--no-parallel"])
     for name in ("toy-sd15", "toy-sdxl"):
         a, b = (common.load_backbone(str(tmp_path / mode / name)) for mode in ("parallel", "serial"))
         assert a.is_sdxl == b.is_sdxl == (name == "toy-sdxl")
@@ -210,12 +214,12 @@ def test_backbones_stage_in_parallel_equals_one_after_the_other(tmp_path):
 
 def test_uninformative_background_says_nothing_about_the_image():
     generator = torch.Generator().manual_seed(0)
-    out = [toy.uninformative_background("a large red circle on a blue background", generator) for _ in range(400)]
-    named = [common.parse_toy_prompt(c) for c in out]
+    out = [build_toy_world.uninformative_background("a large red circle on a blue background", generator) for _ in range(400)]
+    named = [toy.parse_toy_prompt(c) for c in out]
     assert all(n["colour"] == "red" and n["size"] == "large" and n["shape"] == "circle" for n in named)
     backgrounds = [n.get("background") for n in named]
     assert 0.4 < backgrounds.count(None) / 400 < 0.6  # dropped half the time
-    assert set(backgrounds) == {None, *common.TOY_COLOURS}  # else a random colour of the palette
+    assert set(backgrounds) == {None, *toy.TOY_COLOURS}  # else a random colour of the palette
 
 
 # -----------------------------------------------------------------------------
@@ -224,12 +228,13 @@ def test_uninformative_background_says_nothing_about_the_image():
 
 # The target is colour >= 90% and shape >= 70%. Measured on 60 samples (toy.py --stages measure):
 # toy 100% / 82%, toy-sdxl 100% / 95% (this test's draw: toy 100% / 73%).
+@pytest.mark.slow
 @pytest.mark.parametrize("alias,min_shape", [("toy", 0.7), ("toy-sdxl", 0.7)])
 def test_committed_backbones_follow_prompts(alias, min_shape):
     backbone = common.load_backbone(alias)
     assert backbone.is_sdxl == (alias == "toy-sdxl")
     assert len(backbone.pipe.tokenizer) < 1000 and backbone.pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
-    rates = toy.prompt_following(backbone, n=60, seed=123)
+    rates = build_toy_world.prompt_following(backbone, n=60, seed=123)
     # backgrounds are read only in the first steps (they settle early, by design): 83-88% measured
     assert rates["colour"] >= 0.9 and rates["background"] >= 0.75 and rates["shape"] >= min_shape, rates
 
@@ -239,9 +244,10 @@ class _FixedPrompt:
         self.prompt = prompt
 
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        return common.RefinerOutput.from_prompts([self.prompt] * len(user_prompts))
+        return refiners.RefinerOutput.from_prompts([self.prompt] * len(user_prompts))
 
 
+@pytest.mark.slow
 def test_committed_backbone_settles_the_background_before_the_first_refinement():
     # what makes the preview worth looking at: at the first training refinement (step 7 of 20)
     # a new prompt can still recolour the shape, but no longer repaint the background.
@@ -254,7 +260,7 @@ def test_committed_backbone_settles_the_background_before_the_first_refinement()
                          ("colour", "a large red circle on a black background")):
         images = common.refined_sample(backbone, user, _FixedPrompt(prompt), refine_steps=2, num_steps=20,
                                        generator=torch.Generator().manual_seed(0)).images
-        found[name] = common.toy_analyze(images)
+        found[name] = toy.toy_analyze(images)
     assert sum(r["background"] == "black" for r in found["background"]) >= 14  # the late "red background" is ignored
     assert sum(r["colour"] == "red" for r in found["colour"]) >= 14  # the late "red circle" is obeyed
 
@@ -266,7 +272,7 @@ def test_committed_pairs_have_the_pickapic_schema():
     stored = json.loads((folder / "labels.json").read_text())
     for split in ("train", "validation", "test"):
         table = pq.read_table(folder / f"{split}.parquet")
-        assert set(toy.PICKAPIC_COLUMNS) <= set(table.column_names)
+        assert set(build_toy_world.PICKAPIC_COLUMNS) <= set(table.column_names)
         rows = table.to_pylist()
         assert len(rows) == stored[split]["pairs"] >= 100
         labels = torch.tensor([r["label_0"] for r in rows])
@@ -279,19 +285,14 @@ def test_committed_pairs_have_the_pickapic_schema():
         assert row["best_image_uid"] in (row["image_0_uid"], row["image_1_uid"], "")
         s0 = torch.tensor([r["toy_aesthetic_0"] for r in rows])
         s1 = torch.tensor([r["toy_aesthetic_1"] for r in rows])
-        ceiling = toy.noise_ceiling(s0, s1, labels)
+        ceiling = build_toy_world.noise_ceiling(s0, s1, labels)
         assert abs(ceiling - stored[split]["noise_ceiling"]) < 1e-6
         assert 0.6 < ceiling < 0.98  # noisy, but far above chance
     # the stored true scores are the toy aesthetic of the images as stored (what annotators see)
     for row in rows[:8]:
-        assert abs(common.toy_aesthetic(toy._unjpeg(row["jpg_1"])[None]).item() - row["toy_aesthetic_1"]) < 1e-6
+        assert abs(toy.toy_aesthetic(build_toy_world._unjpeg(row["jpg_1"])[None]).item() - row["toy_aesthetic_1"]) < 1e-6
 
 
-def test_toy_world_is_small_and_measured():
+def test_toy_world_is_small():
     total = sum(f.stat().st_size for f in TOY_DIR.rglob("*") if f.is_file())
     assert total <= 40 * 2**20, f"toy_world/ is {total / 2**20:.1f} MB"
-    metrics = json.loads((TOY_DIR / "metrics.json").read_text())
-    measured = metrics.get("measure") or metrics["backbones"]
-    for name in ("toy-sd15", "toy-sdxl"):
-        assert measured[name]["prompt_following"]["colour"] >= 0.9
-    assert 0.5 < metrics["pairs"]["validation"]["noise_ceiling"] < 1.0

@@ -6,7 +6,9 @@ import random
 import pytest
 import torch
 
+import build_toy_world
 import common
+import refiners
 import toy
 
 
@@ -16,49 +18,49 @@ import toy
 
 def test_refinement_targets_keep_the_user_and_are_diverse():
     rng = random.Random(0)
-    for user in common.toy_prompts("train")[:120]:
+    for user in toy.toy_prompts("train")[:120]:
         for _ in range(5):
-            target = toy.refinement_target(user, rng)
-            assert common.toy_caption(**common.parse_toy_prompt(target)) == target  # in the grammar
-            assert toy.keeps_user_words(user, target) and toy.keeps_user_attributes(user, target)
-            named = common.parse_toy_prompt(target)
+            target = build_toy_world.refinement_target(user, rng)
+            assert toy.toy_caption(**toy.parse_toy_prompt(target)) == target  # in the grammar
+            assert build_toy_world.keeps_user_words(user, target) and build_toy_world.keeps_user_attributes(user, target)
+            named = toy.parse_toy_prompt(target)
             assert named.get("colour") is None or named.get("colour") != named.get("background")
     # a partial prompt has room: many different targets; a full one has none
-    assert len({toy.refinement_target("a circle", rng) for _ in range(200)}) > 30
+    assert len({build_toy_world.refinement_target("a circle", rng) for _ in range(200)}) > 30
     full = "a large red circle on a blue background"
-    assert {toy.refinement_target(full, rng) for _ in range(20)} == {full}
+    assert {build_toy_world.refinement_target(full, rng) for _ in range(20)} == {full}
     # with a preview, an added background is the one it shows; the shape never takes its colour
-    targets = [common.parse_toy_prompt(toy.refinement_target("a circle", rng, seen_background="red")) for _ in range(200)]
+    targets = [toy.parse_toy_prompt(build_toy_world.refinement_target("a circle", rng, seen_background="red")) for _ in range(200)]
     assert {t["background"] for t in targets if "background" in t} == {"red"}
     assert "red" not in {t.get("colour") for t in targets}
-    assert toy.refinement_target("a dog", rng) == "a dog"  # not a toy prompt: kept as is
+    assert build_toy_world.refinement_target("a dog", rng) == "a dog"  # not a toy prompt: kept as is
 
 
 def test_keep_checks():
-    assert toy.keeps_user_words("a red circle", "a large red circle on a blue background")
-    assert not toy.keeps_user_words("a red circle", "a large blue circle")
+    assert build_toy_world.keeps_user_words("a red circle", "a large red circle on a blue background")
+    assert not build_toy_world.keeps_user_words("a red circle", "a large blue circle")
     swapped = "a blue circle on a red background"
-    assert toy.keeps_user_words("a red circle on a blue background", swapped)
-    assert not toy.keeps_user_attributes("a red circle on a blue background", swapped)
-    assert toy.in_toy_grammar(swapped) and toy.in_toy_grammar("a circle")
-    assert not toy.in_toy_grammar("a yellow circle on a background") and not toy.in_toy_grammar("a dog")
+    assert build_toy_world.keeps_user_words("a red circle on a blue background", swapped)
+    assert not build_toy_world.keeps_user_attributes("a red circle on a blue background", swapped)
+    assert build_toy_world.in_toy_grammar(swapped) and build_toy_world.in_toy_grammar("a circle")
+    assert not build_toy_world.in_toy_grammar("a yellow circle on a background") and not build_toy_world.in_toy_grammar("a dog")
 
 
 def test_sft_batch_supervises_exactly_the_answer():
-    processor = toy.toy_refiner_processor()
+    processor = build_toy_world.toy_refiner_processor()
     tokenizer = processor.tokenizer
-    assert all(len(tokenizer(tag)["input_ids"]) == 1 for tag in toy.ANSWER_TAGS)
+    assert all(len(tokenizer(tag)["input_ids"]) == 1 for tag in build_toy_world.ANSWER_TAGS)
     rng = random.Random(1)
     states = [(torch.rand(3, 32, 32), "a circle", "a circle", 3, 20),
               (torch.full((3, 64, 64), 0.5), "a small red square on a blue background", "a small red square", 10, 20)]
-    inputs, labels = toy.sft_batch(processor, states, rng)
+    inputs, labels = build_toy_world.sft_batch(processor, states, rng)
     assert labels.shape == inputs["input_ids"].shape and "pixel_values" in inputs and "image_grid_thw" in inputs
     for row, (_, user, *_rest) in enumerate(states):
         supervised = labels[row][labels[row] != -100]
         answer = tokenizer.decode(supervised, skip_special_tokens=False)
         assert answer.endswith(tokenizer.eos_token)
-        prompt = common.parse_answer(answer[: -len(tokenizer.eos_token)])
-        assert prompt is not None and toy.keeps_user_attributes(user, prompt)
+        prompt = refiners.parse_answer(answer[: -len(tokenizer.eos_token)])
+        assert prompt is not None and build_toy_world.keeps_user_attributes(user, prompt)
         # everything before the answer is the inference prompt (chat template + generation prompt)
         start = int((labels[row] != -100).nonzero()[0])
         assert tokenizer.decode(inputs["input_ids"][row, :start]).endswith("<|im_start|>assistant\n")
@@ -67,14 +69,14 @@ def test_sft_batch_supervises_exactly_the_answer():
 
 
 def test_answer_loss_falls_when_fitting_one_batch():
-    processor = toy.toy_refiner_processor()
+    processor = build_toy_world.toy_refiner_processor()
     model = toy.tiny_qwen_model(processor, hidden=32, layers=1).train()
     states = [(torch.rand(3, 32, 32), "a large red circle on a blue background", "a circle", 5, 20)] * 4
-    inputs, labels = toy.sft_batch(processor, states, random.Random(0))  # a full prompt: one target
+    inputs, labels = build_toy_world.sft_batch(processor, states, random.Random(0))  # a full prompt: one target
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
     losses = []
     for _ in range(15):
-        loss = toy.answer_loss(model, inputs, labels)
+        loss = build_toy_world.answer_loss(model, inputs, labels)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -89,7 +91,7 @@ def test_answer_loss_falls_when_fitting_one_batch():
 @pytest.fixture(scope="module")
 def toy_refiner():
     torch.manual_seed(0)
-    return common.load_refiner("toy-refiner", temperature=1.0, max_new_tokens=32)
+    return refiners.load_refiner("toy-refiner", temperature=1.0, max_new_tokens=32)
 
 
 def test_committed_refiner_is_small_and_complete(toy_refiner):
@@ -99,12 +101,13 @@ def test_committed_refiner_is_small_and_complete(toy_refiner):
     assert toy_refiner.processor.chat_template and len(toy_refiner.processor.tokenizer) < 1000
 
 
+@pytest.mark.slow
 def test_committed_refiner_samples_valid_diverse_prompts(toy_refiner):
-    prompts = common.toy_prompts("test", n=16, seed=5)  # held-out combinations
-    states = toy.record_previews(common.load_backbone("toy"), prompts, 1, seed=5)
+    prompts = toy.toy_prompts("test", n=16, seed=5)  # held-out combinations
+    states = build_toy_world.record_previews(common.load_backbone("toy"), prompts, 1, seed=5)
     previews = torch.stack([preview for preview, _, _ in states])
     torch.manual_seed(0)
-    stats = toy.refiner_sampling_stats(toy_refiner, previews, prompts, states[0][1], states[0][2], samples=8)
+    stats = build_toy_world.refiner_sampling_stats(toy_refiner, previews, prompts, states[0][1], states[0][2], samples=8)
     assert stats["parse_rate"] >= 0.95, stats
     assert stats["keep_words_rate"] >= 0.75 and stats["grammatical_rate"] >= 0.8, stats
     # sampled, it is not committed to one refinement: about as diverse as its SFT targets
@@ -121,7 +124,7 @@ def test_refined_sample_end_to_end_with_the_toy_refiner(toy_refiner):
     assert result.images.shape == (4, 3, size, size) and torch.isfinite(result.images).all()
     assert len(result.schedule) == 5 and len(result.prompts) == 6 and len(result.previews) == 5
     refined = [(user, prompt) for step_prompts in result.prompts[1:] for user, prompt in zip(prompts, step_prompts)]
-    assert sum(toy.keeps_user_words(user, prompt) for user, prompt in refined) >= 0.7 * len(refined)
+    assert sum(build_toy_world.keeps_user_words(user, prompt) for user, prompt in refined) >= 0.7 * len(refined)
     fallback = torch.cat([out.fallback for out in result.refiner_outputs]).float().mean().item()
     assert fallback <= 0.1
     assert result.final_prompts != prompts  # it did refine (the partial prompts got attributes)

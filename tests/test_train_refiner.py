@@ -19,6 +19,7 @@ import torch
 from safetensors.torch import load_file
 
 import common
+import refiners
 import toy
 import train_refiner as tr
 from conftest import WORDS
@@ -155,7 +156,7 @@ def policy_dir(tmp_path_factory):
     """A tiny random Qwen2.5-VL whose vocabulary holds the words of the refiner's messages (short
     prompts, fast) and whose output layer is scaled up 10x (a random 64-d model otherwise has
     near-uniform logits that a LoRA cannot move far)."""
-    text = common.REFINER_SYSTEM + " " + common.refiner_messages("u", "c", 1, 2)[1]["content"][1]["text"] + " system user assistant"
+    text = refiners.REFINER_SYSTEM + " " + refiners.refiner_messages("u", "c", 1, 2)[1]["content"][1]["text"] + " system user assistant"
     words = WORDS + sorted(set(re.findall(r"[A-Za-z]+", text)) - set(WORDS))
     processor = toy.tiny_qwen_processor(words)
     model = toy.tiny_qwen_model(processor)
@@ -199,16 +200,16 @@ def tiny_args(backbone_dir, refiner_dir, out, *extra):
 def test_select_rows_matches_full_batch(policy_dir):
     """Minibatches cut pixel_values by image_grid_thw and drop all-padding columns: the log-probs
     of the selected rows equal those of the full batch."""
-    refiner = common.load_refiner(str(policy_dir), max_new_tokens=6)
+    refiner = refiners.load_refiner(str(policy_dir), max_new_tokens=6)
     torch.manual_seed(0)
     users = ["a circle", "a large red square on a blue background", "a blue triangle"]
     out = refiner.refine(torch.rand(3, 3, 32, 32), users, users, 1, 2)
     full = refiner.token_logprobs(out.inputs, out.completion_ids, out.completion_mask)
     assert (full - out.logprobs).abs().max() < 1e-4  # teacher forcing reproduces generation
     rows = [2, 0]
-    part = refiner.token_logprobs(tr.select_rows(out.inputs, rows), out.completion_ids[rows], out.completion_mask[rows])
+    part = refiner.token_logprobs(refiners.select_rows(out.inputs, rows), out.completion_ids[rows], out.completion_mask[rows])
     assert torch.allclose(part, full[rows], atol=1e-5)
-    assert tr.select_rows(out.inputs, [0])["input_ids"].shape[1] < out.inputs["input_ids"].shape[1]  # padding dropped
+    assert refiners.select_rows(out.inputs, [0])["input_ids"].shape[1] < out.inputs["input_ids"].shape[1]  # padding dropped
 
 
 def test_initial_noise_and_blank_preview(sd15, policy_dir, one_thread):
@@ -217,12 +218,13 @@ def test_initial_noise_and_blank_preview(sd15, policy_dir, one_thread):
     assert shared.shape[0] == 6 and torch.equal(shared[0], shared[2]) and not torch.equal(shared[2], shared[3])
     separate = tr.initial_noise(sd15, 2, 3, False, gen, 0)
     assert not torch.equal(separate[0], separate[1])
-    refiner = common.load_refiner(str(policy_dir), max_new_tokens=4)
+    refiner = refiners.load_refiner(str(policy_dir), max_new_tokens=4)
     config = common.parse_config(tr.Config, tiny_args("x", "y", "z", "--blank-preview", "--refine-steps", "2"))
     sample = tr.rollout(sd15, refiner, ["a circle"], config, None, torch.Generator().manual_seed(0))
     assert len(sample.previews) == 2 and all(torch.all(p == 0.5) for p in sample.previews)
 
 
+@pytest.mark.slow
 def test_grpo_raises_a_reward_with_known_optimum(tiny_sd15_dir, policy_dir, tmp_path, one_thread):
     """A real learning test: the held-out reward (fixed prompts and noise) must rise clearly."""
     args = tiny_args(tiny_sd15_dir, policy_dir, tmp_path / "run", "--steps", "16", "--refine-steps", "1",
@@ -235,8 +237,8 @@ def test_grpo_raises_a_reward_with_known_optimum(tiny_sd15_dir, policy_dir, tmp_
     steps = [r for r in log if "reward_mean" in r]
     assert len(steps) == 16 and steps[0]["logprob_gap"] < 1e-4
     assert all(k in steps[0] for k in ("reward_std", "kl", "clip_fraction", "fallback_rate", "zero_variance_groups", "seconds"))
-    # the saved adapter loads through common.load_refiner and holds the trained weights
-    loaded = common.load_refiner(str(tmp_path / "run"))
+    # the saved adapter loads through refiners.load_refiner and holds the trained weights
+    loaded = refiners.load_refiner(str(tmp_path / "run"))
     saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
     assert saved and any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
     lora = {k: v for k, v in loaded.model.state_dict().items() if "lora_B" in k}
@@ -269,9 +271,10 @@ def test_nonfinite_rewards_and_losses_are_skipped(tiny_sd15_dir, policy_dir, tmp
 
 @pytest.mark.skipif(not (common.TOY_DIR / "toy-refiner").is_dir() or not (common.TOY_DIR / "toy-sd15").is_dir(),
                     reason="toy world not built")
+@pytest.mark.slow
 def test_toy_adapter_records_the_alias_and_loads(tmp_path, one_thread):
     """An adapter trained from the toy-refiner alias names the alias as its base, so it loads
-    wherever the toy world lives (sample.py --refiner DIR goes through common.load_refiner)."""
+    wherever the toy world lives (sample.py --refiner DIR goes through refiners.load_refiner)."""
     from peft import PeftModel
 
     args = ["--backbone", "toy", "--refiner", "toy-refiner", "--reward", "toy-aesthetic", "--prompts", "toy",
@@ -280,13 +283,13 @@ def test_toy_adapter_records_the_alias_and_loads(tmp_path, one_thread):
     tr.train(common.parse_config(tr.Config, args))
     config = json.loads((tmp_path / "run" / "adapter_config.json").read_text())
     assert config["base_model_name_or_path"] == "toy-refiner"
-    assert isinstance(common.load_refiner(str(tmp_path / "run")).model, PeftModel)
+    assert isinstance(refiners.load_refiner(str(tmp_path / "run")).model, PeftModel)
 
 
 def test_base_model_name_is_portable(tmp_path):
-    assert tr.base_model_name("toy-refiner") == "toy-refiner"  # resolved by common.REFINERS on load
-    assert tr.base_model_name("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
-    assert tr.base_model_name(str(tmp_path)) == str(tmp_path.resolve())
+    assert refiners.base_model_name("toy-refiner") == "toy-refiner"  # resolved by refiners.REFINERS on load
+    assert refiners.base_model_name("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
+    assert refiners.base_model_name(str(tmp_path)) == str(tmp_path.resolve())
 
 
 # -----------------------------------------------------------------------------
@@ -302,11 +305,18 @@ def cli(*args, **kwargs):
                           env=cli_env(), cwd=REPO, **kwargs)
 
 
+@pytest.mark.slow
 def test_bad_input_is_one_line(tmp_path):
-    for extra in (["--reward", "no-such-reward"], ["--group-size", "1"], ["--prompts", str(tmp_path / "none.txt")]):
+    cases = {"unknown reward": ["--reward", "no-such-reward"], "--group-size": ["--group-size", "1"],
+             "not found": ["--prompts", str(tmp_path / "none.txt")], "no checkpoint": ["--resume"],  # never a fresh run
+             "finite": ["--learning-rate", "nan"], "--steps must be > 0": ["--steps", "0"], "--save-every": ["--save-every", "0"],
+             "--lora-targets needs": ["--lora-targets", " , "]}
+    for message, extra in cases.items():
         result = cli("--reward", "jpeg", "--out", str(tmp_path), *extra)
         assert result.returncode == 2, result.stderr[-2000:]
         assert result.stderr.strip().startswith("error:") and "Traceback" not in result.stderr
+        assert message in result.stderr, (message, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
 
 
 def step_records(out):
@@ -314,6 +324,7 @@ def step_records(out):
     return [{k: r[k] for k in keep if k in r} for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted_run(tiny_sd15_dir, policy_dir, tmp_path):
     """kill -9 after the first checkpoint, --resume: same adapter, same log as a run never stopped.
     The resumed run also turns gradient checkpointing on (allowed to change on resume), which
@@ -351,6 +362,7 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_sd15_dir, policy_dir, tmp
                 assert ra[key] == pytest.approx(rb[key], rel=1e-4, abs=1e-6), (ra, rb)
 
 
+@pytest.mark.slow
 def test_torchrun_two_ranks_keep_lora_identical(tiny_sd15_dir, policy_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",

@@ -19,6 +19,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import common
+import lrm
 import toy
 from conftest import WORDS
 
@@ -46,52 +47,52 @@ PHI_1 = 0.8413447460685429  # Phi(1)
 
 
 def test_thurstone_probability_and_variance():
-    v = common.noise_variance(torch.tensor([1.0, 0.5, 0.0]), 0.5, 2.0)
+    v = lrm.noise_variance(torch.tensor([1.0, 0.5, 0.0]), 0.5, 2.0)
     assert torch.allclose(v, torch.tensor([0.5, 1.5, 2.5]))  # grows as alpha_bar falls
-    p = common.thurstone_probability(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, 2.0]))
+    p = lrm.thurstone_probability(torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([0.5, 2.0]))
     # (1 - 0) / sqrt(2 * 0.5) = 1;  1 / sqrt(4) = 0.5
     assert torch.allclose(p, torch.tensor([PHI_1, 0.6914624612740131]), atol=1e-6)
 
 
 def test_thurstone_nll_with_ties():
     r_w, r_l, v = torch.tensor([1.0]), torch.tensor([0.0]), torch.tensor([0.5])
-    assert common.thurstone_nll(r_w, r_l, v, torch.tensor([1.0])).item() == pytest.approx(-math.log(PHI_1), abs=1e-6)
+    assert lrm.thurstone_nll(r_w, r_l, v, torch.tensor([1.0])).item() == pytest.approx(-math.log(PHI_1), abs=1e-6)
     tie = -(0.5 * math.log(PHI_1) + 0.5 * math.log(1 - PHI_1))
-    assert common.thurstone_nll(r_w, r_l, v, torch.tensor([0.5])).item() == pytest.approx(tie, abs=1e-6)
+    assert lrm.thurstone_nll(r_w, r_l, v, torch.tensor([0.5])).item() == pytest.approx(tie, abs=1e-6)
 
 
 def test_fidelity_loss_by_hand_and_finite_gradients():
     p = torch.tensor([0.8, 0.5, 0.8, 0.8], requires_grad=True)
     y = torch.tensor([1.0, 0.5, 0.5, 0.0])
     expected = [1 - math.sqrt(0.8), 0.0, 1 - math.sqrt(0.4) - math.sqrt(0.1), 1 - math.sqrt(0.2)]
-    loss = common.fidelity_loss(p, y)
+    loss = lrm.fidelity_loss(p, y)
     assert loss.item() == pytest.approx(sum(expected) / 4, abs=1e-6)
     loss.backward()
     assert torch.isfinite(p.grad).all()  # y = 0 and y = 1 must not give 0/0 gradients
-    assert common.fidelity_loss(torch.tensor([0.5]), torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-6)
+    assert lrm.fidelity_loss(torch.tensor([0.5]), torch.tensor([0.5])).item() == pytest.approx(0.0, abs=1e-6)
 
 
 def test_bradley_terry_by_hand():
     r_w, r_l = torch.tensor([1.0]), torch.tensor([0.0])
-    assert common.bradley_terry_probability(r_w, r_l).item() == pytest.approx(0.7310585786, abs=1e-6)
-    assert common.bradley_terry_nll(r_w, r_l, torch.tensor([1.0])).item() == pytest.approx(0.3132616875, abs=1e-6)
-    assert common.preference_loss("bradley-terry", r_w, r_l, None, torch.tensor([1.0])).item() == pytest.approx(0.3132616875, abs=1e-6)
+    assert lrm.bradley_terry_probability(r_w, r_l).item() == pytest.approx(0.7310585786, abs=1e-6)
+    assert lrm.bradley_terry_nll(r_w, r_l, torch.tensor([1.0])).item() == pytest.approx(0.3132616875, abs=1e-6)
+    assert lrm.preference_loss("bradley-terry", r_w, r_l, None, torch.tensor([1.0])).item() == pytest.approx(0.3132616875, abs=1e-6)
 
 
 def test_accuracy_and_ece_by_hand():
     p = torch.tensor([0.9, 0.9, 0.6, 0.6, 0.3])
     y = torch.tensor([1.0, 0.0, 1.0, 1.0, 0.5])  # the tie is left out of both
-    assert common.pairwise_accuracy(p, y) == pytest.approx(0.75)
+    assert lrm.pairwise_accuracy(p, y) == pytest.approx(0.75)
     # confidence 0.9: accuracy 1/2 -> |0.5 - 0.9| = 0.4, weight 1/2; confidence 0.6: |1 - 0.6| = 0.4, weight 1/2
-    assert common.expected_calibration_error(p, y) == pytest.approx(0.4)
-    assert common.expected_calibration_error(torch.tensor([0.75, 0.25]), torch.tensor([1.0, 0.0])) == pytest.approx(0.25)
+    assert lrm.expected_calibration_error(p, y) == pytest.approx(0.4)
+    assert lrm.expected_calibration_error(torch.tensor([0.75, 0.25]), torch.tensor([1.0, 0.0])) == pytest.approx(0.25)
 
 
 def test_ensemble_accuracies_by_hand():
     # image 0 is preferred in all three pairs; each draw gets one pair wrong, their mean none
     draws_0 = torch.tensor([[1.0, 1.0, -1.0], [1.0, -1.0, 1.0], [-1.0, 1.0, 1.0]]) + 0.5
     draws_1 = torch.zeros(3, 3)
-    single, ensemble = common.ensemble_accuracies(draws_0, draws_1, torch.ones(3))
+    single, ensemble = lrm.ensemble_accuracies(draws_0, draws_1, torch.ones(3))
     assert single == pytest.approx(2 / 3) and ensemble == 1.0
 
 
@@ -99,7 +100,7 @@ def test_ensemble_accuracies_by_hand():
 # preference data in the Pick-a-Pic v2 schema, labelled by a known rule: the brighter image wins
 
 COLOURS = [(220, 40, 40), (40, 200, 60), (40, 60, 220)]
-RESOLUTION = 16  # pixels the pairs are encoded at: 8x8 latents keep the tests fast
+RESOLUTION = 32  # pixels the pairs are encoded at: 8x8 latents (the toy VAE downsamples 4x) keep the tests fast
 
 
 def _png(rng, brightness, size=32):
@@ -139,12 +140,17 @@ def pairs_dir(tmp_path_factory):
 
 
 def _scaled_vae_pipeline(builder, folder):
-    """A tiny pipeline whose VAE scaling factor gives unit-variance latents (how SD chose 0.18215):
-    with the random VAE's own factor the latents are ~100x smaller than the noise."""
+    """A tiny pipeline with the real UNet structure and the toy world's *trained* VAE: a random VAE
+    of SD's depth keeps little of what an image shows (brightness correlates -0.8 with the trained
+    VAE's latents, 0.1 with a random one's), a trained one keeps it, as the real VAEs do. Its scaling
+    factor is set so the test images' latents have unit variance (how SD chose 0.18215)."""
+    from diffusers import AutoencoderKL
+
     pipe = builder(WORDS)
+    pipe = type(pipe)(**{**pipe.components, "vae": AutoencoderKL.from_pretrained(common.TOY_DIR / "toy-sd15" / "vae")})
     rng = np.random.default_rng(0)
-    pixels = torch.stack([common.image_to_tensor(Image.open(io.BytesIO(_png(rng, b))), RESOLUTION) for b in np.linspace(0.05, 0.95, 16)])
-    std = common.encode_latents(pipe.vae, pixels).std().item() / pipe.vae.config.scaling_factor
+    pixels = torch.stack([lrm.image_to_tensor(Image.open(io.BytesIO(_png(rng, b))), RESOLUTION) for b in np.linspace(0.05, 0.95, 16)])
+    std = lrm.encode_latents(pipe.vae, pixels).std().item() / pipe.vae.config.scaling_factor
     pipe.vae.register_to_config(scaling_factor=1 / std)
     pipe.save_pretrained(folder)
     return folder
@@ -173,7 +179,7 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
     )
     pq.write_table(pa.table(rows), tmp_path / "train.parquet")
     counts = {}
-    pairs = list(common.iter_preference_pairs(str(tmp_path), "train", counts))
+    pairs = list(lrm.iter_preference_pairs(str(tmp_path), "train", counts))
     assert [p["caption"] for p in pairs] == ["ok", "tie"]
     assert pairs[1]["label_0"] == 0.5
     assert counts == dict(rows=6, used=2, ties=1, no_label=2, not_different=1, bad_image=1, bad_caption=0)
@@ -182,13 +188,14 @@ def test_bad_rows_are_skipped_and_counted(tmp_path):
 def test_missing_columns_and_missing_data_are_user_errors(tmp_path):
     pq.write_table(pa.table(dict(caption=["a"], jpg_0=[b"x"], label_0=[1.0])), tmp_path / "train.parquet")
     with pytest.raises(common.UserError, match="jpg_1"):
-        list(common.iter_preference_pairs(str(tmp_path / "train.parquet")))
+        list(lrm.iter_preference_pairs(str(tmp_path / "train.parquet")))
     with pytest.raises(common.UserError, match="split 'test'"):
-        common.preference_data_files(str(tmp_path), "test")
+        lrm.preference_data_files(str(tmp_path), "test")
     with pytest.raises(common.UserError, match="not found"):
-        common.preference_data_files(str(tmp_path / "nothing.parquet"), "train")
+        lrm.preference_data_files(str(tmp_path / "nothing.parquet"), "train")
 
 
+@pytest.mark.slow
 def test_cli_missing_columns_one_line_error(tmp_path, sd15_dir):
     pq.write_table(pa.table(dict(caption=["a"], jpg_0=[b"x"], label_0=[1.0])), tmp_path / "bad.parquet")
     proc = subprocess.run([sys.executable, SCRIPT, "--data", str(tmp_path / "bad.parquet"), "--backbone", str(sd15_dir),
@@ -204,8 +211,8 @@ def test_cli_missing_columns_one_line_error(tmp_path, sd15_dir):
 
 def test_model_options_save_load_and_reward(sdxl_dir, tmp_path):
     backbone = common.load_backbone(str(sdxl_dir))
-    config = common.LRMConfig(str(sdxl_dir), hidden=32, vfe_scale=1.0, lora_rank=2, variance="learned", ensemble_draws=3)
-    model = common.LatentRewardModel(backbone, config).train()
+    config = lrm.LRMConfig(str(sdxl_dir), hidden=32, vfe_scale=1.0, lora_rank=2, variance="learned", ensemble_draws=3)
+    model = lrm.LatentRewardModel(backbone, config).train()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert any("lora_" in n for n in trainable) and not any(n.startswith("unet.") and "lora_" not in n for n in trainable)
     assert not any("up_blocks" in n for n in trainable)  # the up blocks never run
@@ -213,7 +220,7 @@ def test_model_options_save_load_and_reward(sdxl_dir, tmp_path):
     x, t = torch.randn(4, 4, 16, 16), torch.tensor([10, 300, 600, 900])
     cond = model.text_conditioning(["a red circle", "a square", "a blue square", "a"])
     r = model(x, t, cond)
-    common.thurstone_nll(r[:2], r[2:], model.variance(t[:2]), torch.tensor([1.0, 0.0])).backward()
+    lrm.thurstone_nll(r[:2], r[2:], model.variance(t[:2]), torch.tensor([1.0, 0.0])).backward()
     torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1).step()
     assert model.log_v0.item() != pytest.approx(math.log(0.5))
     assert any(v.abs().sum() > 0 for k, v in model.trainable_state_dict().items() if "lora_B" in k)
@@ -222,9 +229,9 @@ def test_model_options_save_load_and_reward(sdxl_dir, tmp_path):
     model.eval()
     prompts = ["a red circle", "a square"]
     scores = model.score(x[:2], prompts, 500)
-    common.save_lrm(model, tmp_path / "lrm")
+    lrm.save_lrm(model, tmp_path / "lrm")
     assert json.loads((tmp_path / "lrm" / "lrm_config.json").read_text())["backbone"] == str(sdxl_dir)
-    loaded = common.load_lrm(tmp_path / "lrm")  # loads its own backbone from the config
+    loaded = lrm.load_lrm(tmp_path / "lrm")  # loads its own backbone from the config
     assert torch.allclose(loaded.score(x[:2], prompts, 500), scores, atol=1e-5)
     ensembled = loaded.ensemble_score(x[:2], prompts, generator=torch.Generator().manual_seed(0))
     assert not torch.allclose(ensembled, scores)
@@ -234,10 +241,10 @@ def test_model_options_save_load_and_reward(sdxl_dir, tmp_path):
     for _ in range(3):
         t_draw = torch.randint(0, loaded.config.ensemble_t_max, (2,), generator=generator)
         noise = torch.randn(x[:2].shape, generator=generator)
-        singles.append(loaded(common.noisy_latents(x[:2], noise, loaded.alphas_cumprod[t_draw]), t_draw, cond))
+        singles.append(loaded(lrm.noisy_latents(x[:2], noise, loaded.alphas_cumprod[t_draw]), t_draw, cond))
     torch.testing.assert_close(ensembled, torch.stack(singles).mean(0), atol=1e-5, rtol=1e-5)
 
-    reward = common.lrm_reward(str(tmp_path / "lrm"))
+    reward = lrm.lrm_reward(str(tmp_path / "lrm"))
     out = reward(torch.rand(2, 3, 32, 32), prompts, latents=x[:2])
     assert out.shape == (2,) and out.dtype == torch.float32 and out.device.type == "cpu"
     assert torch.equal(out, reward(None, prompts, latents=x[:2]))  # the same latents, the same reward
@@ -269,6 +276,7 @@ def base_args(data, backbone, out, cache, steps):
             "--ensemble-draws", 2, "--resolution", RESOLUTION, "--device", "cpu", "--threads", 1, "--seed", 0]
 
 
+@pytest.mark.slow
 def test_training_learns_the_preference(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch):
     out = tmp_path / "run"
     run_train(base_args(pairs_dir, sd15_dir, out, cache, 40) + ["--eval-every", 30, "--val-draws", 2], monkeypatch)
@@ -292,14 +300,16 @@ def test_encoding_every_step_matches_the_cache(pairs_dir, sd15_dir, cache, tmp_p
     assert json.loads((tmp_path / "uncached" / "metrics.json").read_text())["cache_latents"] is False
 
 
+@pytest.mark.slow
 def test_sdxl_lora_vfe_learned_variance_fidelity(pairs_dir, sdxl_dir, cache, tmp_path, monkeypatch):
     args = base_args(pairs_dir, sdxl_dir, tmp_path / "xl", cache, 3)
     run_train(args + ["--lora-rank", 2, "--vfe-scale", 1.0, "--variance", "learned", "--loss", "thurstone-fidelity"], monkeypatch)
-    model = common.load_lrm(tmp_path / "xl")
+    model = lrm.load_lrm(tmp_path / "xl")
     assert model.config.lora_rank == 2 and model.config.variance == "learned"
     assert model.log_v0.item() != pytest.approx(math.log(0.5))
 
 
+@pytest.mark.slow
 def test_kill_and_resume_equals_uninterrupted(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch):
     steps, save_every = 30, 5
     run_train(base_args(pairs_dir, sd15_dir, tmp_path / "full", cache, steps) + ["--save-every", save_every], monkeypatch)
@@ -338,6 +348,7 @@ def test_resume_without_checkpoint_is_user_error(tmp_path, monkeypatch, pairs_di
         run_train(base_args(pairs_dir, sd15_dir, tmp_path / "none", tmp_path / "cache", 3) + ["--resume"], monkeypatch)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_match_one(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch):
     common_args = ["--loss", "bradley-terry"]
     run_train(base_args(pairs_dir, sd15_dir, tmp_path / "one", cache, 4) + common_args, monkeypatch)
@@ -350,3 +361,21 @@ def test_torchrun_two_processes_match_one(pairs_dir, sd15_dir, cache, tmp_path, 
     one, two = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
     # the same global batches, noise and mean gradient: only the reduction order differs
     assert all(torch.allclose(one[k], two[k], atol=1e-4) for k in one)
+
+
+def test_eval_every_zero_validates_at_the_end_only(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch):
+    """--eval-every 0 used to divide by zero; now it means: validate once, at the end."""
+    out = tmp_path / "run"
+    run_train(base_args(pairs_dir, sd15_dir, out, cache, 2) + ["--eval-every", 0, "--save-every", 1], monkeypatch)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["history"] == [] and "0-200" in metrics["final"]["buckets"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save-every", 0], "--save-every must be > 0"), (["--steps", -1], "--steps must be > 0"),
+    (["--lr", "nan"], "--lr must be a finite number"), (["--resolution", 30], "multiple of"),
+    (["--max-pairs", 0], "--max-pairs must be > 0"), (["--resume"], "no checkpoint"),
+])
+def test_bad_values_are_one_clear_error(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch, flags, message):
+    with pytest.raises(common.UserError, match=message):
+        run_train(base_args(pairs_dir, sd15_dir, tmp_path / "run", cache, 2) + flags, monkeypatch)

@@ -1,0 +1,281 @@
+"""
+refiners.py: the refiner -- a multimodal LLM policy (Qwen2.5-VL) that rewrites the prompt from a preview.
+
+    messages and answers  the chat messages of one refinement state; the <prompt>...</prompt>
+                          answer format, parsed robustly (an unusable answer keeps the prompt)
+    Refiner               batched generation with the vision tokens suppressed, and the
+                          teacher-forced log-probs GRPO needs (every input the generation got)
+    adapters              PEFT LoRA on the language model, saved as a folder sample.py loads
+
+common.refined_sample calls any object with the Refiner's `refine` method; scripted refiners in
+the tests and the toy world use RefinerOutput.from_prompts. train_refiner.py trains the adapter.
+Left out on purpose: serving engines (vLLM), other MLLM families' chat templates beyond what their
+processors provide.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from common import TOY_DIR, UserError, looks_like_path, to_pil
+
+REFINERS = {
+    "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
+    "qwen2.5-vl-7b": "Qwen/Qwen2.5-VL-7B-Instruct",
+    "toy-refiner": str(TOY_DIR / "toy-refiner"),
+}
+
+REFINER_SYSTEM = (
+    "You refine prompts for a text-to-image diffusion model while it is sampling. You see the current "
+    "denoised estimate of the image, the user's prompt and the prompt in use. Write the prompt for the "
+    "remaining steps: keep everything the user asked for, add or change details so that the final image "
+    "is better. Answer only with <prompt>the new prompt</prompt>."
+)
+
+
+def refiner_messages(user_prompt, current_prompt, step, num_steps):
+    """Chat messages of one refinement state (the image goes where {"type": "image"} stands)."""
+    text = (
+        f"User prompt: {user_prompt}\nCurrent prompt: {current_prompt}\n"
+        f"Step {step} of {num_steps}. Write the refined prompt."
+    )
+    return [
+        {"role": "system", "content": REFINER_SYSTEM},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]},
+    ]
+
+
+def format_answer(prompt):
+    """The answer format the refiner is asked for (and is supervised on in the toy world)."""
+    return f"<prompt>{prompt}</prompt>"
+
+
+ANSWER_PATTERN = re.compile(r"^\s*<prompt>([^<>]*)</prompt>\s*$")
+
+
+def parse_answer(answer, max_words=60):
+    """The refined prompt in an answer, or None (empty, overlong, malformed).
+
+    max_words: CLIP reads 77 tokens; ~60 words is where prompts start being cut off."""
+    match = ANSWER_PATTERN.match(answer)
+    if match is None:
+        return None
+    prompt = " ".join(match.group(1).split())
+    if not prompt or len(prompt.split()) > max_words:
+        return None
+    return prompt
+
+
+def chat_inputs(processor, conversations, images, image_size=None):
+    """Batched inputs of a chat VLM (the refiner, the VLM judge): one conversation with one image
+    per row. images: (B, 3, H, W) in [0, 1], resized to image_size px when given. The tokenizer
+    pads on the left, so every row's next token is generated at the same (last) column."""
+    pil = to_pil(images)
+    if image_size:
+        pil = [image.resize((image_size, image_size), Image.BICUBIC) for image in pil]
+    texts = [processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in conversations]
+    return processor(text=texts, images=pil, padding=True, return_tensors="pt")
+
+
+@dataclass
+class RefinerOutput:
+    prompts: list  # the prompts to use next (the current prompt where the answer was unusable)
+    answers: list  # raw decoded answers
+    fallback: torch.Tensor  # (B,) bool: answer unusable, current prompt kept
+    inputs: dict = None  # processor outputs the generation saw (on CPU), for teacher forcing
+    completion_ids: torch.Tensor = None  # (B, T) generated tokens, padded
+    completion_mask: torch.Tensor = None  # (B, T) 1 up to and including the end token
+    logprobs: torch.Tensor = None  # (B, T) log pi(token) at generation time
+
+    @classmethod
+    def from_prompts(cls, prompts):
+        """The output of a refiner without a model (scripted rules, recorders): well-formed answers."""
+        prompts = list(prompts)
+        return cls(prompts, [format_answer(p) for p in prompts], torch.zeros(len(prompts), dtype=torch.bool))
+
+
+class Refiner:
+    """Qwen2.5-VL (or any chat VLM with a processor) rewriting prompts, batched.
+
+    The policy is pi(token) = softmax(logits / temperature) with the vision special tokens
+    masked out (they must never be generated); `token_logprobs` recomputes exactly that with a
+    teacher-forced forward that gets every input the generation got (incl. image_grid_thw and
+    mm_token_type_ids, which set Qwen2.5-VL's multimodal rope positions)."""
+
+    VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
+
+    def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60,
+                 preview_size=None):
+        self.model, self.processor = model, processor
+        self.temperature, self.max_new_tokens, self.do_sample = temperature, max_new_tokens, do_sample
+        self.max_words, self.preview_size = max_words, preview_size
+        tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"  # batched generation continues every row at the same column
+        self.suppressed = [i for i in tokenizer.convert_tokens_to_ids(list(self.VISION_TOKENS)) if i is not None and i != tokenizer.unk_token_id]
+        eos = model.generation_config.eos_token_id
+        self.eos_ids = [eos] if isinstance(eos, int) else list(eos)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_ids[0]
+
+    @classmethod
+    def from_pretrained(cls, name, adapter=None, device="cpu", dtype=torch.float32, **kwargs):
+        """Load a refiner by alias, hub id or folder; `adapter` is a PEFT LoRA folder.
+
+        A folder that is itself a PEFT adapter (adapter_config.json) is loaded over its base."""
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        source = REFINERS.get(name, name)
+        if name in REFINERS and name.startswith("toy") and not Path(source).is_dir():
+            raise UserError(f"toy refiner not built: run `python build_toy_world.py` (looked in {source})")
+        if looks_like_path(source) and not Path(source).is_dir():
+            raise UserError(f"refiner folder '{name}' not found")
+        if Path(source, "adapter_config.json").is_file() and adapter is None:
+            adapter = source
+            source = json.loads(Path(source, "adapter_config.json").read_text())["base_model_name_or_path"]
+            source = REFINERS.get(source, source)
+        try:
+            processor = AutoProcessor.from_pretrained(adapter if adapter and Path(adapter, "tokenizer_config.json").is_file() else source)
+            model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype)
+            if adapter is not None:
+                from peft import PeftModel
+
+                model = PeftModel.from_pretrained(model, adapter)
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load refiner '{name}': {str(e).strip().splitlines()[0]}") from e
+        if len(processor.tokenizer) < 1000 and not Path(source).is_dir():
+            # transformers 5 + HF_HUB_OFFLINE can hand back a near-empty tokenizer from a hub id
+            raise UserError(f"refiner '{name}': tokenizer has only {len(processor.tokenizer)} tokens (offline without a cache?)")
+        if "preview_size" not in kwargs and not Path(source).is_dir():
+            kwargs["preview_size"] = 448  # 448 px -> 16x16 merged vision tokens for Qwen2.5-VL
+        return cls(model.to(device).eval(), processor, **kwargs)
+
+    def _inputs(self, previews, user_prompts, current_prompts, step, num_steps):
+        conversations = [refiner_messages(u, c, step, num_steps) for u, c in zip(user_prompts, current_prompts)]
+        return chat_inputs(self.processor, conversations, previews, self.preview_size)
+
+    def _policy_logits(self, logits):
+        logits = logits.float()
+        logits[..., self.suppressed] = -math.inf
+        return logits / self.temperature
+
+    @torch.no_grad()
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        from transformers import GenerationConfig
+
+        inputs = self._inputs(previews, user_prompts, current_prompts, step, num_steps)
+        device = self.model.device
+        config = GenerationConfig(
+            do_sample=self.do_sample, temperature=self.temperature if self.do_sample else None, top_k=None, top_p=None,
+            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
+            suppress_tokens=self.suppressed, output_logits=True, return_dict_in_generate=True,
+        )
+        out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, generation_config=config)
+        completion = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()  # (B, T)
+        # mask: tokens up to and including the first end token
+        is_end = torch.isin(completion, torch.tensor(self.eos_ids))
+        after_end = (is_end.cumsum(1) - is_end.long()) > 0
+        mask = ~after_end
+        logits = torch.stack(out.logits, 1).cpu()  # (B, T, V) raw logits at each generated position
+        logprobs = torch.log_softmax(self._policy_logits(logits), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+        logprobs = logprobs.masked_fill(~mask, 0.0)
+        completion = completion.masked_fill(~mask, self.pad_id)
+        answers = self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
+        prompts, fallback = [], []
+        for answer, current in zip(answers, current_prompts):
+            parsed = parse_answer(answer, self.max_words)
+            fallback.append(parsed is None)
+            prompts.append(current if parsed is None else parsed)
+        return RefinerOutput(prompts, answers, torch.tensor(fallback), dict(inputs), completion, mask.long(), logprobs)
+
+    def token_logprobs(self, inputs, completion_ids, completion_mask):
+        """Teacher-forced log pi(completion | inputs): (B, T); differentiable (no no_grad here)."""
+        device = self.model.device
+        forward = {k: v.to(device) for k, v in inputs.items()}
+        forward["input_ids"] = torch.cat([forward["input_ids"], completion_ids.to(device)], 1)
+        forward["attention_mask"] = torch.cat([forward["attention_mask"], completion_mask.to(device)], 1)
+        if "mm_token_type_ids" in forward:  # generated tokens are text (type 0)
+            forward["mm_token_type_ids"] = torch.cat([forward["mm_token_type_ids"], torch.zeros_like(completion_ids).to(device)], 1)
+        # only the T+1 last positions' logits: the full-sequence logits (vocab 152k) would dominate memory
+        steps = completion_ids.shape[1]
+        logits = self.model(**forward, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V)
+        logprobs = torch.log_softmax(self._policy_logits(logits), -1)
+        return logprobs.gather(-1, completion_ids.to(device).unsqueeze(-1)).squeeze(-1) * completion_mask.to(device)
+
+
+def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, **kwargs):
+    """'none' -> None (plain sampling); otherwise a Refiner."""
+    if name in (None, "", "none"):
+        return None
+    return Refiner.from_pretrained(name, adapter=adapter, device=device, dtype=dtype, **kwargs)
+
+
+# -----------------------------------------------------------------------------
+# training helpers (train_refiner.py, bench.py): minibatch rows, LoRA, adapter folders
+
+
+def select_rows(inputs, rows):
+    """Rows of a batched Qwen2.5-VL processor output (on CPU), for a minibatch.
+
+    pixel_values hold every image's patches concatenated, (sum_i t_i*h_i*w_i, D), so they are cut
+    with image_grid_thw; the other tensors are (B, ...). Columns that are left padding in every
+    selected row are dropped (the rope positions come from the attention mask, so they do not
+    change)."""
+    rows = torch.as_tensor(rows)
+    out = {}
+    for key, value in inputs.items():
+        if key == "pixel_values" and "image_grid_thw" in inputs:
+            counts = inputs["image_grid_thw"].prod(-1)  # (B,) patches per image
+            starts = torch.cumsum(counts, 0) - counts
+            out[key] = torch.cat([value[starts[r]: starts[r] + counts[r]] for r in rows.tolist()])
+        else:
+            out[key] = value[rows]
+    first = int(out["attention_mask"].any(0).float().argmax())  # first column not all padding
+    for key in ("input_ids", "attention_mask", "mm_token_type_ids"):
+        if key in out:
+            out[key] = out[key][:, first:]
+    return out
+
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # every linear layer
+
+
+def add_lora(refiner, rank, alpha, targets=LORA_TARGETS):
+    """Wrap the refiner's model in a peft LoRA on the language model's linear layers named in
+    `targets` (e.g. ["q_proj", "v_proj"]); the vision tower stays frozen. Returns the trainable parameters."""
+    from peft import LoraConfig, get_peft_model
+
+    # a regex, so that the vision tower's layers of the same name (mlp.gate_proj, ...) stay frozen
+    target = rf".*language_model.*\.({'|'.join(targets)})"
+    lora = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=target)
+    try:
+        model = get_peft_model(refiner.model, lora)
+    except ValueError as e:
+        raise UserError(f"LoRA targets '{','.join(targets)}' not found in the refiner's language model: {e}") from e
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("language_model" in n and "lora_" in n for n in trainable), trainable[:4]
+    refiner.model = model
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def base_model_name(name):
+    """What adapter_config.json records as the base: the alias (resolved by REFINERS on
+    load, wherever the toy world lives), an absolute folder, or the hub id."""
+    if name in REFINERS:
+        return name
+    return str(Path(name).resolve()) if Path(name).is_dir() else name
+
+
+def save_adapter(model, out, base_name):
+    """PEFT adapter folder in `out` (adapter_config.json + adapter_model.safetensors), each file
+    written to a temp folder first and moved in with an atomic rename."""
+    model.peft_config["default"].base_model_name_or_path = base_name
+    with tempfile.TemporaryDirectory(dir=out) as tmp:
+        model.save_pretrained(tmp)
+        for f in Path(tmp).iterdir():
+            os.replace(f, Path(out) / f.name)
