@@ -61,7 +61,7 @@ class Config:
     repeats: int = field(default=3, metadata={"help": "timed repeats per variant (>= 3); the median is reported"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up calls per variant before the repeats"})
     size: str = field(default="full", metadata={"help": "architectures of rows 1, 2, 5: full (SD1.5-sized, 512 px) or tiny (the test-sized ones)"})
-    quick: bool = field(default=False, metadata={"help": "smoke test: --size tiny, 4 sampling steps, 8-token answers, B=1 G=2 in row 4"})
+    quick: bool = field(default=False, metadata={"help": "smoke test; overrides --size (tiny), --sampling-steps 4, --max-new-tokens 8, --lrm-draws 2, --memory-batch 2 and B=1 G=2 in row 4"})
     batch: int = field(default=1, metadata={"help": "images (rows 1, 2, 3) or pairs (row 5) per call"})
     resolution: int = field(default=512, metadata={"help": "image side in pixels at --size full (latents are 1/8 of it)"})
     sampling_steps: int = field(default=20, metadata={"help": "denoising steps of the toy-size sampling rows (3a, 4)"})
@@ -91,17 +91,12 @@ def check_config(cfg):
     rows = common.parse_list(cfg.rows, "--rows", ROWS)
     if cfg.repeats < 3:
         raise common.UserError(f"--repeats must be >= 3 (a median of fewer is not a measurement), got {cfg.repeats}")
-    if cfg.threads < 0:
-        raise common.UserError(f"--threads must be >= 0, got {cfg.threads}")
-    if cfg.warmup < 0:
-        raise common.UserError(f"--warmup must be >= 0, got {cfg.warmup}")
     if cfg.size not in ("full", "tiny"):
         raise common.UserError(f"--size must be full or tiny, got '{cfg.size}'")
     if cfg.preview_decoder not in common.PreviewDecoder.KINDS:
         raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
-    for name in ("batch", "sampling_steps", "refine_steps", "prompts_per_step", "group_size", "max_new_tokens", "lrm_draws", "memory_batch"):
-        if getattr(cfg, name) < 1:
-            raise common.UserError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
+    common.require(cfg, positive=("batch", "sampling_steps", "refine_steps", "prompts_per_step", "group_size", "max_new_tokens",
+                                  "lrm_draws", "memory_batch"), non_negative=("threads", "warmup"))
     if cfg.resolution < 64 or cfg.resolution % 64:
         raise common.UserError(f"--resolution must be a multiple of 64, got {cfg.resolution}")
     return rows

@@ -408,7 +408,8 @@ def toy_pairs(backbones, n_pairs, config, seed, split, log=print):
     captions = [toy_caption(**toy.partial_attributes(toy.sample_toy_attributes(rng), rng, 0.4)) for _ in range(n_prompts)]
     names = list(backbones)
     model_of = [[names[j % len(names)] for j in range(config.images_per_prompt)] for _ in captions]
-    images = torch.zeros(n_prompts, config.images_per_prompt, 3, config.image_size, config.image_size)
+    side = common.image_side(next(iter(backbones.values())))  # the backbones' own size, whatever --image-size says now
+    images = torch.zeros(n_prompts, config.images_per_prompt, 3, side, side)
     for name in names:  # one batched pipeline call per backbone and chunk
         slots = [(i, j) for i in range(n_prompts) for j in range(config.images_per_prompt) if model_of[i][j] == name]
         for start in range(0, len(slots), 128):

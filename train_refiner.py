@@ -96,7 +96,7 @@ class Config:
 
 
 # fields that may change when resuming (everything else must match the checkpoint)
-RESUMABLE_CHANGES = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing"}
+RESUME_MAY_CHANGE = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing"}
 
 
 def check_config(config):
@@ -334,7 +334,7 @@ def train(config, reward=None, monitor_reward=None):
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
-    state = common.resume_checkpoint(checkpoint_path, config, RESUMABLE_CHANGES) if config.resume else None
+    state = common.resume_checkpoint(checkpoint_path, config, RESUME_MAY_CHANGE) if config.resume else None
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models

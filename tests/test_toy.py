@@ -150,7 +150,8 @@ def test_training_steps_run_on_tiny_pipelines():
 
 
 def test_pairs_rows_on_tiny_backbones(sd15, sdxl):
-    config = build_toy_world.ToyConfig(image_size=64, pair_steps=1, images_per_prompt=2, label_noise=0.05, tie_margin=0.01)
+    # --image-size (32) is not the tiny backbones' size (64): the pairs take the backbones' own
+    config = build_toy_world.ToyConfig(pair_steps=1, images_per_prompt=2, label_noise=0.05, tie_margin=0.01)
     backbones = {"toy-sd15": sd15, "toy-sdxl": sdxl}
     rows, s0, s1, label_0 = build_toy_world.toy_pairs(backbones, 5, config, seed=0, split="test", log=lambda _: None)
     assert len(rows) == 5 == len(s0) == len(label_0)

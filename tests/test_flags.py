@@ -1,0 +1,429 @@
+"""Every command-line flag of every script is exercised: a meta-test reads the test files for each
+flag, and behaviour tests cover the flags no other test uses, each with an assertion that fails
+if the flag did nothing (compared with the default run where the effect is relative)."""
+
+import contextlib
+import dataclasses
+import importlib
+import inspect
+import io
+import json
+import re
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+import common
+import lrm
+import toy
+from test_train_refiner import lowercase_reward, policy_dir, tiny_args  # noqa: F401 (policy_dir: a fixture)
+from test_train_reward import base_args, cache, pairs_dir, run_train, sd15_dir, write_pairs  # noqa: F401 (fixtures)
+
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = {"sample": "Config", "train_reward": "Config", "train_refiner": "Config", "evaluate": "Config",
+           "bench": "Config", "build_toy_world": "ToyConfig"}
+
+
+# -----------------------------------------------------------------------------
+# the meta-test
+
+
+def flag_spellings(field):
+    """How a test passes the field: --name-with-dashes; a boolean defaulting to True is switched off
+    with --no-name (or given a value, e.g. --cache-latents false)."""
+    name = field.name.replace("_", "-")
+    if field.type in (bool, "bool") and field.default is True:
+        return [f"--no-{name}", f"--{name}"]
+    return [f"--{name}"]
+
+
+def test_every_flag_of_every_script_is_exercised():
+    """Each field of each script's config appears as a flag in some test file (this test's own text,
+    which builds the flags from the dataclasses, does not count)."""
+    own = inspect.getsource(test_every_flag_of_every_script_is_exercised)
+    texts = [path.read_text().replace(own, "") for path in sorted(TESTS.glob("test_*.py"))]
+    missing = []
+    for module, class_name in SCRIPTS.items():
+        fields = dataclasses.fields(getattr(importlib.import_module(module), class_name))
+        assert fields, module
+        for field in fields:
+            spellings = flag_spellings(field)
+            # whole flags only: --lr must not be found inside --lrm-draws
+            if not any(re.search(re.escape(s) + r"(?![\w-])", text) for s in spellings for text in texts):
+                missing.append(f"{module}.py {spellings[0]}")
+    assert not missing, f"flags no test passes: {', '.join(missing)}"
+
+
+# -----------------------------------------------------------------------------
+# train_reward.py: data selection, the Thurstone variance, the optimizer
+
+
+@pytest.fixture(scope="module")
+def reward_run(tmp_path_factory, sd15_dir, cache):  # noqa: F811 (the imported fixtures)
+    """One short run with its own data: --data holds train (48 pairs) and fit (40 pairs, every one a
+    tie); --val-data holds validation (8) and dev (24); the variance and ensemble flags are set."""
+    root = tmp_path_factory.mktemp("reward-flags")
+    (root / "data").mkdir()
+    (root / "val").mkdir()
+    write_pairs(root / "data" / "train.parquet", 48, seed=10)
+    write_pairs(root / "data" / "fit.parquet", 40, seed=11, tie_margin=2.0)  # |b0 - b1| < 1: all ties
+    write_pairs(root / "data" / "validation.parquet", 16, seed=12)
+    write_pairs(root / "val" / "validation.parquet", 8, seed=13)
+    write_pairs(root / "val" / "dev.parquet", 24, seed=14)
+    out = root / "run"
+    args = base_args(root / "data", sd15_dir, out, cache, 2) + [
+        "--train-split", "fit", "--val-data", root / "val", "--val-split", "dev", "--max-pairs", 20,
+        "--v0", 0.3, "--kappa", 1.5, "--ensemble-t-max", 250]
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        run_train(args, monkeypatch)
+    return out
+
+
+@pytest.mark.slow
+def test_train_split_val_data_val_split_and_max_pairs(reward_run):
+    """--train-split fit trains on the all-ties file, --max-pairs 20 of its 40 rows;
+    --val-data / --val-split validate on the other folder's dev file (24 pairs)."""
+    metrics = json.loads((reward_run / "metrics.json").read_text())
+    assert metrics["train_pairs"] == 20
+    assert metrics["train_rows"]["used"] == 20 and metrics["train_rows"]["ties"] == 20  # fit.parquet, not train
+    assert metrics["final"]["pairs"] == 24 and metrics["val_rows"]["rows"] == 24
+
+
+@pytest.mark.slow
+def test_v0_kappa_and_ensemble_t_max_are_saved_and_used(reward_run):
+    """The saved model carries --v0 / --kappa / --ensemble-t-max: v(t) = v0 + kappa (1 - abar_t),
+    and noise ensembling draws t from [0, 250)."""
+    config = json.loads((reward_run / "lrm_config.json").read_text())
+    assert (config["v0"], config["kappa"], config["ensemble_t_max"]) == (0.3, 1.5, 250)
+    model = lrm.load_lrm(reward_run)
+    t = torch.tensor([0, 100, 500, 999])
+    expected = 0.3 + 1.5 * (1 - model.alphas_cumprod[t])
+    torch.testing.assert_close(model.variance(t), expected.float())
+    latents, prompts = torch.randn(2, 4, 8, 8), ["a red square", "a square"]
+
+    def ensemble(**kwargs):
+        return model.ensemble_score(latents, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    torch.testing.assert_close(ensemble(), ensemble(t_max=250))
+    assert not torch.allclose(ensemble(), ensemble(t_max=400))  # 400: the default
+
+
+@pytest.fixture(scope="module")
+def clip_and_decay_runs(tmp_path_factory, pairs_dir, sd15_dir, cache):  # noqa: F811 (the imported fixtures)
+    """Two 3-step runs with a rank-2 LoRA (its B starts at 0), the same seed and so the same
+    initial weights: one with --grad-clip 1e-12, one with --weight-decay 100."""
+    root = tmp_path_factory.mktemp("reward-optimizer")
+    runs = {}
+    for name, extra in (("clip", ["--grad-clip", 1e-12]), ("decay", ["--weight-decay", 100])):
+        with pytest.MonkeyPatch.context() as monkeypatch:
+            run_train(base_args(pairs_dir, sd15_dir, root / name, cache, 3) + ["--lora-rank", 2] + extra, monkeypatch)
+        runs[name] = load_file(root / name / "model.safetensors")
+    return runs
+
+
+def head_norm(weights):
+    return torch.sqrt(sum((v.float() ** 2).sum() for k, v in weights.items() if "lora_" not in k)).item()
+
+
+@pytest.mark.slow
+def test_grad_clip_bounds_the_update(clip_and_decay_runs):
+    """Gradients clipped to norm 1e-12 are ~1e-4 of AdamW's eps: the LoRA stays at its zero start
+    (with the default clip of 1.0 each step moves it by ~lr)."""
+    lora_b = [v for k, v in clip_and_decay_runs["clip"].items() if "lora_B" in k]
+    assert lora_b and max(v.abs().max().item() for v in lora_b) < 1e-7
+
+
+@pytest.mark.slow
+def test_weight_decay_shrinks_the_weights(clip_and_decay_runs):
+    """--weight-decay 100 shrinks the head by lr * 100 per step (~25% over the 3 warm-up steps) next
+    to the clipped run, whose weights are still the shared initial ones."""
+    assert head_norm(clip_and_decay_runs["decay"]) < 0.85 * head_norm(clip_and_decay_runs["clip"])
+
+
+# -----------------------------------------------------------------------------
+# train_refiner.py: prompts, the monitor, LoRA, the GRPO loss
+
+
+HELDOUT = ["a red circle", "a blue square on a green background", "a large triangle"]
+
+
+class RecordingReward:
+    """lowercase_reward (test_train_refiner.py) that records every call's images and user prompts."""
+
+    def __init__(self):
+        self.calls = []
+
+    def __call__(self, images, prompts, **kwargs):
+        self.calls.append((images.clone(), list(prompts)))
+        return lowercase_reward(images, prompts, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def refiner_runs(tmp_path_factory, tiny_sd15_dir, policy_dir):  # noqa: F811 (the imported fixtures)
+    """One GRPO step (2 prompts x 2 trajectories, 2 epochs x 2 minibatches: 4 updates) per variant.
+    All share --max-prompts 3, --heldout-prompts FILE, --monitor-rewards toy-faithful,
+    --lora-targets q_proj,v_proj and --lora-alpha 8; each variant changes one GRPO flag."""
+    import train_refiner as tr
+
+    root = tmp_path_factory.mktemp("refiner-flags")
+    heldout = root / "heldout.txt"
+    heldout.write_text("\n".join(HELDOUT) + "\n")
+    variants = {"default": [], "no_kl": ["--kl-coef", "0"], "tight_clip": ["--clip-epsilon", "1e-6"],
+                "flat_advantages": ["--kl-coef", "0", "--advantage-eps", "1e20"], "tiny_grad": ["--max-grad-norm", "1e-12"]}
+    runs = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for name, extra in variants.items():
+            out = root / name
+            args = tiny_args(tiny_sd15_dir, policy_dir, out, "--steps", "1", "--refine-steps", "1", "--learning-rate", "1e-2",
+                             "--monitor-every", "0", "--reward", "unused", "--max-prompts", "3", "--heldout-prompts", str(heldout),
+                             "--monitor-rewards", "toy-faithful", "--lora-targets", "q_proj,v_proj", "--lora-alpha", "8", *extra)
+            reward, stdout = RecordingReward(), io.StringIO()
+            with contextlib.redirect_stdout(stdout):
+                metrics = tr.train(common.parse_config(tr.Config, args), reward=reward)
+            records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+            runs[name] = dict(out=out, metrics=metrics, calls=reward.calls, stdout=stdout.getvalue(),
+                              step=next(r for r in records if "reward_mean" in r),
+                              adapter=load_file(out / "adapter_model.safetensors"))
+    finally:
+        torch.set_num_threads(threads)
+    return runs
+
+
+def max_lora_b(adapter):
+    return max(v.abs().max().item() for k, v in adapter.items() if "lora_B" in k)
+
+
+@pytest.mark.slow
+def test_heldout_prompts_max_prompts_and_monitor_rewards(refiner_runs):
+    """The monitor (unrefined, start, end) scores exactly the --heldout-prompts file; the rollout
+    draws from the first 3 training prompts only; toy-faithful's held-out mean is in the metrics."""
+    run = refiner_runs["default"]
+    (unrefined, start, rollout, end) = run["calls"]  # steps 1, --monitor-every 0
+    assert unrefined[1] == start[1] == end[1] == HELDOUT
+    assert len(rollout[1]) == 4 and set(rollout[1]) <= set(common.load_prompts("toy", "train", 3, 0))
+    assert "train prompts 3 |" in run["stdout"]
+    faithful = toy.toy_faithfulness(end[0], end[1]).mean().item()
+    assert run["metrics"]["heldout_end"]["toy-faithful"] == pytest.approx(faithful, abs=1e-6)
+    assert "toy-faithful" in run["metrics"]["heldout_start"] and "toy-faithful" in run["metrics"]["heldout_unrefined"]
+
+
+@pytest.mark.slow
+def test_lora_targets_and_alpha(refiner_runs):
+    """--lora-targets q_proj,v_proj puts LoRA weights on those layers only; --lora-alpha is saved."""
+    run = refiner_runs["default"]
+    config = json.loads((run["out"] / "adapter_config.json").read_text())
+    assert config["lora_alpha"] == 8 and config["r"] == 16
+    layers = {re.search(r"\.(\w+_proj)\.lora_", k).group(1) for k in run["adapter"]}
+    assert layers == {"q_proj", "v_proj"}
+
+
+@pytest.mark.slow
+def test_kl_coef_changes_the_update(refiner_runs):
+    """After the first of the 4 updates the policy has left the reference: the k3 KL term (default
+    0.04) pulls it back, --kl-coef 0 does not, so the adapters differ."""
+    default, no_kl = refiner_runs["default"], refiner_runs["no_kl"]
+    assert max((default["adapter"][k] - no_kl["adapter"][k]).abs().max().item() for k in default["adapter"]) > 1e-4
+    assert default["step"]["kl"] > 0
+
+
+@pytest.mark.slow
+def test_clip_epsilon_clips_more_tokens(refiner_runs):
+    """With --clip-epsilon 1e-6 every moved ratio leaves the trust region: far more clipped tokens."""
+    assert refiner_runs["tight_clip"]["step"]["clip_fraction"] > refiner_runs["default"]["step"]["clip_fraction"] + 0.1
+
+
+@pytest.mark.slow
+def test_advantage_eps_scales_the_advantages(refiner_runs):
+    """(r - mean) / (std + 1e20) is ~0: without the KL term nothing moves the policy (LoRA B stays
+    at its zero start); the same run with the default eps moves it."""
+    assert max_lora_b(refiner_runs["no_kl"]["adapter"]) > 1e-3
+    assert max_lora_b(refiner_runs["flat_advantages"]["adapter"]) < 1e-8
+
+
+@pytest.mark.slow
+def test_max_grad_norm_bounds_the_update(refiner_runs):
+    """Gradients clipped to norm 1e-12 leave AdamW's steps ~1e-5 of the default run's."""
+    assert max_lora_b(refiner_runs["default"]["adapter"]) > 1e-3
+    assert max_lora_b(refiner_runs["tiny_grad"]["adapter"]) < 1e-5
+
+
+# -----------------------------------------------------------------------------
+# evaluate.py: the confidence level, the prompt split
+
+
+@pytest.mark.slow
+def test_confidence_sets_the_interval_width_and_split_the_prompts(tiny_sd15_dir, tmp_path, monkeypatch):
+    """--confidence 0.5 vs 0.95: the same images and mean, intervals narrower by the ratio of the t
+    quantiles; --split train draws the toy prompts of the train split."""
+    import sys
+
+    import evaluate
+
+    def run(confidence):
+        out = tmp_path / confidence
+        monkeypatch.setattr(sys, "argv", [
+            "evaluate.py", "--backbones", str(tiny_sd15_dir), "--refiner", "none", "--rewards", "toy-aesthetic", "--prompts", "toy",
+            "--split", "train", "--limit", "4", "--seeds", "0", "--steps", "2", "--confidence", confidence,
+            "--device", "cpu", "--out", str(out)])
+        evaluate.main()
+        return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
+
+    (narrow, narrow_md), (wide, _) = run("0.5"), run("0.95")
+    assert [r["prompt"] for r in narrow["images"]] == common.load_prompts("toy", "train", 4, 0)
+    (a,), (b,) = narrow["rows"], wide["rows"]
+    assert a["n"] == b["n"] == 4 and a["baseline_mean"] == b["baseline_mean"]
+    ratio = (a["baseline_high"] - a["baseline_low"]) / (b["baseline_high"] - b["baseline_low"])
+    assert ratio == pytest.approx(evaluate.t_quantile(0.75, 3) / evaluate.t_quantile(0.975, 3), rel=1e-6)
+    assert ratio < 0.5 and "50%" in narrow_md
+
+
+# -----------------------------------------------------------------------------
+# bench.py: rows 1 and 6 called directly at tiny size
+
+
+def test_lrm_draws_warmup_and_batch_reach_row_1(tmp_path, monkeypatch):
+    """Row 1 times the LRM with 1 draw and with --lrm-draws draws, each --warmup + --repeats times,
+    on --batch latents."""
+    import bench
+
+    cfg = bench.parse_config(["--rows", "1", "--size", "tiny", "--lrm-draws", "3", "--warmup", "2", "--batch", "2",
+                              "--repeats", "3"])
+    bench.check_config(cfg)
+    calls, ensemble_score = [], lrm.LatentRewardModel.ensemble_score
+
+    def recording(self, latents, prompts, draws=None, **kwargs):
+        calls.append((len(latents), draws))
+        return ensemble_score(self, latents, prompts, draws=draws, **kwargs)
+
+    monkeypatch.setattr(lrm.LatentRewardModel, "ensemble_score", recording)
+    rows = bench.row_lrm_vs_pixel(cfg, torch.device("cpu"), torch.float32, str(tmp_path))
+    assert sorted(calls) == [(2, 1)] * 5 + [(2, 3)] * 5
+    (row_1c,) = [r for r in rows if r["row"] == "1c"]
+    assert "(3 draws)" in row_1c["compared"] and len(row_1c["candidate"]["times_s"]) == 3
+
+
+def test_memory_batch_sets_row_6_refiner_minibatch(monkeypatch, tmp_path):
+    """Row 6 runs on a GPU only; its refiner half is run here on the CPU up to the rollout, which
+    must hold --memory-batch trajectories."""
+    import bench
+
+    class Stop(Exception):
+        pass
+
+    cfg = bench.parse_config(["--rows", "6", "--size", "tiny", "--memory-batch", "3"])
+    bench.check_config(cfg)
+    batches = []
+
+    def rollout(refiner, batch, refine_steps):
+        batches.append(batch)
+        raise Stop
+
+    tiny = bench.random_qwen_refiner
+    monkeypatch.setattr(bench, "random_qwen_refiner", lambda size, device, dtype, *a: tiny(size, torch.device("cpu"), torch.float32, *a))
+    monkeypatch.setattr(bench, "refiner_rollout_outputs", rollout)
+    with pytest.raises(Stop):
+        bench.row_peak_memory(cfg, torch.device("cuda"), torch.float32, str(tmp_path))  # a device object: no GPU is touched
+    assert batches == [3]
+
+
+# -----------------------------------------------------------------------------
+# build_toy_world.py: a tiny world, stage by stage
+
+
+@pytest.fixture(scope="module")
+def toy_build(tmp_path_factory):
+    """The backbones, pairs and refiner stages at a few steps, 16 px, recording what the backbone
+    training and the pair sampling see; the pairs stage is built three times (default labels,
+    noise-free labels, every pair a tie)."""
+    import build_toy_world as btw
+
+    out = tmp_path_factory.mktemp("toy-world")
+    size = ["--out", str(out), "--image-size", "16"]
+    seen = dict(settled=0, drops=[], pair_steps=[])
+    uninformative, conditioning, refined_sample = btw.uninformative_background, btw.text_conditioning, common.refined_sample
+
+    def settled(caption, generator):
+        seen["settled"] += 1
+        return uninformative(caption, generator)
+
+    def recording_conditioning(pipe, captions, drop):
+        seen["drops"] += drop.tolist()
+        return conditioning(pipe, captions, drop)
+
+    def recording_sample(*args, **kwargs):
+        seen["pair_steps"].append(kwargs.get("num_steps"))
+        return refined_sample(*args, **kwargs)
+
+    def pairs(*flags):
+        btw.main(["--stages", "pairs", *size, "--pairs-train", "5", "--pairs-validation", "3", "--pairs-test", "2",
+                  "--pair-steps", "2", *flags])
+        return {split: pq.read_table(out / "pickapic-toy" / f"{split}.parquet").to_pylist() for split in ("train", "validation", "test")}
+
+    threads = torch.get_num_threads()  # main() sets its --threads (1)
+    try:
+        with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(io.StringIO()):
+            monkeypatch.setattr(btw, "uninformative_background", settled)
+            monkeypatch.setattr(btw, "text_conditioning", recording_conditioning)
+            btw.main(["--stages", "backbones", *size, "--no-parallel", "--dataset-size", "16", "--vae-steps", "2",
+                      "--unet-steps", "3", "--batch-size", "4", "--eval-samples", "2", "--sample-steps", "3",
+                      "--background-settles", "1000", "--caption-dropout", "1.0"])
+            monkeypatch.setattr(common, "refined_sample", recording_sample)
+            default = pairs()
+            monkeypatch.setattr(common, "refined_sample", refined_sample)
+            exact = pairs("--label-noise", "0", "--tie-margin", "0")
+            ties = pairs("--tie-margin", "10")
+            btw.main(["--stages", "refiner", *size, "--refiner-steps", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    return dict(out=out, seen=seen, default=default, exact=exact, ties=ties,
+                metrics=json.loads((out / "metrics.json").read_text()))
+
+
+@pytest.mark.slow
+def test_toy_backbone_flags(toy_build):
+    """--sample-steps and --image-size become the backbones' promptloop.json defaults;
+    --background-settles 1000 (above every training t) makes every training caption's background
+    uninformative; --caption-dropout 1 drops every caption."""
+    for name in ("toy-sd15", "toy-sdxl"):
+        defaults = json.loads((toy_build["out"] / name / "promptloop.json").read_text())
+        assert defaults["steps"] == 3 and defaults["size"] == 16
+        assert common.load_backbone(str(toy_build["out"] / name)).spec.steps == 3
+    seen = toy_build["seen"]
+    assert seen["settled"] == 2 * 3 * 4  # 2 backbones x 3 steps x batch 4
+    assert len(seen["drops"]) == 2 * 3 * 4 and all(seen["drops"])
+
+
+@pytest.mark.slow
+def test_toy_pairs_flags(toy_build):
+    """--pairs-train/-validation/-test set the parquet row counts; --pair-steps the sampling steps of
+    the pair images (16 px: --image-size); --label-noise 0 --tie-margin 0 labels every pair by its
+    true aesthetic order, --tie-margin 10 makes every pair a tie."""
+    for build in ("default", "exact", "ties"):
+        assert {split: len(rows) for split, rows in toy_build[build].items()} == dict(train=5, validation=3, test=2)
+    assert toy_build["seen"]["pair_steps"] and set(toy_build["seen"]["pair_steps"]) == {2}
+    assert Image.open(io.BytesIO(toy_build["default"]["train"][0]["jpg_0"])).size == (16, 16)
+
+    def rows(build):
+        return [row for split in ("train", "validation", "test") for row in toy_build[build][split]]
+
+    truth = [float(r["toy_aesthetic_0"] > r["toy_aesthetic_1"]) for r in rows("exact")]
+    assert [r["label_0"] for r in rows("exact")] == truth
+    # the same images with the default noise: some label disagrees (so the check above says something)
+    assert [r["toy_aesthetic_0"] for r in rows("default")] == [r["toy_aesthetic_0"] for r in rows("exact")]
+    assert [r["label_0"] for r in rows("default")] != truth
+    assert all(r["label_0"] == 0.5 for r in rows("ties"))
+    labels = json.loads((toy_build["out"] / "pickapic-toy" / "labels.json").read_text())
+    assert labels["tie_margin"] == 10 and labels["train"]["ties"] == 1.0
+
+
+@pytest.mark.slow
+def test_toy_refiner_steps(toy_build):
+    """--refiner-steps sets the toy refiner's supervised steps."""
+    assert toy_build["metrics"]["refiner"]["train_steps"] == 2
+    assert (toy_build["out"] / "toy-refiner" / "config.json").is_file()
