@@ -227,7 +227,7 @@ def test_uninformative_background_says_nothing_about_the_image():
 # committed artifacts
 
 
-# The target is colour >= 90% and shape >= 70%. Measured on 60 samples (toy.py --stages measure):
+# The target is colour >= 90% and shape >= 70%. Measured on 60 samples (build_toy_world.py --stages measure):
 # toy 100% / 82%, toy-sdxl 100% / 95% (this test's draw: toy 100% / 73%).
 @pytest.mark.slow
 @pytest.mark.parametrize("alias,min_shape", [("toy", 0.7), ("toy-sdxl", 0.7)])
