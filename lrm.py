@@ -152,14 +152,12 @@ def read_pairs(source, split, size, max_pairs=None, keep_row=None):
 def encode_latents(vae, pixels, batch_size=32):
     """Images (N, 3, H, W), uint8 or float in [-1, 1] -> the UNet's latents (N, C, H/f, W/f), float32
     on the CPU: the posterior mean (minus the VAE's shift, if any) x its scaling factor, in batches."""
+    shift = getattr(vae.config, "shift_factor", None) or 0.0  # SD3 / FLUX VAEs have one, SD's none
     out = []
     for chunk in pixels.split(batch_size):
         chunk = chunk.float() / 127.5 - 1 if chunk.dtype == torch.uint8 else chunk
         latents = vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.mean
-        shift = getattr(vae.config, "shift_factor", None)
-        if shift is not None:
-            latents = latents - shift
-        out.append((latents * vae.config.scaling_factor).float().cpu())
+        out.append(((latents - shift) * vae.config.scaling_factor).float().cpu())
     return torch.cat(out).contiguous()
 
 

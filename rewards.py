@@ -144,11 +144,11 @@ def structure_reward(arg, device, dtype):
     return _uses(fn, "answers")
 
 
-def toy_reward(score):
-    """Factory of a toy reward (toy.py): a weight-free pixel score."""
+def toy_reward(name, score):
+    """Factory of the toy reward `name` (toy.TOY_REWARDS): a weight-free pixel score."""
 
     def factory(arg, device, dtype):
-        _no_arg(score.__name__, arg)
+        _no_arg(name, arg)
         return _uses(lambda images, prompts, **_: score(images, prompts), "images")
 
     return factory
@@ -554,8 +554,7 @@ REWARDS = {
     "jpeg-incompressibility": functools.partial(jpeg_reward, sign=1.0),
     "length": length_reward,
     "structure": structure_reward,
-    "toy-aesthetic": toy_reward(toy.toy_aesthetic),
-    "toy-faithful": toy_reward(toy.toy_faithfulness),
+    **{name: toy_reward(name, score) for name, score in toy.TOY_REWARDS.items()},
     "lrm": lrm_factory,
 }
 
