@@ -2,12 +2,14 @@
 build_toy_world.py: builds the offline toy world (toy.py) into toy_world/ -- the project's CartPole.
 
     python build_toy_world.py                     # full build into toy_world/ (see --help)
-    python build_toy_world.py --stages pairs      # rebuild some stages: data, backbones, measure, pairs, refiner
+    python build_toy_world.py --stages pairs      # rebuild some stages: data, backbones, sd3, measure, pairs, refiner
 
 Stages (each adds its numbers to toy_world/metrics.json):
   data       procedural 32 px images of the toy grammar (toy.py), data.parquet
   backbones  one AutoencoderKL, then an SD1.5-shaped and an SDXL-shaped pipeline trained on the
              data (UNet + text encoders, caption dropout for CFG): toy-sd15/, toy-sdxl/
+  sd3        a 16-channel VAE and an SD3-shaped flow-matching pipeline (MMDiT, CLIP-L + CLIP-G + T5)
+             trained by rectified flow on the same data: toy-sd3/
   measure    how often samples show the captioned colour / shape / size / background, and the
              toy aesthetic a scripted refiner reaches with and without seeing the preview
   pairs      preference pairs in the Pick-a-Pic v2 parquet schema, images from both backbones,
@@ -40,8 +42,8 @@ from toy import TOY_COLOURS, TOY_SIZES, TOY_WORDS, toy_caption
 class ToyConfig:
     out: str = field(default="toy_world", metadata={"help": "folder that receives the toy world"})
     seed: int = field(default=0, metadata={"help": "seed of everything: data, weights, pairs, labels"})
-    stages: str = field(default="data,backbones,pairs,refiner",
-                        metadata={"help": "comma-separated stages to build: data, backbones, pairs, refiner; "
+    stages: str = field(default="data,backbones,sd3,pairs,refiner",
+                        metadata={"help": "comma-separated stages to build: data, backbones, sd3, pairs, refiner; "
                                           "'measure' re-measures saved backbones"})
     threads: int = field(default=1, metadata={"help": "torch CPU threads per process (1 is fastest on a busy 2-core machine)"})
     parallel: bool = field(default=True, metadata={"help": "train the two backbones in two processes at once "
@@ -75,7 +77,8 @@ class ToyConfig:
 def train_toy_vae(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6, seed=0, log=print):
     """Fit the AutoencoderKL to the toy images (MSE + a tiny KL, as the SD VAEs are trained, minus
     the GAN and perceptual terms a 32 px world does not need), then set its `scaling_factor` so
-    scaled latents have unit variance (SD1.5: 0.18215, SDXL: 0.13025 -- same idea)."""
+    scaled latents have unit variance (SD1.5: 0.18215, SDXL: 0.13025 -- same idea), and for a
+    VAE with a `shift_factor` (SD3/FLUX) that shift so they have zero mean."""
     generator = torch.Generator().manual_seed(seed)
     x = images * 2 - 1  # the VAE works in [-1, 1]
     # The encoder's last conv emits (mean, log-variance). Start the log-variance at -8 (std 0.02):
@@ -102,6 +105,8 @@ def train_toy_vae(vae, images, steps, batch_size=32, lr=2e-3, kl_weight=1e-6, se
     vae.eval()
     with torch.no_grad():
         latents = torch.cat([vae.encode(chunk).latent_dist.mode() for chunk in x.split(256)])
+    if getattr(vae.config, "shift_factor", None) is not None:  # SD3/FLUX VAEs: (z - shift) * scale
+        vae.register_to_config(shift_factor=float(latents.mean()))
     vae.register_to_config(scaling_factor=float(1.0 / latents.std()))
     return vae
 
@@ -166,14 +171,9 @@ def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, ca
         latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
     latents = latents * vae.config.scaling_factor  # (N, 4, h, w), unit variance
     text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-    params = list(unet.parameters()) + [p for m in text_encoders for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
-    for module in (unet, *text_encoders):
-        module.train()
     alphas_cumprod = noise_schedule.alphas_cumprod
-    running = None
-    for step in range(steps):
+
+    def batch_loss():
         index = torch.randint(0, len(latents), (batch_size,), generator=generator)
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
@@ -185,7 +185,23 @@ def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, ca
                           else captions[i] for i, step_t in zip(index.tolist(), t.tolist())]
         conditioning = text_conditioning(pipe, batch_captions, drop)
         prediction = unet(noisy, t, **conditioning).sample
-        loss = (min_snr_weights(a.flatten(), min_snr_gamma) * ((prediction - noise) ** 2).mean((1, 2, 3))).mean()
+        return (min_snr_weights(a.flatten(), min_snr_gamma) * ((prediction - noise) ** 2).mean((1, 2, 3))).mean()
+
+    fit([unet, *text_encoders], batch_loss, steps, lr, log, name)
+    return pipe
+
+
+def fit(modules, batch_loss, steps, lr, log, name):
+    """Train `modules` together: AdamW (weight decay 0.01), one-cycle learning rate, gradients
+    clipped to norm 1; batch_loss() draws a batch and returns its loss. Leaves them in eval mode."""
+    params = [p for m in modules for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=steps, pct_start=0.05)
+    for module in modules:
+        module.train()
+    running = None
+    for step in range(steps):
+        loss = batch_loss()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -194,8 +210,48 @@ def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, ca
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 100 == 0 or step == steps - 1:
             log(f"{name} step {step:05d}/{steps} | loss {running:.4f}")
-    for module in (unet, *text_encoders):
+    for module in modules:
         module.eval()
+
+
+def settle_sigma(timestep, noise_schedule):
+    """The flow-matching noise level sigma with the same signal-to-noise ratio as DDPM timestep
+    `timestep`: x_t = (1 - sigma) x0 + sigma * noise has SNR ((1 - sigma) / sigma)^2, DDPM
+    alpha_bar / (1 - alpha_bar); so the flow toy settles its background at the same noise level."""
+    alpha_bar = float(noise_schedule.alphas_cumprod[timestep])
+    return 1.0 / (1.0 + math.sqrt(alpha_bar / (1.0 - alpha_bar)))
+
+
+def train_toy_flow_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, caption_dropout=0.1, seed=0,
+                            log=print, name="toy-sd3", text_length=16, background_sigma=0.0):
+    """Rectified-flow training of an SD3-shaped pipeline (Esser et al., 2024): x_t = (1 - sigma) x0
+    + sigma * noise with sigma ~ logit-normal(0, 1), the transformer predicts the velocity
+    noise - x0 (MSE), at timestep 1000 * sigma as the pipeline feeds it. Transformer and the three
+    text encoders train together; the VAE is frozen. Dropped captions become "" -- what SD3's
+    pipeline encodes as the CFG negative. background_sigma: below it the caption's background
+    phrase is uninformative (as background_settles in train_toy_backbone)."""
+    generator = torch.Generator().manual_seed(seed)
+    vae, transformer = pipe.vae, pipe.transformer
+    with torch.no_grad():
+        z = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
+    latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # (N, 16, h, w), zero mean, unit variance
+
+    def batch_loss():
+        index = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        x0 = latents[index]
+        noise = torch.randn(x0.shape, generator=generator)
+        sigma = torch.sigmoid(torch.randn(batch_size, generator=generator))  # logit-normal(0, 1)
+        s = sigma.view(-1, 1, 1, 1)
+        noisy = (1 - s) * x0 + s * noise
+        drop = torch.rand(batch_size, generator=generator) < caption_dropout
+        batch_captions = ["" if d else uninformative_background(captions[i], generator) if sig < background_sigma else captions[i]
+                          for i, sig, d in zip(index.tolist(), sigma.tolist(), drop.tolist())]
+        text = common.encode_prompts(pipe, batch_captions, text_length)
+        prediction = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=text["prompt_embeds"],
+                                 pooled_projections=text["pooled_prompt_embeds"], return_dict=False)[0]
+        return F.mse_loss(prediction, noise - x0)
+
+    fit([transformer, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3], batch_loss, steps, lr, log, name)
     return pipe
 
 
@@ -285,6 +341,41 @@ TOY_ARCHITECTURE = dict(image_size=32, unet_blocks=TOY_UNET_BLOCKS, unet_channel
 # 4x here); 2 GroupNorm groups keep colour information that an instance norm would remove
 
 
+# toy-sd3: SD3.5-Medium's layout (MMDiT-X blocks then plain ones, qk-norm, CLIP-L + CLIP-G + T5),
+# 64 wide; its own 16-channel VAE (the toy VAE's levels: 32 px -> 8x8 latents, 4x4 patches of 2x2).
+# Sampling shift 1, not SD3's 3: the shift moves the steps toward high noise in proportion to the
+# image's size (3 is for 1024 px; Esser et al. 2024, sec. 5.3.2), and at 32 px the background must
+# settle before the first refinement, as in the UNet toys. T5 reads 16 tokens (toy captions: <= 9).
+TOY_SD3_ARCHITECTURE = dict(image_size=32, transformer=toy.SD35M_TRANSFORMER, heads=4, head_dim=16, clip_hidden=(32, 32),
+                            t5_hidden=64, vae_channels=(16, 32, 32), vae_norm_groups=2, vae_layers=1, shift=1.0)
+TOY_SD3_TEXT_LENGTH = 16
+
+
+def build_toy_sd3(config, out, log=print):
+    """The flow-matching toy backbone: a 16-channel VAE, then an SD3-shaped pipeline trained by
+    rectified flow on the same data, its background settling at the UNet toys' noise level
+    (settle_sigma of --background-settles); saved as toy-sd3/ + promptloop.json."""
+    images, captions, _ = toy.toy_dataset(config.dataset_size, seed=config.seed, image_size=config.image_size)
+    pipe = toy.tiny_sd3_pipeline(TOY_WORDS, seed=config.seed + 2, **dict(TOY_SD3_ARCHITECTURE, image_size=config.image_size))
+    metrics = {}
+    start = time.time()
+    train_toy_vae(pipe.vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
+    metrics["vae_seconds"] = round(time.time() - start, 1)
+    sigma = settle_sigma(config.background_settles, toy._scheduler()) if config.background_settles else 0.0
+    start = time.time()
+    train_toy_flow_backbone(pipe, images, captions, config.unet_steps, config.batch_size, config.lr, config.caption_dropout,
+                            seed=config.seed, log=log, text_length=TOY_SD3_TEXT_LENGTH, background_sigma=sigma)
+    metrics["train_seconds"] = round(time.time() - start, 1)
+    metrics["background_sigma"] = round(sigma, 4)
+    folder = out / "toy-sd3"
+    pipe.save_pretrained(folder)
+    defaults = dict(steps=config.sample_steps, guidance=config.guidance, size=config.image_size, text_length=TOY_SD3_TEXT_LENGTH)
+    (folder / "promptloop.json").write_text(json.dumps(defaults, indent=1) + "\n")
+    log(f"toy-sd3: trained in {metrics['train_seconds']}s -> {folder}")
+    metrics.update(measure_toy_backbones(config, out, log, names=("toy-sd3",))["toy-sd3"])
+    return metrics
+
+
 def train_and_save_backbone(name, config, out, vae_state, vae_scaling, log=print):
     """Train one toy backbone (`toy-sd15` or `toy-sdxl`) on the shared trained VAE; save its
     diffusers folder + promptloop.json. Runs in a worker process of build_toy_backbones."""
@@ -331,15 +422,18 @@ def build_toy_backbones(config, out, log=print):
         seconds = [train(name, log=log) for name in names]
     for name, s in zip(names, seconds):
         metrics[name] = dict(train_seconds=s)
-    for name, measured in measure_toy_backbones(config, out, log).items():
+    for name, measured in measure_toy_backbones(config, out, log, names).items():
         metrics[name].update(measured)
     return metrics
 
 
-def measure_toy_backbones(config, out, log=print):
+def measure_toy_backbones(config, out, log=print, names=("toy-sd15", "toy-sdxl", "toy-sd3")):
     """Prompt following and the scripted-refiner aesthetic of the saved toy backbones."""
     metrics = {}
-    for name in ("toy-sd15", "toy-sdxl"):
+    for name in names:
+        if not (out / name).is_dir():
+            log(f"{name}: not built, not measured")
+            continue
         backbone = common.load_backbone(str(out / name))
         rates = prompt_following(backbone, config.eval_samples, seed=config.seed + 7)
         log(f"{name}: samples match colour {rates['colour']:.0%} shape {rates['shape']:.0%} "
@@ -750,7 +844,7 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
 # -----------------------------------------------------------------------------
 # build: python build_toy_world.py [--stages data,backbones,pairs,refiner]
 
-STAGES = ("data", "backbones", "measure", "pairs", "refiner")  # measure: re-measure saved backbones
+STAGES = ("data", "backbones", "sd3", "measure", "pairs", "refiner")  # measure: re-measure saved backbones
 
 
 def build_toy_data(config, out, log=print):
@@ -787,7 +881,7 @@ def main(args=None):
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
-    builders = dict(data=build_toy_data, backbones=build_toy_backbones, measure=measure_toy_backbones, pairs=build_toy_pairs,
+    builders = dict(data=build_toy_data, backbones=build_toy_backbones, sd3=build_toy_sd3, measure=measure_toy_backbones, pairs=build_toy_pairs,
                     refiner=lambda config, out, log: build_toy_refiner(config, out, log=log, train_steps=config.refiner_steps))
     for stage in STAGES:
         if stage not in stages:

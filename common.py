@@ -2,7 +2,7 @@
 common.py: what the promptloop scripts share.
 
     CLI helpers        one-line user errors, config parsing, list flags, device / dtype
-    backbones          load SD1.5 / SDXL / SDXL-turbo / toy pipelines by alias, hub id or folder
+    backbones          load SD1.5 / SDXL / SD3.5 / FLUX.1 / toy pipelines by alias, hub id or folder
     refined sampling   drive the stock diffusers pipeline, rewrite the prompt at K steps
     refiner            the Qwen2.5-VL policy: chat messages, batched generation, log-probs
     prompt sources     toy prompts, text files, Pick-a-Pic captions (parquet or hub)
@@ -15,6 +15,7 @@ light: the heavy libraries are imported inside the functions that need them.
 
 import contextlib
 import functools
+import inspect
 import json
 import math
 import os
@@ -113,18 +114,26 @@ def pick_dtype(name, device):
 class BackboneSpec:
     source: str  # hub id or local diffusers folder
     steps: int  # default number of sampling steps
-    guidance: float  # default CFG scale (0 = no CFG, as SDXL-turbo wants)
+    guidance: float  # default guidance: the CFG scale (SD1.5/SDXL/SD3; <= 1 = no CFG, as SDXL-turbo
+    #                  wants), for FLUX the distilled guidance its transformer is conditioned on
     size: int | None = None  # default image side in pixels (None = the pipeline's own)
     taesd: str | None = None  # tiny preview decoder for this latent space
+    text_length: int | None = None  # SD3/FLUX: T5 tokens (max_sequence_length); None = the pipeline's default
 
 
 BACKBONES = {
     "sd15": BackboneSpec("stable-diffusion-v1-5/stable-diffusion-v1-5", 50, 7.5, 512, "madebyollin/taesd"),
     "sdxl": BackboneSpec("stabilityai/stable-diffusion-xl-base-1.0", 50, 5.0, 1024, "madebyollin/taesdxl"),
     "sdxl-turbo": BackboneSpec("stabilityai/sdxl-turbo", 4, 0.0, 512, "madebyollin/taesdxl"),
+    # flow-matching transformers (the model cards' sampling settings)
+    "sd35m": BackboneSpec("stabilityai/stable-diffusion-3.5-medium", 40, 4.5, 1024, "madebyollin/taesd3"),
+    "sd35l": BackboneSpec("stabilityai/stable-diffusion-3.5-large", 28, 3.5, 1024, "madebyollin/taesd3"),
+    "flux-dev": BackboneSpec("black-forest-labs/FLUX.1-dev", 28, 3.5, 1024, "madebyollin/taef1"),
+    "flux-schnell": BackboneSpec("black-forest-labs/FLUX.1-schnell", 4, 0.0, 1024, "madebyollin/taef1", 256),
     # toy backbones: folders built by build_toy_world.py; their defaults are in their promptloop.json
     "toy": BackboneSpec(str(TOY_DIR / "toy-sd15"), 20, 4.0),
     "toy-sdxl": BackboneSpec(str(TOY_DIR / "toy-sdxl"), 20, 4.0),
+    "toy-sd3": BackboneSpec(str(TOY_DIR / "toy-sd3"), 20, 4.0),
 }
 
 # Aligned UNets to put over a base backbone (the paper's composition experiment):
@@ -134,20 +143,48 @@ ALIGNED_UNETS = {
     "dpo-sdxl": "mhdang/dpo-sdxl-text2image-v1",
 }
 
+# The stock diffusers pipelines promptloop drives, by family. The families differ in what the
+# text conditioning is (sd: CLIP tokens; sdxl: two CLIPs' tokens + a pooled embedding; sd3: two
+# CLIPs + T5 tokens + pooled; flux: T5 tokens + CLIP pooled), in the denoiser (UNet or
+# transformer) and in the sampler (DDPM-family schedulers or flow-matching Euler).
+PIPELINE_FAMILIES = {
+    "StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl",
+    "StableDiffusion3Pipeline": "sd3", "FluxPipeline": "flux",
+}
+
+
+FOLDER_DEFAULTS = {  # sampling defaults of a diffusers folder without a promptloop.json
+    "sd": dict(steps=30, guidance=7.5), "sdxl": dict(steps=30, guidance=5.0),
+    "sd3": dict(steps=28, guidance=7.0), "flux": dict(steps=28, guidance=3.5),
+}
+
+
+def pipeline_family(pipe):
+    return PIPELINE_FAMILIES.get(type(pipe).__name__)
+
 
 @dataclass
 class Backbone:
-    pipe: object  # a diffusers StableDiffusionPipeline / StableDiffusionXLPipeline
+    pipe: object  # a diffusers StableDiffusion(XL|3)Pipeline or FluxPipeline
     name: str
     spec: BackboneSpec
 
     @property
+    def family(self):
+        return pipeline_family(self.pipe)
+
+    @property
     def is_sdxl(self):
-        return "add_text_embeds" in self.pipe._callback_tensor_inputs
+        return self.family == "sdxl"
+
+    @property
+    def denoiser(self):
+        """The UNet (SD1.5/SDXL) or the transformer (SD3/FLUX)."""
+        return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer
 
     @property
     def device(self):
-        return self.pipe.unet.device
+        return self.denoiser.device
 
 
 FILE_SUFFIXES = (".parquet", ".txt", ".json", ".pt", ".pth", ".bin", ".safetensors")
@@ -183,26 +220,31 @@ def backbone_spec(name):
         defaults = {}
         if (folder / "promptloop.json").is_file():
             defaults = json.loads((folder / "promptloop.json").read_text())
-        else:
-            is_xl = "XL" in json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
-            defaults = dict(steps=30, guidance=5.0 if is_xl else 7.5)
+        else:  # the pipeline's own defaults
+            family = PIPELINE_FAMILIES.get(json.loads((folder / "model_index.json").read_text()).get("_class_name"))
+            defaults = FOLDER_DEFAULTS.get(family, FOLDER_DEFAULTS["sd"])
         return BackboneSpec(str(folder), **defaults)
     return BackboneSpec(name, 30, 7.5)  # any other hub id: SD-like defaults
 
 
-def load_backbone(name, device="cpu", dtype=torch.float32, unet=None, lora=None):
+def load_backbone(name, device="cpu", dtype=torch.float32, unet=None, lora=None, t5=True):
     """Load a text-to-image pipeline by alias, hub id or folder.
 
     unet: an aligned UNet to use instead of the base one (alias from ALIGNED_UNETS, hub id
           or folder; a `unet/` subfolder is used when present) -- e.g. Diffusion-DPO.
     lora: a diffusers LoRA (folder or hub id) loaded on the backbone with `load_lora_weights`.
+    t5:   False loads SD3 without its T5 encoder (`text_encoder_3=None`: the pipeline then feeds
+          zeros for the T5 tokens; SD3.5-L's 4.8 B-parameter T5-XXL is 9.5 GB in bf16).
     """
     from diffusers import DiffusionPipeline, UNet2DConditionModel
 
     spec = backbone_spec(name)
+    kwargs = {} if t5 else dict(text_encoder_3=None, tokenizer_3=None)
     try:
-        pipe = DiffusionPipeline.from_pretrained(spec.source, dtype=dtype)
+        pipe = DiffusionPipeline.from_pretrained(spec.source, dtype=dtype, **kwargs)
         if unet is not None:
+            if not hasattr(pipe, "unet"):
+                raise UserError(f"backbone '{name}' has no UNet to replace (--unet is for SD1.5/SDXL backbones)")
             source = ALIGNED_UNETS.get(unet, unet)
             sub = "unet" if not Path(source).is_dir() or (Path(source) / "unet").is_dir() else None
             pipe.unet = UNet2DConditionModel.from_pretrained(source, subfolder=sub, dtype=dtype)
@@ -211,27 +253,46 @@ def load_backbone(name, device="cpu", dtype=torch.float32, unet=None, lora=None)
     except (OSError, ValueError, EnvironmentError) as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load backbone '{name}' ({spec.source}): {first_line}") from e
-    if not hasattr(pipe, "encode_prompt") or "prompt_embeds" not in getattr(pipe, "_callback_tensor_inputs", []):
-        raise UserError(f"backbone '{name}' is a {type(pipe).__name__}; promptloop needs an SD1.5/SDXL-style pipeline")
+    if pipeline_family(pipe) is None:
+        raise UserError(f"backbone '{name}' is a {type(pipe).__name__}; promptloop drives {', '.join(PIPELINE_FAMILIES)}")
+    if not t5 and pipeline_family(pipe) != "sd3":
+        raise UserError(f"backbone '{name}': only SD3 pipelines can run without their T5 encoder")
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return Backbone(pipe, name, spec)
 
 
 def image_side(backbone, size=None):
-    """Image side in pixels: `size`, else the backbone's default, else its UNet's native size.
-    UserError unless the VAE can take it (a positive multiple of its downsampling factor)."""
+    """Image side in pixels: `size`, else the backbone's default, else the pipeline's native size.
+    UserError unless the pipeline can take it: a positive multiple of the VAE's downsampling
+    factor, times 2 for the transformers (SD3 patchifies, FLUX packs 2x2 latent pixels)."""
     pipe = backbone.pipe
-    side = size or backbone.spec.size or pipe.unet.config.sample_size * pipe.vae_scale_factor
-    if side < pipe.vae_scale_factor or side % pipe.vae_scale_factor:
-        raise UserError(f"image size {side} px: backbone '{backbone.name}' needs a positive multiple of {pipe.vae_scale_factor}")
+    native = getattr(pipe, "default_sample_size", None) or backbone.denoiser.config.sample_size
+    side = size or backbone.spec.size or native * pipe.vae_scale_factor
+    multiple = pipe.vae_scale_factor * (2 if backbone.family in ("sd3", "flux") else 1)
+    if side < multiple or side % multiple:
+        raise UserError(f"image size {side} px: backbone '{backbone.name}' needs a positive multiple of {multiple}")
     return side
 
 
 def latent_shape(backbone, size=None):
-    """(C, h, w) of the backbone's latents for images of `size` px (see image_side)."""
+    """(C, h, w) of the backbone's latents for images of `size` px (see image_side); for FLUX the
+    unpacked shape (16, h, w), as refined_sample takes and returns them."""
     side = image_side(backbone, size) // backbone.pipe.vae_scale_factor
-    return (backbone.pipe.unet.config.in_channels, side, side)
+    return (backbone.pipe.vae.config.latent_channels, side, side)
+
+
+def pack_latents(latents):
+    """FLUX's packing: (B, C, h, w) -> (B, h/2 * w/2, 4C), each 2x2 patch of latent pixels one token."""
+    b, c, h, w = latents.shape
+    return latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens, side):
+    """Inverse of pack_latents for a square latent of `side` pixels: (B, side^2/4, 4C) -> (B, C, side, side)."""
+    b, _, channels = tokens.shape
+    half = side // 2
+    return tokens.view(b, half, half, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels // 4, side, side)
 
 
 # -----------------------------------------------------------------------------
@@ -258,7 +319,7 @@ def capture_denoised(scheduler):
     """Record the denoised estimate x0_hat of each scheduler step, without changing the step.
 
     Schedulers such as DDIM/Euler return `pred_original_sample`; for those that do not
-    (PNDM, DPM-Solver) it is computed from the model output with alpha_bar_t. The wrapper keeps
+    (PNDM, DPM-Solver, the flow-matching Euler of SD3/FLUX) it is computed from the model output. The wrapper keeps
     the original signature (functools.wraps), so the pipeline still passes eta / generator."""
     original = scheduler.step
     record = {}
@@ -278,6 +339,11 @@ def capture_denoised(scheduler):
 
 
 def _denoised_from_model_output(scheduler, model_output, timestep, sample):
+    if not hasattr(scheduler, "alphas_cumprod"):
+        # flow matching (SD3, FLUX): x_t = (1 - sigma) x0 + sigma * noise and the model predicts the
+        # velocity v = noise - x0, so x0 = x_t - sigma * v; the step just taken advanced step_index
+        sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample.device)
+        return sample.float() - sigma.float() * model_output.float()
     alpha_bar = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
@@ -291,9 +357,11 @@ class PreviewDecoder:
     """Latent x0_hat -> RGB preview in [0, 1], shape (B, 3, h, w).
 
     vae    the backbone's own VAE (full quality, the most expensive)
-    taesd  AutoencoderTiny (madebyollin/taesd, taesdxl): ~16x cheaper than the VAE at 512 px
-    linear a 4->3 affine map fitted once by least squares against the backbone's VAE on the
-           first preview it sees; previews at latent resolution, essentially free
+    taesd  AutoencoderTiny (madebyollin/taesd, taesdxl, taesd3, taef1): ~16x cheaper than the VAE
+    linear a C->3 affine map (C = 4 latent channels, 16 for SD3/FLUX) fitted once by least squares
+           against the backbone's VAE on the first preview it sees; previews at latent
+           resolution, essentially free
+    Latents are the denoiser's: (z - shift) * scale for VAE latents z (shift 0 for SD1.5/SDXL).
     """
 
     KINDS = ("vae", "taesd", "linear")
@@ -315,18 +383,23 @@ class PreviewDecoder:
             except OSError as e:
                 raise UserError(f"cannot load TAESD '{source}': {str(e).splitlines()[0]}") from e
 
+    @staticmethod
     @torch.no_grad()
+    def _decode(vae, x0):
+        """As the pipelines decode: z = x0 / scale + shift. TAESD for SD1.5/SDXL has scale 1 (it
+        takes the UNet's latents as they are); TAESD3 / TAEF1 carry their VAE's scale and shift."""
+        z = x0.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
+        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+
     def _vae_decode(self, x0):
-        image = self.vae.decode(x0.to(self.vae.dtype) / self.vae.config.scaling_factor, return_dict=False)[0]
-        return (image.float() / 2 + 0.5).clamp(0, 1)
+        return self._decode(self.vae, x0)
 
     @torch.no_grad()
     def __call__(self, x0):
         if self.kind == "vae":
             return self._vae_decode(x0)
         if self.kind == "taesd":
-            # AutoencoderTiny works on the UNet's latents as they are (its scaling_factor is 1)
-            return (self.tiny.decode(x0.to(self.tiny.dtype), return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
+            return self._decode(self.tiny, x0)
         x = x0.float()
         if self.linear_map is None:
             self.linear_map = fit_linear_preview(x, self._vae_decode(x0))
@@ -373,14 +446,29 @@ class RefinedSample:
         return scores
 
 
-def encode_prompts(pipe, prompts):
-    """Positive prompt embeddings with the pipeline's own `encode_prompt`.
+def encode_prompts(pipe, prompts, text_length=None):
+    """Positive prompt embeddings with the pipeline's own `encode_prompt`, as its call computes them.
 
-    Returns {"prompt_embeds": (B, L, D)} plus, for SDXL, {"add_text_embeds": (B, D2)} (pooled)."""
-    kwargs = dict(device=pipe._execution_device, num_images_per_prompt=1, do_classifier_free_guidance=False)
+    Returns {"prompt_embeds": (B, L, D)} plus the pooled text embedding (B, D2) under the name the
+    pipeline's loop gives it: "add_text_embeds" (SDXL), "pooled_prompt_embeds" (SD3, FLUX).
+    text_length: T5 tokens for SD3/FLUX (their `max_sequence_length`; None = the call's default)."""
+    family = pipeline_family(pipe)
+    device = pipe._execution_device
+    if family in ("sd3", "flux"):
+        text_length = text_length or inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
+        lora_scale = (getattr(pipe, "_joint_attention_kwargs", None) or {}).get("scale")
+        if family == "sd3":
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
+                clip_skip=getattr(pipe, "_clip_skip", None), max_sequence_length=text_length, lora_scale=lora_scale)
+        else:
+            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, num_images_per_prompt=1,
+                                                   max_sequence_length=text_length, lora_scale=lora_scale)
+        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
+    kwargs = dict(device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
     lora_scale = (pipe.cross_attention_kwargs or {}).get("scale") if hasattr(pipe, "cross_attention_kwargs") else None
     clip_skip = getattr(pipe, "clip_skip", None) if hasattr(pipe, "_clip_skip") else None
-    if "add_text_embeds" in pipe._callback_tensor_inputs:
+    if family == "sdxl":
         embeds, _, pooled, _ = pipe.encode_prompt(prompts, lora_scale=lora_scale, clip_skip=clip_skip, **kwargs)
         return {"prompt_embeds": embeds, "add_text_embeds": pooled}
     embeds, _ = pipe.encode_prompt(prompts, lora_scale=lora_scale, clip_skip=clip_skip, **kwargs)
@@ -400,63 +488,101 @@ def refined_sample(
     preview_decoder="vae",
     blank_preview=False,
     size=None,
+    true_cfg=1.0,
 ):
     """Sample `prompts` with the stock pipeline; a refiner rewrites them at K evenly spaced steps.
 
     The pipeline runs its own loop; `callback_on_step_end` (a public diffusers hook) swaps the
     text conditioning after a refinement. At refinement k (before step s_k):
       x0_hat (from the step just taken) -> preview decoder -> refiner(previews, user prompts,
-      current prompts, s_k, N) -> new prompts -> encode_prompt -> new prompt_embeds (+ SDXL pooled).
+      current prompts, s_k, N) -> new prompts -> encode_prompt -> new prompt_embeds (+ pooled).
     The CFG negative half and SDXL's time ids are kept as the pipeline built them.
     With refiner=None the call is exactly the stock pipeline call (bit-identical images).
 
     refiner: any object with `refine(previews, user_prompts, current_prompts, step, num_steps)`
              returning an object with `.prompts` (see Refiner).
     blank_preview: show the refiner a grey image instead of x0_hat (the no-feedback ablation).
+    latents: initial noise (B, C, h, w) (latent_shape; FLUX's are packed here, as its pipeline wants).
+    guidance: the backbone's guidance (BackboneSpec.guidance); true_cfg: FLUX only, its two-pass
+             classifier-free guidance with `negative_prompt` (`true_cfg_scale`; 1 = off).
     """
-    pipe = backbone.pipe
+    pipe, family = backbone.pipe, backbone.family
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
         raise UserError("every prompt must be a non-empty string")
+    if true_cfg != 1.0 and family != "flux":
+        raise UserError(f"true CFG is FLUX's; backbone '{backbone.name}' uses --guidance for classifier-free guidance")
     num_steps = num_steps or backbone.spec.steps
     guidance = backbone.spec.guidance if guidance is None else guidance
     size = image_side(backbone, size)  # what the pipeline would pick itself, checked
     schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
     if isinstance(negative_prompt, str):
         negative_prompt = [negative_prompt] * len(prompts)  # the pipeline wants one per prompt
+    uses_negative = true_cfg > 1 if family == "flux" else guidance > 1
+    latent_side = size // pipe.vae_scale_factor
     if latents is not None:  # the pipeline moves given latents to its device but keeps their dtype
-        latents = latents.to(pipe.unet.device, pipe.unet.dtype)
+        latents = latents.to(backbone.device, backbone.denoiser.dtype)
+        latents = pack_latents(latents) if family == "flux" else latents
     result = RefinedSample(images=None, latents=None, schedule=schedule, prompts=[prompts])
     decoder = preview_decoder if isinstance(preview_decoder, PreviewDecoder) else None
     if schedule and decoder is None and not blank_preview:
         decoder = PreviewDecoder(preview_decoder, backbone)
+    text_length = backbone.spec.text_length if family in ("sd3", "flux") else None
+    flux_pooled = {}  # FLUX: the refined prompts' token embeddings and their pooled CLIP embedding
+
+    def unpacked(x):
+        return unpack_latents(x, latent_side) if family == "flux" else x
 
     def on_step_end(pipe, i, t, tensors):
-        result.latents = tensors["latents"]
+        result.latents = unpacked(tensors["latents"])
         if i + 1 not in schedule:
             return {}
-        x0 = denoised["x0"]
+        x0 = unpacked(denoised["x0"])
         previews = torch.full((len(prompts), 3, 64, 64), 0.5) if blank_preview else decoder(x0)
         out = refiner.refine(previews.float().cpu(), prompts, result.prompts[-1], i + 1, num_steps)
         result.previews.append(previews.float().cpu())
         result.refiner_outputs.append(out)
         result.prompts.append(list(out.prompts))
-        new = encode_prompts(pipe, list(out.prompts))
+        new = encode_prompts(pipe, list(out.prompts), text_length)
         updates = {}
-        for key, value in new.items():
-            old = tensors[key]
-            # with CFG the loop holds cat([negative, positive]); keep the negative half
-            updates[key] = torch.cat([old[: len(prompts)], value.to(old.dtype)]) if pipe.do_classifier_free_guidance else value.to(old.dtype)
+        for key in tensors:
+            if key in new:
+                old, value = tensors[key], new[key].to(tensors[key].dtype)
+                # with CFG the loop holds cat([negative, positive]); keep the negative half
+                updates[key] = torch.cat([old[: len(prompts)], value]) if len(old) == 2 * len(prompts) else value
+        if family == "flux":
+            flux_pooled.update(embeds=updates["prompt_embeds"], pooled=new["pooled_prompt_embeds"])
         return updates
 
-    tensor_inputs = ["latents"] + (["prompt_embeds"] + (["add_text_embeds"] if backbone.is_sdxl else []) if schedule else [])
+    def flux_pooled_projections(module, args, kwargs):
+        # FluxPipeline hands prompt_embeds to callback_on_step_end but not pooled_prompt_embeds,
+        # which it passes to the transformer as `pooled_projections` on every step. This forward
+        # pre-hook (a public torch mechanism; nothing in the pipeline changes) puts the refined
+        # prompts' pooled CLIP embedding there, on the calls whose text tokens are the refined
+        # prompts' -- the tensor the callback returned -- and not on true CFG's negative pass.
+        if "embeds" in flux_pooled and kwargs.get("encoder_hidden_states") is flux_pooled["embeds"]:
+            kwargs["pooled_projections"] = flux_pooled["pooled"].to(kwargs["pooled_projections"].dtype)
+        return args, kwargs
+
+    text_inputs = {"sd": ["prompt_embeds"], "sdxl": ["prompt_embeds", "add_text_embeds"],
+                   "sd3": ["prompt_embeds", "pooled_prompt_embeds"], "flux": ["prompt_embeds"]}[family]
     call_kwargs = dict(
         prompt=prompts, num_inference_steps=num_steps, guidance_scale=guidance, generator=generator,
-        latents=latents, negative_prompt=negative_prompt if guidance > 1 else None, output_type="pt",
-        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs, height=size, width=size,
+        latents=latents, negative_prompt=negative_prompt if uses_negative else None, output_type="pt",
+        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"] + (text_inputs if schedule else []),
+        height=size, width=size,
     )
-    with capture_denoised(pipe.scheduler) as denoised, torch.no_grad():
-        result.images = pipe(**call_kwargs).images.float().cpu()
+    if family == "flux":
+        call_kwargs["true_cfg_scale"] = true_cfg
+    if text_length is not None:
+        call_kwargs["max_sequence_length"] = text_length
+    hook = backbone.denoiser.register_forward_pre_hook(flux_pooled_projections, with_kwargs=True) if family == "flux" and schedule else None
+    try:
+        with capture_denoised(pipe.scheduler) as denoised, torch.no_grad():
+            result.images = pipe(**call_kwargs).images.float().cpu()
+    finally:
+        if hook is not None:
+            hook.remove()
     return result
 
 

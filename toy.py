@@ -388,17 +388,18 @@ def _tiny_unet(cross_dim, sample_size, blocks, channels, addition=None, seed=0, 
     return UNet2DConditionModel(**kwargs)
 
 
-def _tiny_vae(seed=0, channels=(8, 16, 16, 16), norm_groups=2, layers=2):
+def _tiny_vae(seed=0, channels=(8, 16, 16, 16), norm_groups=2, layers=2, latent_channels=4, **flow):
     """An AutoencoderKL with one level per entry of `channels` (each but the last halves the side).
     norm_groups: GroupNorm groups. With one channel per group GroupNorm is an instance norm,
-    which subtracts each channel's image mean: the absolute colour of a flat image is lost."""
+    which subtracts each channel's image mean: the absolute colour of a flat image is lost.
+    flow: SD3/FLUX's VAE (FLOW_VAE): 16 latent channels, no quant convs, a shift and a scale."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, block_out_channels=channels,
+        in_channels=3, out_channels=3, latent_channels=latent_channels, block_out_channels=channels,
         down_block_types=("DownEncoderBlock2D",) * len(channels), up_block_types=("UpDecoderBlock2D",) * len(channels),
-        layers_per_block=layers, norm_num_groups=norm_groups, sample_size=32,
+        layers_per_block=layers, norm_num_groups=norm_groups, sample_size=32, **flow,
     )
 
 
@@ -413,6 +414,27 @@ def _tiny_text_encoder(tokenizer, hidden, projection=None, seed=0):
         projection_dim=projection or hidden,
     )
     return (CLIPTextModelWithProjection if projection else CLIPTextModel)(config).eval()
+
+
+def _tiny_t5_encoder(tokenizer, hidden=64, seed=0):
+    """T5 v1.1's encoder (gated-GELU feed-forward, relative position buckets), as SD3 and FLUX use T5-XXL."""
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    config = T5Config(vocab_size=len(tokenizer), d_model=hidden, d_kv=hidden // 4, d_ff=2 * hidden, num_layers=2,
+                      num_heads=4, feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return T5EncoderModel(config).eval()
+
+
+def tiny_t5_tokenizer(words=()):
+    """A T5 (Unigram, sentencepiece-style) tokenizer: each word one piece, letters as a fallback."""
+    from transformers import T5Tokenizer
+
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [("\u2581" + w, -1.0) for w in dict.fromkeys(words)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789,.-"]
+    return T5Tokenizer(vocab=pieces, extra_ids=0)
 
 
 def _scheduler():
@@ -455,6 +477,84 @@ def tiny_sdxl_pipeline(words=(), image_size=64, seed=0, unet_blocks=SDXL_UNET_BL
         vae=vae, text_encoder=_tiny_text_encoder(tokenizer, hidden_1, seed=seed),
         text_encoder_2=_tiny_text_encoder(tokenizer, hidden_2, projection=hidden_2, seed=seed + 1),
         tokenizer=tokenizer, tokenizer_2=tiny_clip_tokenizer(words), unet=unet, scheduler=_scheduler(),
+    )
+
+
+# Flow-matching transformers, their real layouts, narrow (the diffusers configs of the released
+# models). SD3.5-Medium: 24 MMDiT blocks, the first 13 with a second, image-only attention
+# (MMDiT-X), RMS qk-norm, 2x2 patches; SD3.5-Large: 38 blocks, qk-norm, no dual attention. Text:
+# CLIP-L and CLIP-G (penultimate hidden states, projected pooled outputs) + T5-XXL tokens.
+# FLUX.1: 19 double-stream + 38 single-stream blocks over 2x2-packed latents (64 input channels),
+# 3-axis RoPE, CLIP-L pooled + T5-XXL tokens, a guidance embedding in -dev, none in -schnell.
+# Both: a 16-channel VAE with a shift and no quant convs, flow-matching Euler (shift 3; FLUX
+# shifts with the image size).
+SD35M_TRANSFORMER = dict(num_layers=4, dual_attention_layers=(0, 1), qk_norm="rms_norm")
+SD35L_TRANSFORMER = dict(num_layers=4, dual_attention_layers=(), qk_norm="rms_norm")
+FLUX_TRANSFORMER = dict(num_layers=1, num_single_layers=2)
+FLOW_VAE = dict(latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+SD3_VAE_SCALE = dict(scaling_factor=1.5305, shift_factor=0.0609)  # the released VAEs' values
+FLUX_VAE_SCALE = dict(scaling_factor=0.3611, shift_factor=0.1159)
+
+
+def flow_scheduler(dynamic=False, shift=3.0):
+    """FlowMatchEulerDiscreteScheduler as SD3 (shift 3) / FLUX.1-dev (shift by image size) / -schnell (shift 1) configure it."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    if dynamic:
+        return FlowMatchEulerDiscreteScheduler(shift=shift, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
+                                               base_image_seq_len=256, max_image_seq_len=4096)
+    return FlowMatchEulerDiscreteScheduler(shift=shift)
+
+
+def tiny_sd3_pipeline(words=(), image_size=64, seed=0, transformer=SD35M_TRANSFORMER, heads=2, head_dim=16,
+                      clip_hidden=(16, 32), t5_hidden=64, vae_channels=(8, 16, 16, 16), vae_norm_groups=2, vae_layers=2,
+                      shift=3.0, t5=True):
+    """SD3-shaped: CLIP-L + CLIP-G (with projections) + T5 encoder, SD3Transformer2DModel (MMDiT),
+    a 16-channel AutoencoderKL with shift, flow-matching Euler. t5=False: no T5 (SD3's option)."""
+    from diffusers import SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    clip_l, clip_g = clip_hidden
+    vae = _tiny_vae(seed, vae_channels, vae_norm_groups, vae_layers, **FLOW_VAE, **SD3_VAE_SCALE)
+    latent_size = image_size // 2 ** (len(vae_channels) - 1)
+    torch.manual_seed(seed)
+    denoiser = SD3Transformer2DModel(
+        sample_size=latent_size, patch_size=2, in_channels=16, out_channels=16, attention_head_dim=head_dim,
+        num_attention_heads=heads, joint_attention_dim=t5_hidden, caption_projection_dim=heads * head_dim,
+        pooled_projection_dim=clip_l + clip_g, pos_embed_max_size=latent_size, **transformer,
+    )
+    tokenizer_3 = tiny_t5_tokenizer(words)
+    return StableDiffusion3Pipeline(
+        transformer=denoiser, scheduler=flow_scheduler(shift=shift), vae=vae,
+        text_encoder=_tiny_text_encoder(tiny_clip_tokenizer(words), clip_l, projection=clip_l, seed=seed),
+        tokenizer=tiny_clip_tokenizer(words),
+        text_encoder_2=_tiny_text_encoder(tiny_clip_tokenizer(words), clip_g, projection=clip_g, seed=seed + 1),
+        tokenizer_2=tiny_clip_tokenizer(words),
+        text_encoder_3=_tiny_t5_encoder(tokenizer_3, t5_hidden, seed=seed + 2) if t5 else None,
+        tokenizer_3=tokenizer_3 if t5 else None,
+    )
+
+
+def tiny_flux_pipeline(words=(), image_size=64, seed=0, guidance_embeds=True, transformer=FLUX_TRANSFORMER, heads=2,
+                       head_dim=16, clip_hidden=32, t5_hidden=64, vae_channels=(8, 16, 16, 16), vae_norm_groups=2,
+                       vae_layers=2):
+    """FLUX.1-shaped: CLIP-L (pooled) + T5 encoder, FluxTransformer2DModel (double- and
+    single-stream blocks, RoPE), a 16-channel AutoencoderKL with shift, flow-matching Euler.
+    guidance_embeds=True is FLUX.1-dev (distilled guidance, dynamic shift); False is -schnell."""
+    from diffusers import FluxPipeline, FluxTransformer2DModel
+
+    vae = _tiny_vae(seed, vae_channels, vae_norm_groups, vae_layers, **FLOW_VAE, **FLUX_VAE_SCALE)
+    torch.manual_seed(seed)
+    rope = (head_dim // 4, 3 * head_dim // 8, 3 * head_dim // 8)  # FLUX.1: (16, 56, 56) of 128
+    denoiser = FluxTransformer2DModel(
+        patch_size=1, in_channels=64, attention_head_dim=head_dim, num_attention_heads=heads, joint_attention_dim=t5_hidden,
+        pooled_projection_dim=clip_hidden, guidance_embeds=guidance_embeds, axes_dims_rope=rope, **transformer,
+    )
+    tokenizer_2 = tiny_t5_tokenizer(words)
+    return FluxPipeline(
+        transformer=denoiser, scheduler=flow_scheduler(dynamic=guidance_embeds, shift=3.0 if guidance_embeds else 1.0),
+        vae=vae, text_encoder=_tiny_text_encoder(tiny_clip_tokenizer(words), clip_hidden, seed=seed),
+        tokenizer=tiny_clip_tokenizer(words), text_encoder_2=_tiny_t5_encoder(tokenizer_2, t5_hidden, seed=seed + 2),
+        tokenizer_2=tokenizer_2,
     )
 
 

@@ -37,6 +37,20 @@ def tiny_sdxl_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-sd3")
+    toy.tiny_sd3_pipeline(WORDS).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tiny-flux")
+    toy.tiny_flux_pipeline(WORDS).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
 def tiny_refiner_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("tiny-qwen")
     processor = toy.tiny_qwen_processor(WORDS)
@@ -53,6 +67,16 @@ def sd15(tiny_sd15_dir):
 @pytest.fixture
 def sdxl(tiny_sdxl_dir):
     return common.load_backbone(str(tiny_sdxl_dir))
+
+
+@pytest.fixture
+def sd3(tiny_sd3_dir):
+    return common.load_backbone(str(tiny_sd3_dir))
+
+
+@pytest.fixture
+def flux(tiny_flux_dir):
+    return common.load_backbone(str(tiny_flux_dir))
 
 
 @pytest.fixture
