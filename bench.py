@@ -4,6 +4,7 @@ bench.py: the performance ratios that justify the design, measured side by side 
     python bench.py                                # every row at full size (SD1.5-sized random weights)
     python bench.py --rows 1,2,5 --threads 1       # the full-size CPU rows (~17 min on one busy core)
     python bench.py --rows 3,4 --repeats 5         # the toy-size sampling rows, more repeats
+    python bench.py --rows 3,4 --backbone toy-sd3  # the same on the flow-matching toy backbone
     python bench.py --quick                        # tiny architectures, seconds: a smoke test
     python bench.py --device cuda                  # with a GPU the full-size GPU rows (3b, 6) run too (bf16)
 
@@ -19,6 +20,8 @@ Rows (each: what is compared, the median of >= 3 repeats after a warm-up, the ra
   4  GRPO rollouts: all B*G trajectories in one refined_sample call vs one trajectory at a time
   5  an LRM training step from cached latents vs encoding the pair with the VAE every step
   6  peak GPU memory of a train_refiner and a train_reward step at full size (GPU only)
+  7  the flow-matching transformers at full size (SD3.5-Medium, SD3.5-Large, FLUX.1-dev): parameters
+     of every component, counted on PyTorch's meta device (nothing is allocated), and bf16 weights
 
 Results go to the terminal (a table) and to OUT/metrics.json. Only ratios are meant to be quoted:
 the absolute times of a shared machine are noise, but variants timed in turn, round after round,
@@ -52,12 +55,13 @@ import toy
 # -----------------------------------------------------------------------------
 # config
 
-ROWS = ("1", "2", "3", "4", "5", "6")
+ROWS = ("1", "2", "3", "4", "5", "6", "7")
 
 
 @dataclass
 class Config:
-    rows: str = field(default="1,2,3,4,5,6", metadata={"help": "comma-separated rows to run (see the module docstring): 1..6"})
+    rows: str = field(default="1,2,3,4,5,6,7", metadata={"help": "comma-separated rows to run (see the module docstring): 1..7"})
+    backbone: str = field(default="toy", metadata={"help": "toy backbone of the toy-size sampling rows 3a and 4: toy | toy-sdxl | toy-sd3"})
     repeats: int = field(default=3, metadata={"help": "timed repeats per variant (>= 3); the median is reported"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up calls per variant before the repeats"})
     size: str = field(default="full", metadata={"help": "architectures of rows 1, 2, 5: full (SD1.5-sized, 512 px) or tiny (the test-sized ones)"})
@@ -97,6 +101,8 @@ def check_config(cfg):
         raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
     common.require(cfg, positive=("batch", "sampling_steps", "refine_steps", "prompts_per_step", "group_size", "max_new_tokens",
                                   "lrm_draws", "memory_batch"), non_negative=("threads", "warmup"))
+    if not cfg.backbone.startswith("toy") or cfg.backbone not in common.BACKBONES:
+        raise common.UserError(f"--backbone must be a toy backbone: {', '.join(b for b in common.BACKBONES if b.startswith('toy'))}")
     if cfg.resolution < 64 or cfg.resolution % 64:
         raise common.UserError(f"--resolution must be a multiple of 64, got {cfg.resolution}")
     return rows
@@ -303,15 +309,17 @@ def random_qwen_refiner(size, device, dtype, max_new_tokens, seed=0):
 
 
 def toy_models(cfg, device, dtype):
-    """The toy world's backbone and refiner where built (python build_toy_world.py), else the tiny random ones
-    of the tests. Returns (backbone, refiner, which: a line saying which were used)."""
-    if (Path(common.BACKBONES["toy"].source) / "model_index.json").is_file():
-        backbone, which = common.load_backbone("toy", device=device, dtype=dtype), ["backbone toy"]
+    """The toy world's backbone (--backbone) and refiner where built (python build_toy_world.py), else the
+    tiny random ones of the tests. Returns (backbone, refiner, which: a line saying which were used)."""
+    if (Path(common.BACKBONES[cfg.backbone].source) / "model_index.json").is_file():
+        backbone, which = common.load_backbone(cfg.backbone, device=device, dtype=dtype), [f"backbone {cfg.backbone}"]
     else:
-        pipe = toy.tiny_sd15_pipeline(toy.TOY_WORDS, image_size=32, seed=cfg.seed).to(device, dtype)
-        pipe.set_progress_bar_config(disable=True)
-        backbone = common.Backbone(pipe, "tiny-sd15", common.BackboneSpec("tiny random SD1.5-shaped pipeline", 20, 4.0, 32))
-        which = ["tiny random backbone (toy world not built)"]
+        flow = cfg.backbone == "toy-sd3"
+        pipe = toy.tiny_sd3_pipeline(toy.TOY_WORDS, seed=cfg.seed) if flow else toy.tiny_sd15_pipeline(toy.TOY_WORDS, image_size=32, seed=cfg.seed)
+        pipe.to(device, dtype).set_progress_bar_config(disable=True)
+        name = "tiny-sd3" if flow else "tiny-sd15"
+        backbone = common.Backbone(pipe, name, common.BackboneSpec(f"tiny random {name}-shaped pipeline", 20, 4.0, 64 if flow else 32))
+        which = [f"tiny random {name} backbone (toy world not built)"]
     if (Path(refiners.REFINERS["toy-refiner"]) / "config.json").is_file():
         refiner = refiners.load_refiner("toy-refiner", device=device, dtype=dtype, max_new_tokens=cfg.max_new_tokens)
         which.append("refiner toy-refiner")
@@ -414,7 +422,7 @@ def overhead_times(cfg, backbone, refiner, decoder, num_steps, guidance, device)
     Returns (times, notes): the notes say how much of a refined run the refiner's generate took."""
     prompts = [PROMPT] * cfg.batch
     latents = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
-    latents = latents.to(device, backbone.pipe.unet.dtype)
+    latents = latents.to(device, backbone.denoiser.dtype)
     timed = TimedRefiner(refiner)
 
     def sample(refined):
@@ -620,6 +628,67 @@ def row_peak_memory(cfg, device, dtype, tmp):
     return rows
 
 
+# -----------------------------------------------------------------------------
+# row 7: the flow-matching transformers at full size (their released diffusers / transformers configs)
+
+SD35M_TRANSFORMER = dict(sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+                         num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+                         pos_embed_max_size=384, dual_attention_layers=tuple(range(13)), qk_norm="rms_norm")
+SD35L_TRANSFORMER = dict(SD35M_TRANSFORMER, num_layers=38, num_attention_heads=38, caption_projection_dim=2432,
+                         pos_embed_max_size=192, dual_attention_layers=())
+FLUX_DEV_TRANSFORMER = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                            num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                            axes_dims_rope=(16, 56, 56))
+CLIP_G_TEXT = dict(vocab_size=49408, hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+                   max_position_embeddings=77, hidden_act="gelu", projection_dim=1280)
+T5_XXL_ENCODER = dict(vocab_size=32128, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64, feed_forward_proj="gated-gelu",
+                      is_encoder_decoder=False, use_cache=False)
+FLOW_VAE = dict(SD15_VAE, latent_channels=16, use_quant_conv=False, use_post_quant_conv=False)
+
+
+def parameter_count(build):
+    """Parameters of the module `build()` returns, built on the meta device (shapes only, no memory)."""
+    with torch.device("meta"):
+        module = build()
+    return sum(p.numel() for p in module.parameters())
+
+
+def row_flow_parameters(cfg, device, dtype, tmp):
+    from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    clip_l = parameter_count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SD15_TEXT)))
+    clip_l_plain = parameter_count(lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT)))  # FLUX: no projection
+    clip_g = parameter_count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT)))
+    t5 = parameter_count(lambda: T5EncoderModel(T5Config(**T5_XXL_ENCODER)))
+    vae = parameter_count(lambda: AutoencoderKL(**FLOW_VAE))
+    qwen = parameter_count(lambda: random_qwen_refiner_model_meta())
+    models = {
+        "7a": ("SD3.5-Medium (sd35m)", {"transformer": parameter_count(lambda: SD3Transformer2DModel(**SD35M_TRANSFORMER)),
+                                        "clip_l": clip_l, "clip_g": clip_g, "t5_xxl": t5, "vae": vae}),
+        "7b": ("SD3.5-Large (sd35l)", {"transformer": parameter_count(lambda: SD3Transformer2DModel(**SD35L_TRANSFORMER)),
+                                       "clip_l": clip_l, "clip_g": clip_g, "t5_xxl": t5, "vae": vae}),
+        "7c": ("FLUX.1-dev / -schnell (flux-dev, flux-schnell)", {
+            "transformer": parameter_count(lambda: FluxTransformer2DModel(**FLUX_DEV_TRANSFORMER)), "clip_l": clip_l_plain,
+            "t5_xxl": t5, "vae": vae}),
+    }
+    rows = []
+    for row, (name, counts) in models.items():
+        total = sum(counts.values())
+        parts = ", ".join(f"{k} {v / 1e9:.3f} B" for k, v in counts.items())
+        notes = (f"{parts}; bf16 weights {2 * total / 2**30:.1f} GiB, without T5 {2 * (total - counts['t5_xxl']) / 2**30:.1f} GiB; "
+                 f"+ the refiner Qwen2.5-VL-3B {qwen / 1e9:.2f} B = {2 * qwen / 2**30:.1f} GiB")
+        rows.append(dict(row=row, compared=f"{name}: parameters, transformer / all components", params=counts, total_params=total,
+                         baseline=None, candidate=None, ratio=None, target="report", meets_target=None, device="meta", notes=notes))
+    return rows
+
+
+def random_qwen_refiner_model_meta():
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig(text_config=QWEN25_VL_3B_TEXT, vision_config=QWEN25_VL_3B_VISION))
+
+
 def memory_row(row, compared, baseline, candidate, device, notes):
     """Peak GiB of two variants; ratio = baseline / candidate (> 1: the candidate saves memory)."""
     return dict(row=row, compared=compared, baseline=dict(label=baseline[0], peak_gib=round(baseline[1], 3)),
@@ -631,12 +700,15 @@ def memory_row(row, compared, baseline, candidate, device, notes):
 # main: run the rows, print the table, write the JSON
 
 ROW_FUNCTIONS = {"1": row_lrm_vs_pixel, "2": row_preview_decoders, "3": row_refined_overhead, "4": row_grpo_batching,
-                 "5": row_lrm_cached_latents, "6": row_peak_memory}
+                 "5": row_lrm_cached_latents, "6": row_peak_memory, "7": row_flow_parameters}
 
 
 def format_row(row):
     if row.get("skipped"):
         return f"{row['row']:<3} {row['compared'][:78]:<78} {'skipped: ' + row['skipped']:>36}  {row['device']}"
+    if "params" in row:
+        numbers = f"{row['params']['transformer'] / 1e9:.2f} B / {row['total_params'] / 1e9:.2f} B"
+        return f"{row['row']:<3} {row['compared'][:78]:<78} {numbers:>24} {'-':>8} {row['target']:>20} {'':<6} {row['device']}"
     base, cand = row["baseline"], row["candidate"]
     if "peak_gib" in base:
         numbers = f"{base['peak_gib']:.2f} / {cand['peak_gib']:.2f} GiB"

@@ -60,7 +60,7 @@ import rewards
 
 @dataclass
 class Config:
-    backbones: str = field(default="toy,toy-sdxl", metadata={"help": "comma-separated: sd15 | sdxl | sdxl-turbo | toy | toy-sdxl | hub id | diffusers folder"})
+    backbones: str = field(default="toy,toy-sdxl", metadata={"help": "comma-separated: sd15 | sdxl | sdxl-turbo | sd35m | sd35l | flux-dev | flux-schnell | toy | toy-sdxl | toy-sd3 | hub id | diffusers folder"})
     refiner: str = field(default="toy-refiner", metadata={"help": "qwen2.5-vl-3b | toy-refiner | hub id | folder (model or PEFT adapter) | none (baseline only)"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder put over --refiner (e.g. from train_refiner.py)"})
     rewards: str = field(default="toy-aesthetic,toy-faithful", metadata={"help": "comma-separated reward specs from the registry; write a composite with '+' between its terms, e.g. imagereward:1+vlm:0.5"})
@@ -74,6 +74,7 @@ class Config:
     size: int | None = field(default=None, metadata={"help": "image side in pixels (default: each backbone's own)"})
     unet: str | None = field(default=None, metadata={"help": "aligned UNet put over every backbone: dpo-sd15 | dpo-sdxl | hub id | folder"})
     lora: str | None = field(default=None, metadata={"help": "diffusers LoRA (folder or hub id) loaded on every backbone"})
+    t5: bool = field(default=True, metadata={"help": "--t5 false loads SD3 backbones without their T5 encoder (an error for other backbones)"})
     preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey preview (the no-feedback ablation)"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
@@ -545,7 +546,7 @@ def main():
     records, timing, sheets = [], {}, {}
     labels = backbone_labels(backbone_names, variant)
     for name, label in zip(backbone_names, labels):
-        backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora)
+        backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
         backbone.name = label
         mine, seconds, fallbacks, refinements, sheet = evaluate_backbone(
             backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=config.sheet_prompts

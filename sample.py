@@ -33,14 +33,16 @@ import refiners
 @dataclass
 class Config:
     prompt: list[str] = field(default_factory=list, metadata={"help": "user prompt; repeat the flag or give several for one batch", "action": "extend"})
-    backbone: str = field(default="toy", metadata={"help": "sd15 | sdxl | sdxl-turbo | toy | toy-sdxl | hub id | diffusers folder"})
+    backbone: str = field(default="toy", metadata={"help": "sd15 | sdxl | sdxl-turbo | sd35m | sd35l | flux-dev | flux-schnell | toy | toy-sdxl | toy-sd3 | hub id | diffusers folder"})
     refiner: str = field(default="toy-refiner", metadata={"help": "qwen2.5-vl-3b | toy-refiner | hub id | folder (model or PEFT adapter) | none"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder put over --refiner (e.g. from train_refiner.py)"})
     unet: str | None = field(default=None, metadata={"help": "aligned UNet over the backbone: dpo-sd15 | dpo-sdxl | hub id | folder"})
     lora: str | None = field(default=None, metadata={"help": "diffusers LoRA (folder or hub id) loaded on the backbone"})
     refine_steps: int = field(default=5, metadata={"help": "K: number of refinements, evenly spaced (capped at steps-1)"})
     steps: int | None = field(default=None, metadata={"help": "N sampling steps (default: the backbone's, e.g. 50 for sd15, 4 for sdxl-turbo)"})
-    guidance: float | None = field(default=None, metadata={"help": "CFG scale (default: the backbone's; 0 for sdxl-turbo)"})
+    guidance: float | None = field(default=None, metadata={"help": "CFG scale (default: the backbone's; 0 for sdxl-turbo); FLUX: its distilled guidance"})
+    true_cfg: float = field(default=1.0, metadata={"help": "FLUX only: classifier-free guidance scale with --negative-prompt (two passes per step; 1 = off)"})
+    t5: bool = field(default=True, metadata={"help": "SD3 only: --t5 false loads it without its T5 encoder (much less memory)"})
     size: int | None = field(default=None, metadata={"help": "image side in pixels (default: the backbone's)"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt (used with CFG)"})
     preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
@@ -55,6 +57,8 @@ def check(config):
     if not config.prompt or any(not p.strip() for p in config.prompt):
         raise common.UserError("give at least one non-empty --prompt")
     common.require(config, positive=("steps", "size"), non_negative=("refine_steps", "temperature", "guidance"))
+    if config.true_cfg < 1:
+        raise common.UserError(f"--true-cfg must be >= 1 (1 = off), got {config.true_cfg}")
     if config.preview_decoder not in common.PreviewDecoder.KINDS:
         raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
 
@@ -100,7 +104,7 @@ def main():
     check(config)
     device = common.pick_device(config.device)
     dtype = common.pick_dtype(config.dtype, device)
-    backbone = common.load_backbone(config.backbone, device, dtype, unet=config.unet, lora=config.lora)
+    backbone = common.load_backbone(config.backbone, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
     refiner = refiners.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
@@ -114,7 +118,7 @@ def main():
     result = common.refined_sample(
         backbone, config.prompt, refiner, refine_steps=config.refine_steps, num_steps=config.steps,
         guidance=config.guidance, generator=generator, negative_prompt=config.negative_prompt,
-        preview_decoder=config.preview_decoder, size=config.size,
+        preview_decoder=config.preview_decoder, size=config.size, true_cfg=config.true_cfg,
     )
     seconds = time.time() - t0
 

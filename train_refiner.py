@@ -55,7 +55,7 @@ import rewards
 
 @dataclass
 class Config:
-    backbone: str = field(default="sd15", metadata={"help": "diffusion backbone: alias (sd15, sdxl, sdxl-turbo, toy, toy-sdxl), hub id or diffusers folder"})
+    backbone: str = field(default="sd15", metadata={"help": "diffusion backbone: alias (sd15, sdxl, sdxl-turbo, sd35m, sd35l, flux-dev, flux-schnell, toy, toy-sdxl, toy-sd3), hub id or diffusers folder"})
     refiner: str = field(default="qwen2.5-vl-3b", metadata={"help": "base refiner (MLLM): alias (qwen2.5-vl-3b, toy-refiner), hub id or folder"})
     reward: str = field(default="imagereward", metadata={"help": "training reward: a name or a weighted sum, e.g. imagereward:1,length:0.1"})
     monitor_rewards: str = field(default="", metadata={"help": "other rewards scored on held-out prompts (comma-separated names), so reward hacking shows as a divergence"})
@@ -68,7 +68,8 @@ class Config:
     shared_noise: bool = field(default=True, metadata={"help": "a group shares its initial noise (common random numbers); --no-shared-noise draws one per trajectory"})
     refine_steps: int = field(default=2, metadata={"help": "K: refinements per trajectory in training (the paper: 2 in training, 5 at inference)"})
     sampling_steps: int = field(default=0, metadata={"help": "denoising steps (0 = the backbone's default)"})
-    guidance: float = field(default=-1.0, metadata={"help": "CFG scale (negative = the backbone's default)"})
+    guidance: float = field(default=-1.0, metadata={"help": "CFG scale (negative = the backbone's default); FLUX: its distilled guidance"})
+    t5: bool = field(default=True, metadata={"help": "SD3 only: --t5 false loads it without its T5 encoder (much less memory)"})
     size: int = field(default=0, metadata={"help": "image side in pixels (0 = the backbone's default)"})
     preview_decoder: str = field(default="vae", metadata={"help": "how the refiner sees x0_hat: vae, taesd or linear"})
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey image instead of x0_hat (the no-visual-feedback ablation)"})
@@ -342,7 +343,7 @@ def train(config, reward=None, monitor_reward=None):
     others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
     train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
-    backbone = common.load_backbone(config.backbone, device=device, dtype=dtype)
+    backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
     base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,

@@ -16,7 +16,7 @@ import refiners
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "4", "5", "6a", "6b", "6c"}
+ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c"}
 GPU_ROWS = {"3b", "6a", "6b", "6c"}
 
 
@@ -57,7 +57,8 @@ def test_refiner_train_step_updates_lora_weights():
 
 @pytest.mark.parametrize("flags, message", [
     (["--repeats", "2"], "--repeats must be >= 3"),
-    (["--rows", "1,7"], "--rows must name entries among"),
+    (["--rows", "1,8"], "--rows must name entries among"),
+    (["--backbone", "sd15"], "--backbone must be a toy backbone"),
     (["--size", "huge"], "--size must be full or tiny"),
 ])
 @pytest.mark.slow
@@ -81,9 +82,31 @@ def test_quick_run_writes_every_row(tmp_path):
             assert name in GPU_ROWS and not torch.cuda.is_available() and "GPU" in row["skipped"]
             assert row["ratio"] is None
             continue
+        if "params" in row:  # row 7: counted, not timed
+            assert row["total_params"] > row["params"]["transformer"] > 1e9, name
+            continue
         assert row["ratio"] > 0, name
         if "median_s" in row["baseline"]:
             for side in ("baseline", "candidate"):
                 assert len(row[side]["times_s"]) == 3 and row[side]["median_s"] > 0, (name, side)
     for name in ROW_IDS - GPU_ROWS:
         assert f"{name} " in run.stdout  # the printed table has the row
+
+
+def test_full_size_flow_configs_have_the_released_parameter_counts():
+    """Row 7 counts the released architectures: FLUX.1's transformer is its published 12 B (11.90 B),
+    T5-XXL's encoder 4.76 B, CLIP-G 0.69 B; SD3.5-Large's MMDiT 8.1 B."""
+    rows = {row["row"]: row for row in bench.row_flow_parameters(None, None, None, None)}
+    assert round(rows["7c"]["params"]["transformer"] / 1e9, 2) == 11.90
+    assert round(rows["7a"]["params"]["t5_xxl"] / 1e9, 2) == 4.76 and round(rows["7a"]["params"]["clip_g"] / 1e9, 2) == 0.69
+    assert round(rows["7b"]["params"]["transformer"] / 1e9, 1) == 8.1
+    assert rows["7a"]["params"]["transformer"] < rows["7b"]["params"]["transformer"] < rows["7c"]["params"]["transformer"]
+
+
+@pytest.mark.slow
+def test_sampling_rows_on_the_flow_matching_toy(tmp_path):
+    run = subprocess.run([sys.executable, "bench.py", "--quick", "--rows", "3", "--backbone", "toy-sd3", "--threads", "1",
+                          "--out", str(tmp_path)], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-2000:]
+    row = {r["row"]: r for r in json.loads((tmp_path / "metrics.json").read_text())["rows"]}["3a"]
+    assert row["ratio"] > 0 and "sd3" in row["notes"]

@@ -255,6 +255,25 @@ def test_baseline_only_with_an_aligned_unet_and_a_lora(tiny_sd15_dir, prompt_fil
     assert row["baseline_mean"] != plain["rows"][0]["baseline_mean"]  # the LoRA changed the images
 
 
+@pytest.mark.slow
+def test_evaluation_on_flow_matching_backbones(tiny_sd3_dir, tiny_flux_dir, tiny_refiner_dir, prompt_file, tmp_path, monkeypatch):
+    """SD3 (without its T5 encoder, --no-t5) and FLUX backbones through the whole evaluation."""
+    def run(backbones, out, *extra):
+        monkeypatch.setattr(sys, "argv", [
+            "evaluate.py", "--backbones", backbones, "--refiner", str(tiny_refiner_dir), "--rewards", "toy-aesthetic",
+            "--prompts", str(prompt_file), "--limit", "2", "--seeds", "0", "--steps", "3", "--refine-steps", "1",
+            "--size", "64", "--max-new-tokens", "8", "--out", str(tmp_path / out), *extra,
+        ])
+        evaluate.main()
+        return json.loads((tmp_path / out / "results.json").read_text())
+
+    data = run(f"{tiny_sd3_dir},{tiny_flux_dir}", "both")
+    assert [row["backbone"] for row in data["rows"]] == [tiny_sd3_dir.name, tiny_flux_dir.name]
+    assert all(row["n"] == 2 and row["refined_mean"] is not None for row in data["rows"])
+    no_t5 = run(str(tiny_sd3_dir), "no-t5", "--no-t5")
+    assert no_t5["rows"][0]["baseline_mean"] != data["rows"][0]["baseline_mean"]  # zeros instead of T5 tokens
+
+
 # -----------------------------------------------------------------------------
 # bad input: one line on stderr, exit 2, no traceback
 

@@ -76,6 +76,25 @@ def test_sample_every_option(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
     assert plain.tobytes() != run("lora", "--lora", str(tmp_path / "lora")).tobytes()
 
 
+def test_sample_on_flow_matching_backbones(tiny_sd3_dir, tiny_flux_dir, tiny_refiner_dir, tmp_path):
+    """SD3 with its refiner and without its T5 encoder (--no-t5); FLUX with --true-cfg and a negative prompt."""
+    proc = run_sample("--backbone", str(tiny_sd3_dir), "--refiner", str(tiny_refiner_dir), "--prompt", "a red circle",
+                      "--steps", "4", "--refine-steps", "2", "--no-t5", "--out", str(tmp_path / "sd3"))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((tmp_path / "sd3" / "trajectory.json").read_text())
+    assert record["schedule"] == [1, 3] and Image.open(tmp_path / "sd3" / record["items"][0]["image"]).size == (64, 64)
+
+    def flux(out, *extra):
+        proc = run_sample("--backbone", str(tiny_flux_dir), "--refiner", "none", "--prompt", "a red circle", "--steps", "3",
+                          "--size", "64", "--out", str(tmp_path / out), *extra)
+        assert proc.returncode == 0, proc.stderr
+        return Image.open(tmp_path / out / "000_a-red-circle.png").tobytes()
+
+    plain = flux("plain")
+    assert flux("cfg", "--true-cfg", "3.0", "--negative-prompt", "a blue square") != plain
+    assert flux("t5", "--t5", "true") == plain
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -85,6 +104,9 @@ def test_sample_every_option(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
         (["--prompt", "a cat", "--backbone", "./no/such/folder"], "not found"),
         (["--prompt", "a cat", "--refine-steps", "-1"], "--refine-steps"),
         (["--prompt", "a cat", "--preview-decoder", "jpeg"], "--preview-decoder"),
+        (["--prompt", "a cat", "--no-t5"], "only SD3 pipelines can run without their T5 encoder"),
+        (["--prompt", "a cat", "--true-cfg", "3"], "true CFG is FLUX's"),
+        (["--prompt", "a cat", "--true-cfg", "0.5"], "--true-cfg must be >= 1"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

@@ -245,6 +245,19 @@ def test_grpo_raises_a_reward_with_known_optimum(tiny_sd15_dir, policy_dir, tmp_
     assert len(lora) == sum("lora_B" in k for k in saved) and all("language_model" in k for k in lora)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_grpo_learns_on_flow_matching_backbones(family, tiny_sd3_dir, tiny_flux_dir, policy_dir, tmp_path, one_thread):
+    """The same learning test on SD3 (run without its T5 encoder, --no-t5) and FLUX backbones."""
+    backbone, extra = (tiny_sd3_dir, ["--no-t5"]) if family == "sd3" else (tiny_flux_dir, ["--size", "64"])
+    args = tiny_args(backbone, policy_dir, tmp_path / "run", "--steps", "16", "--refine-steps", "1", "--group-size", "4",
+                     "--learning-rate", "3e-3", "--monitor-every", "0", "--save-every", "100", "--minibatches", "1",
+                     "--inner-epochs", "1", "--monitor-prompts", "8", "--reward", "unused", *extra)
+    metrics = tr.train(common.parse_config(tr.Config, args), reward=lowercase_reward)
+    start, end = metrics["heldout_start"]["reward"], metrics["heldout_end"]["reward"]
+    assert end > start + 0.1, (start, end)
+
+
 def test_nonfinite_rewards_and_losses_are_skipped(tiny_sd15_dir, policy_dir, tmp_path, monkeypatch, one_thread):
     """NaN rewards are left out of the groups and counted; a NaN loss is never applied."""
 
