@@ -89,6 +89,7 @@ class Config:
     seed: int = field(default=0, metadata={"help": "seed of the prompt selection"})
     out: str = field(default="out/eval", metadata={"help": "output folder"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (one per core)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
 
 
@@ -117,7 +118,7 @@ def backbone_labels(names, variant=""):
 
 def check(config):
     common.require(config, positive=("steps", "size", "batch_size", "max_new_tokens"),
-                   non_negative=("refine_steps", "limit", "temperature", "guidance", "sheet_prompts", "preference_limit"))
+                   non_negative=("refine_steps", "limit", "temperature", "guidance", "sheet_prompts", "preference_limit", "threads"))
     if not 0 < config.confidence < 1:
         raise common.UserError(f"--confidence must be in (0, 1), got {config.confidence}")
     if config.preview_decoder not in common.PreviewDecoder.KINDS:
@@ -518,6 +519,8 @@ def lrm_table(rows):
 def main():
     config = common.parse_config(Config)
     check(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     device = common.pick_device(config.device)
     dtype = common.pick_dtype(config.dtype, device)
     seeds = parse_seeds(config.seeds)

@@ -306,6 +306,9 @@ class LatentRewardModel(torch.nn.Module):
         if config.variance not in ("fixed", "learned"):
             raise UserError(f"unknown variance '{config.variance}': use fixed or learned")
         self.backbone, self.config = backbone, config
+        if backbone.family not in ("sd", "sdxl"):
+            raise UserError(f"backbone '{config.backbone}' is a {backbone.family.upper()} transformer; the latent reward model "
+                            "runs on UNet backbones (SD1.5, SDXL)")
         self.unet = backbone.pipe.unet
         if self.unet.mid_block is None:
             raise UserError(f"backbone '{config.backbone}': the latent reward model needs a UNet with a mid block")

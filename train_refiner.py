@@ -93,17 +93,18 @@ class Config:
     out: str = field(default="runs/refiner", metadata={"help": "output folder: adapter, checkpoint.pt, log.jsonl, metrics.json"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
     device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (one per core). Numbers of RL runs depend on it: state it with them"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16"})
 
 
 # fields that may change when resuming (everything else must match the checkpoint)
-RESUME_MAY_CHANGE = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing"}
+RESUME_MAY_CHANGE = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing", "threads"}
 
 
 def check_config(config):
     common.require(config, positive=("steps", "prompts_per_step", "group_size", "inner_epochs", "minibatches", "max_new_tokens",
                                      "lora_rank", "lora_alpha", "save_every", "monitor_prompts", "max_grad_norm", "advantage_eps"),
-                   non_negative=("monitor_every", "max_prompts", "sampling_steps", "size"))
+                   non_negative=("monitor_every", "max_prompts", "sampling_steps", "size", "threads"))
     if config.group_size < 2:
         raise common.UserError("--group-size must be >= 2: GRPO compares trajectories within a group")
     if (config.prompts_per_step * config.group_size) % config.minibatches:
@@ -329,6 +330,8 @@ def train(config, reward=None, monitor_reward=None):
     """The training run; `reward` / `monitor_reward` (callables like rewards.Reward) override the
     registry specs -- the tests use that to train on rewards they define."""
     check_config(config)
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
     dist_info = common.setup_distributed(config.device)
     device = dist_info.device
     dtype = common.pick_dtype(config.dtype, device)

@@ -284,6 +284,36 @@ def test_confidence_sets_the_interval_width_and_split_the_prompts(tiny_sd15_dir,
 
 
 # -----------------------------------------------------------------------------
+# --threads of train_refiner.py and evaluate.py: set before anything is loaded
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop(*args, **kwargs):
+    raise _Stop
+
+
+def test_threads_of_train_refiner_and_evaluate(monkeypatch, tmp_path):
+    import sys
+
+    import evaluate
+    import train_refiner
+
+    calls = []
+    monkeypatch.setattr(torch, "set_num_threads", calls.append)
+    monkeypatch.setattr(common, "setup_distributed", _stop)  # the first thing after the threads
+    monkeypatch.setattr(common, "pick_device", _stop)
+    with pytest.raises(_Stop):
+        train_refiner.train(common.parse_config(train_refiner.Config, tiny_args("b", "r", tmp_path, "--threads", "3")))
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--threads", "5", "--out", str(tmp_path)])
+    with pytest.raises(_Stop):
+        evaluate.main()
+    assert calls == [3, 5]
+
+
+# -----------------------------------------------------------------------------
 # bench.py: rows 1 and 6 called directly at tiny size
 
 

@@ -54,3 +54,8 @@ def test_pool_feature_map_by_hand():
     # a 1x1 map (a tiny model's last level): no spread, no ring -- finite, never NaN
     one = lrm.pool_feature_map(torch.tensor([[[[3.0]]]]))[0]
     torch.testing.assert_close(one, torch.tensor([3.0, 0, 3, 3, 3, 3, 3, 3]))
+
+
+def test_transformer_backbones_are_refused_in_one_line(sd3):
+    with pytest.raises(common.UserError, match="runs on UNet backbones"):
+        lrm.LatentRewardModel(sd3, lrm.LRMConfig(backbone="tiny-sd3"))
