@@ -214,19 +214,29 @@ def fit(modules, batch_loss, steps, lr, log, name):
         module.eval()
 
 
-def settle_sigma(timestep, noise_schedule):
-    """The flow-matching noise level sigma with the same signal-to-noise ratio as DDPM timestep
-    `timestep`: x_t = (1 - sigma) x0 + sigma * noise has SNR ((1 - sigma) / sigma)^2, DDPM
-    alpha_bar / (1 - alpha_bar); so the flow toy settles its background at the same noise level."""
+def shift_sigma(sigma, shift):
+    """SD3's timestep shift (Esser et al., 2024, eq. 23): sigma -> shift * sigma / (1 + (shift - 1) * sigma),
+    which divides the signal-to-noise ratio by shift^2. FlowMatchEulerDiscreteScheduler(shift=...) samples
+    on it; the same shift applied in training puts the training noise levels where sampling spends its steps."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def settle_sigma(timestep, noise_schedule, dimension_ratio=1.0):
+    """The flow-matching noise level sigma with the signal-to-noise ratio of DDPM timestep `timestep`:
+    x_t = (1 - sigma) x0 + sigma * noise has SNR ((1 - sigma) / sigma)^2, DDPM alpha_bar / (1 - alpha_bar).
+    dimension_ratio: latent dimensions of the flow backbone over the DDPM one's. An image is about as
+    recognisable when the SNR per dimension times the dimensions is the same (the argument behind SD3's
+    resolution-dependent shift sqrt(m / n)), so the level is shifted by sqrt(dimension_ratio)."""
     alpha_bar = float(noise_schedule.alphas_cumprod[timestep])
-    return 1.0 / (1.0 + math.sqrt(alpha_bar / (1.0 - alpha_bar)))
+    return shift_sigma(1.0 / (1.0 + math.sqrt(alpha_bar / (1.0 - alpha_bar))), math.sqrt(dimension_ratio))
 
 
 def train_toy_flow_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, caption_dropout=0.1, seed=0,
                             log=print, name="toy-sd3", text_length=16, background_sigma=0.0):
     """Rectified-flow training of an SD3-shaped pipeline (Esser et al., 2024): x_t = (1 - sigma) x0
-    + sigma * noise with sigma ~ logit-normal(0, 1), the transformer predicts the velocity
-    noise - x0 (MSE), at timestep 1000 * sigma as the pipeline feeds it. Transformer and the three
+    + sigma * noise with sigma ~ logit-normal(0, 1) shifted by the pipeline's scheduler shift (as
+    SD3 trains at high resolution), the transformer predicts the velocity noise - x0 (MSE), at
+    timestep 1000 * sigma as the pipeline feeds it. Transformer and the three
     text encoders train together; the VAE is frozen. Dropped captions become "" -- what SD3's
     pipeline encodes as the CFG negative. background_sigma: below it the caption's background
     phrase is uninformative (as background_settles in train_toy_backbone)."""
@@ -235,12 +245,13 @@ def train_toy_flow_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-
     with torch.no_grad():
         z = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
     latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # (N, 16, h, w), zero mean, unit variance
+    shift = pipe.scheduler.config.shift
 
     def batch_loss():
         index = torch.randint(0, len(latents), (batch_size,), generator=generator)
         x0 = latents[index]
         noise = torch.randn(x0.shape, generator=generator)
-        sigma = torch.sigmoid(torch.randn(batch_size, generator=generator))  # logit-normal(0, 1)
+        sigma = shift_sigma(torch.sigmoid(torch.randn(batch_size, generator=generator)), shift)  # logit-normal(0, 1), shifted
         s = sigma.view(-1, 1, 1, 1)
         noisy = (1 - s) * x0 + s * noise
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
@@ -342,12 +353,14 @@ TOY_ARCHITECTURE = dict(image_size=32, unet_blocks=TOY_UNET_BLOCKS, unet_channel
 
 
 # toy-sd3: SD3.5-Medium's layout (MMDiT-X blocks then plain ones, qk-norm, CLIP-L + CLIP-G + T5),
-# 64 wide; its own 16-channel VAE (the toy VAE's levels: 32 px -> 8x8 latents, 4x4 patches of 2x2).
-# Sampling shift 1, not SD3's 3: the shift moves the steps toward high noise in proportion to the
-# image's size (3 is for 1024 px; Esser et al. 2024, sec. 5.3.2), and at 32 px the background must
-# settle before the first refinement, as in the UNet toys. T5 reads 16 tokens (toy captions: <= 9).
+# 64 wide; its own 16-channel VAE (the toy VAE's levels: 32 px -> 8x8 latents, 4x4 patches of 2x2);
+# SD3's sampling shift 3. Its latents have 4x the dimensions of the UNet toys' (16 x 8 x 8 vs 4 x 8 x 8),
+# so the same picture emerges at a 4x lower SNR per dimension: a shift of sqrt(4) = 2 over the UNet
+# toys' DDIM schedule in SNR terms, and shift 3 lies close to that (sigma at step 7 of 20: 0.838 vs
+# 0.821). The background settles at --background-settles moved by the same factor (settle_sigma).
+# T5 reads 16 tokens (toy captions have at most 9).
 TOY_SD3_ARCHITECTURE = dict(image_size=32, transformer=toy.SD35M_TRANSFORMER, heads=4, head_dim=16, clip_hidden=(32, 32),
-                            t5_hidden=64, vae_channels=(16, 32, 32), vae_norm_groups=2, vae_layers=1, shift=1.0)
+                            t5_hidden=64, vae_channels=(16, 32, 32), vae_norm_groups=2, vae_layers=1, shift=3.0)
 TOY_SD3_TEXT_LENGTH = 16
 
 
@@ -361,7 +374,8 @@ def build_toy_sd3(config, out, log=print):
     start = time.time()
     train_toy_vae(pipe.vae, images, config.vae_steps, config.batch_size, lr=3e-3, seed=config.seed, log=log)
     metrics["vae_seconds"] = round(time.time() - start, 1)
-    sigma = settle_sigma(config.background_settles, toy._scheduler()) if config.background_settles else 0.0
+    # the UNet toys' latents: 4 channels at the same 8x8
+    sigma = settle_sigma(config.background_settles, toy._scheduler(), dimension_ratio=16 / 4) if config.background_settles else 0.0
     start = time.time()
     train_toy_flow_backbone(pipe, images, captions, config.unet_steps, config.batch_size, config.lr, config.caption_dropout,
                             seed=config.seed, log=log, text_length=TOY_SD3_TEXT_LENGTH, background_sigma=sigma)

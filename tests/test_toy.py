@@ -213,6 +213,45 @@ def test_backbones_stage_in_parallel_equals_one_after_the_other(tmp_path):
     assert metrics["toy-sd15"]["train_seconds"] > 0 and "prompt_following" in metrics["toy-sdxl"]
 
 
+@pytest.mark.slow
+def test_sd3_stage_builds_a_flow_matching_backbone(tmp_path):
+    build_toy_world.main(["--stages", "sd3", "--out", str(tmp_path), "--dataset-size", "16", "--vae-steps", "2",
+                          "--unet-steps", "3", "--batch-size", "4", "--eval-samples", "2"])
+    backbone = common.load_backbone(str(tmp_path / "toy-sd3"))
+    assert backbone.family == "sd3" and (backbone.spec.size, backbone.spec.text_length) == (32, 16)
+    assert common.latent_shape(backbone) == (16, 8, 8)
+    assert backbone.pipe.vae.config.shift_factor != toy.SD3_VAE_SCALE["shift_factor"]  # measured on the toy latents
+    metrics = json.loads((tmp_path / "metrics.json").read_text())["sd3"]
+    assert metrics["background_sigma"] == round(build_toy_world.settle_sigma(700, toy._scheduler(), 4), 4)
+    assert set(metrics["prompt_following"]) == {"colour", "shape", "size", "background"} and "seeing" in metrics["preview_feedback"]
+
+
+def test_settle_sigma_has_the_ddpm_timesteps_signal_to_noise_ratio():
+    schedule = toy._scheduler()
+    for t in (100, 500, 700, 900):
+        sigma = build_toy_world.settle_sigma(t, schedule)
+        alpha_bar = float(schedule.alphas_cumprod[t])
+        assert ((1 - sigma) / sigma) ** 2 == pytest.approx(alpha_bar / (1 - alpha_bar), rel=1e-9)
+        # 4x the latent dimensions: the SNR per dimension 4x lower, as SD3's shift by sqrt(4) gives
+        sigma_4 = build_toy_world.settle_sigma(t, schedule, dimension_ratio=4)
+        assert ((1 - sigma_4) / sigma_4) ** 2 == pytest.approx(alpha_bar / (1 - alpha_bar) / 4, rel=1e-9)
+        assert sigma_4 == pytest.approx(build_toy_world.shift_sigma(sigma, 2.0))
+    assert build_toy_world.settle_sigma(900, schedule) > build_toy_world.settle_sigma(700, schedule)  # more noise
+    scheduler = toy.flow_scheduler(shift=3.0)  # the scheduler samples on the same shift
+    scheduler.set_timesteps(20)
+    torch.testing.assert_close(scheduler.sigmas[:20], build_toy_world.shift_sigma(torch.linspace(1, scheduler.sigma_min, 20), 3.0))
+
+
+def test_toy_vae_with_a_shift_gets_zero_mean_unit_variance_latents():
+    images, _, _ = toy.toy_dataset(64, seed=0)
+    vae = toy._tiny_vae(0, (8, 8), 2, 1, **toy.FLOW_VAE, **toy.SD3_VAE_SCALE)
+    build_toy_world.train_toy_vae(vae, images, 2, batch_size=4, log=lambda *a: None)
+    with torch.no_grad():
+        z = vae.encode(images * 2 - 1).latent_dist.mode()
+    scaled = (z - vae.config.shift_factor) * vae.config.scaling_factor
+    assert abs(float(scaled.mean())) < 1e-4 and float(scaled.std()) == pytest.approx(1.0, rel=1e-3)
+
+
 def test_uninformative_background_says_nothing_about_the_image():
     generator = torch.Generator().manual_seed(0)
     out = [build_toy_world.uninformative_background("a large red circle on a blue background", generator) for _ in range(400)]
