@@ -16,7 +16,7 @@ Rows (each: what is compared, the median of >= 3 repeats after a warm-up, the ra
      scorer (CLIP ViT-L/14 aesthetic, ImageReward's BLIP ViT-L), and the LRM's noise ensemble
   2  preview decoder per refinement step: full VAE vs TAESD vs the linear latent->RGB map
   3  refined (K refinements) vs plain sampling on the same backbone: toy size; full size
-     (SD1.5 + Qwen2.5-VL-3B) on a GPU only
+     (SD1.5, SD3.5-Medium + Qwen2.5-VL-3B) on a GPU only
   4  GRPO rollouts: all B*G trajectories in one refined_sample call vs one trajectory at a time
   5  an LRM training step from cached latents vs encoding the pair with the VAE every step
   6  peak GPU memory of a train_refiner and a train_reward step at full size (GPU only)
@@ -237,6 +237,34 @@ def random_sd15(size, resolution, device, dtype, seed=0):
     return common.Backbone(pipe, f"sd15-random-{size}", spec)
 
 
+def random_sd35m(size, resolution, device, dtype, seed=0):
+    """A common.Backbone: SD3.5-Medium's architecture with random weights (size full: MMDiT-X 2.2 B,
+    CLIP-L, CLIP-G, T5-XXL, 16-channel VAE) or the tiny test one."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    if size == "tiny":
+        pipe = toy.tiny_sd3_pipeline(toy.TOY_WORDS, image_size=64, seed=seed)
+        resolution = 64
+    else:
+        clip_tokenizer, t5_tokenizer = toy.tiny_clip_tokenizer(toy.TOY_WORDS), toy.tiny_t5_tokenizer(toy.TOY_WORDS)
+        ids = dict(bos_token_id=clip_tokenizer.bos_token_id, eos_token_id=clip_tokenizer.eos_token_id, pad_token_id=clip_tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER), scheduler=toy.flow_scheduler(shift=3.0),
+            vae=AutoencoderKL(**dict(FLOW_VAE, **toy.SD3_VAE_SCALE)),
+            text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**SD15_TEXT, **ids)).eval(), tokenizer=clip_tokenizer,
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT, **ids)).eval(), tokenizer_2=clip_tokenizer,
+            text_encoder_3=T5EncoderModel(T5Config(**T5_XXL_ENCODER, pad_token_id=t5_tokenizer.pad_token_id,
+                                                   eos_token_id=t5_tokenizer.eos_token_id)).eval(), tokenizer_3=t5_tokenizer,
+        )
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    spec = common.BackboneSpec(source=f"random {size} SD3.5-Medium architecture", steps=40, guidance=4.5, size=resolution,
+                               taesd=None)
+    return common.Backbone(pipe, f"sd35m-random-{size}", spec)
+
+
 def random_aesthetic(size, folder, device, dtype, seed=0):
     """rewards.aesthetic_reward on a folder holding a random CLIP ViT-L/14 (tiny text tower: the
     aesthetic predictor never runs it) and a random head, saved like the official files."""
@@ -274,12 +302,15 @@ def random_imagereward(size, folder, device, dtype, seed=0):
     return rewards.imagereward_scorer(model.to(device, dtype).eval(), bert_tokenizer(folder), device, dtype)
 
 
-def random_taesd_folder(folder, seed=0):
-    """AutoencoderTiny's default config *is* TAESD's architecture; saved so PreviewDecoder loads it."""
+def random_taesd_folder(folder, vae_config=None, seed=0):
+    """AutoencoderTiny's default config *is* TAESD's architecture (TAESD3 / TAEF1: the same with 16
+    latent channels and their VAE's scale and shift); saved so PreviewDecoder loads it."""
     from diffusers import AutoencoderTiny
 
     torch.manual_seed(seed)
-    AutoencoderTiny().save_pretrained(folder)
+    flow = {} if vae_config is None or vae_config.latent_channels == 4 else dict(
+        latent_channels=16, scaling_factor=vae_config.scaling_factor, shift_factor=vae_config.shift_factor)
+    AutoencoderTiny(**flow).save_pretrained(folder)
     return str(folder)
 
 
@@ -330,7 +361,8 @@ def toy_models(cfg, device, dtype):
 
 
 def make_preview_decoder(kind, backbone, folder):
-    source = random_taesd_folder(Path(folder) / "taesd") if kind == "taesd" and backbone.spec.taesd is None else None
+    taesd = kind == "taesd" and backbone.spec.taesd is None
+    source = random_taesd_folder(Path(folder) / f"taesd-{backbone.name}", backbone.pipe.vae.config) if taesd else None
     return common.PreviewDecoder(kind, backbone, taesd_source=source)
 
 
@@ -455,6 +487,7 @@ def row_refined_overhead(cfg, device, dtype, tmp):
     compared = f"sampling, full size (SD1.5 + Qwen2.5-VL-3B): refined (K={cfg.refine_steps}) vs plain"
     if device.type != "cuda":
         rows.append(skipped_row("3b", compared, "<= 1.3x", device))
+        rows.append(skipped_row("3c", "sampling, full size (SD3.5-M + Qwen2.5-VL-3B): refined vs plain", "<= 1.3x", device))
         return rows
     backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
     refiner = random_qwen_refiner(cfg.size, device, dtype, cfg.max_new_tokens, cfg.seed)
@@ -464,7 +497,22 @@ def row_refined_overhead(cfg, device, dtype, tmp):
     rows.append(ratio_row("3b", compared, ("plain", times["plain"]), ("refined", times["refined"]), ratio, "<= 1.3x", device,
                           f"{cfg.size} size, {dtype}; batch {cfg.batch}, 50 steps, CFG 7.5, {backbone.spec.size} px, preview "
                           f"{cfg.preview_decoder}; {notes}; a random refiner never stops early (upper bound)", ratio <= 1.3))
+    del backbone, decoder
+    free_memory()
+    rows.append(flow_overhead_row(cfg, refiner, device, dtype, tmp))
     return rows
+
+
+def flow_overhead_row(cfg, refiner, device, dtype, tmp, resolution=1024):
+    """Row 3c: refined vs plain on SD3.5-Medium (random weights, its model card's 40 steps, CFG 4.5)."""
+    backbone = random_sd35m(cfg.size, resolution, device, dtype, cfg.seed)
+    decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
+    times, notes = overhead_times(cfg, backbone, refiner, decoder, 40, 4.5, device)
+    ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
+    return ratio_row("3c", f"sampling, full size (SD3.5-M + Qwen2.5-VL-3B): refined (K={cfg.refine_steps}) vs plain",
+                     ("plain", times["plain"]), ("refined", times["refined"]), ratio, "<= 1.3x", device,
+                     f"{cfg.size} size, {dtype}; batch {cfg.batch}, 40 steps, CFG 4.5, {backbone.spec.size} px, T5 256 tokens, "
+                     f"preview {cfg.preview_decoder}; {notes}; a random refiner never stops early (upper bound)", ratio <= 1.3)
 
 
 # -----------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import refiners
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c"}
-GPU_ROWS = {"3b", "6a", "6b", "6c"}
+ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c"}
+GPU_ROWS = {"3b", "3c", "6a", "6b", "6c"}
 
 
 def test_time_side_by_side_interleaves_variants_after_warmup():
@@ -110,3 +110,27 @@ def test_sampling_rows_on_the_flow_matching_toy(tmp_path):
     assert run.returncode == 0, run.stderr[-2000:]
     row = {r["row"]: r for r in json.loads((tmp_path / "metrics.json").read_text())["rows"]}["3a"]
     assert row["ratio"] > 0 and "sd3" in row["notes"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preview", ["vae", "taesd", "linear"])
+def test_sd35m_refined_vs_plain_row_at_tiny_size(preview, tmp_path):
+    """Row 3c runs on a GPU only (full size); its code is exercised here on the tiny SD3.5-M shape."""
+    cfg = bench.parse_config(["--size", "tiny", "--sampling-steps", "2", "--refine-steps", "1", "--max-new-tokens", "4",
+                              "--preview-decoder", preview])
+    bench.check_config(cfg)
+    refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, 4)
+    row = bench.flow_overhead_row(cfg, refiner, torch.device("cpu"), torch.float32, str(tmp_path), resolution=64)
+    assert row["row"] == "3c" and row["ratio"] > 0 and "40 steps, CFG 4.5, 64 px" in row["notes"]
+    assert len(row["candidate"]["times_s"]) == 3
+
+
+def test_full_size_sd35m_of_row_3c_builds_with_the_released_shapes():
+    """Built on the meta device (shapes only): the row-3c backbone is SD3.5-Medium's architecture."""
+    with torch.device("meta"):
+        backbone = bench.random_sd35m("full", 1024, torch.device("meta"), torch.bfloat16)
+    pipe = backbone.pipe
+    assert backbone.family == "sd3" and common.latent_shape(backbone) == (16, 128, 128)
+    assert round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2) == 2.24
+    assert round(sum(p.numel() for p in pipe.text_encoder_3.parameters()) / 1e9, 2) == 4.76
+    assert pipe.transformer.config.dual_attention_layers == tuple(range(13)) and pipe.vae.config.scaling_factor == 1.5305

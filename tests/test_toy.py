@@ -267,12 +267,13 @@ def test_uninformative_background_says_nothing_about_the_image():
 
 
 # The target is colour >= 90% and shape >= 70%. Measured on 60 samples (build_toy_world.py --stages measure):
-# toy 100% / 82%, toy-sdxl 100% / 95% (this test's draw: toy 100% / 73%).
+# toy 100% / 82%, toy-sdxl 100% / 95%, toy-sd3 97% / 60% (this test's draw: toy 100% / 73%); the flow toy
+# binds the shape less well (below the target, reported as such).
 @pytest.mark.slow
-@pytest.mark.parametrize("alias,min_shape", [("toy", 0.7), ("toy-sdxl", 0.7)])
+@pytest.mark.parametrize("alias,min_shape", [("toy", 0.7), ("toy-sdxl", 0.7), ("toy-sd3", 0.45)])
 def test_committed_backbones_follow_prompts(alias, min_shape):
     backbone = common.load_backbone(alias)
-    assert backbone.is_sdxl == (alias == "toy-sdxl")
+    assert backbone.family == {"toy": "sd", "toy-sdxl": "sdxl", "toy-sd3": "sd3"}[alias]
     assert len(backbone.pipe.tokenizer) < 1000 and backbone.pipe.tokenizer.tokenize("a red circle") == ["a</w>", "red</w>", "circle</w>"]
     rates = build_toy_world.prompt_following(backbone, n=60, seed=123)
     # backgrounds are read only in the first steps (they settle early, by design): 83-88% measured
@@ -288,11 +289,12 @@ class _FixedPrompt:
 
 
 @pytest.mark.slow
-def test_committed_backbone_settles_the_background_before_the_first_refinement():
+@pytest.mark.parametrize("alias", ["toy", "toy-sd3"])
+def test_committed_backbone_settles_the_background_before_the_first_refinement(alias):
     # what makes the preview worth looking at: at the first training refinement (step 7 of 20)
     # a new prompt can still recolour the shape, but no longer repaint the background.
-    # (toy, the backbone GRPO trains on; toy-sdxl learned it less firmly: see the README)
-    backbone = common.load_backbone("toy")
+    # (toy and toy-sd3, the backbones GRPO trains on; toy-sdxl learned it less firmly: see the README)
+    backbone = common.load_backbone(alias)
     assert common.refinement_schedule(20, 2)[0] == 7
     user = ["a large white circle on a black background"] * 16
     found = {}
