@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 import common
+import lrm
 import refiners
 import toy
 from toy import TOY_COLOURS, TOY_SIZES, TOY_WORDS, toy_caption
@@ -119,7 +120,7 @@ def text_conditioning(pipe, captions, drop):
     pipeline uses as the unconditional input: SD1.5 encodes the empty prompt; SDXL
     (force_zeros_for_empty_prompt) uses zero embeddings and a zero pooled embedding.
     Returns kwargs for the UNet: encoder_hidden_states (B, L, D) [+ added_cond_kwargs]."""
-    is_sdxl = hasattr(pipe, "text_encoder_2")
+    is_sdxl = common.pipeline_family(pipe) == "sdxl"
     if not is_sdxl:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
     embeds = common.encode_prompts(pipe, captions)
@@ -168,8 +169,7 @@ def train_toy_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-3, ca
     generator = torch.Generator().manual_seed(seed)
     vae, unet, noise_schedule = pipe.vae, pipe.unet, pipe.scheduler
     with torch.no_grad():
-        latents = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
-    latents = latents * vae.config.scaling_factor  # (N, 4, h, w), unit variance
+        latents = lrm.encode_latents(vae, images * 2 - 1, batch_size=256)  # (N, 4, h, w), unit variance
     text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
     alphas_cumprod = noise_schedule.alphas_cumprod
 
@@ -243,8 +243,7 @@ def train_toy_flow_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-
     generator = torch.Generator().manual_seed(seed)
     vae, transformer = pipe.vae, pipe.transformer
     with torch.no_grad():
-        z = torch.cat([vae.encode(chunk * 2 - 1).latent_dist.mode() for chunk in images.split(256)])
-    latents = (z - vae.config.shift_factor) * vae.config.scaling_factor  # (N, 16, h, w), zero mean, unit variance
+        latents = lrm.encode_latents(vae, images * 2 - 1, batch_size=256)  # (N, 16, h, w), zero mean, unit variance
     shift = pipe.scheduler.config.shift
 
     def batch_loss():

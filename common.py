@@ -174,10 +174,6 @@ class Backbone:
         return pipeline_family(self.pipe)
 
     @property
-    def is_sdxl(self):
-        return self.family == "sdxl"
-
-    @property
     def denoiser(self):
         """The UNet (SD1.5/SDXL) or the transformer (SD3/FLUX)."""
         return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer

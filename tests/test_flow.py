@@ -11,7 +11,7 @@ import pytest
 import torch
 from conftest import WORDS
 from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxPipeline
-from test_sampling import PROMPTS, ScriptedRefiner, seeded
+from test_sampling import PROMPTS, ScriptedRefiner, preview_decoder_inputs, seeded
 
 import common
 import toy
@@ -168,19 +168,9 @@ def test_flux_packing_matches_the_pipeline():
 @pytest.mark.parametrize("kind", ["sd3", "flux-dev"])
 def test_preview_is_the_vae_decoded_denoised_estimate(kind):
     backbone = tiny(kind)
-    captured = {}
-    original = common.PreviewDecoder.__call__
-
-    def spy(self, x0):
-        captured["x0"] = x0.clone()
-        return original(self, x0)
-
-    common.PreviewDecoder.__call__ = spy
     refiner = ScriptedRefiner()
-    try:
+    with preview_decoder_inputs() as captured:
         sample(backbone, refiner, 3.5, refine_steps=1)
-    finally:
-        common.PreviewDecoder.__call__ = original
     vae = backbone.pipe.vae
     assert captured["x0"].shape == (2, 16, 8, 8)  # unpacked for FLUX
     with torch.no_grad():  # the pipelines' own decoding: z = x0 / scale + shift

@@ -1,5 +1,7 @@
 """Refined sampling: equality with the stock pipeline, the embeddings actually used, schedules, previews."""
 
+import contextlib
+
 import pytest
 import torch
 from diffusers import AutoencoderTiny, DDIMScheduler, PNDMScheduler
@@ -112,7 +114,7 @@ def test_refined_prompt_embeddings_are_used(name, request):
 
     def reference(prompts):
         # hand-computed: the pipeline's own encoder, CFG negatives = encoding of "" (SD) / zeros or "" (SDXL)
-        if backbone.is_sdxl:
+        if backbone.family == "sdxl":
             pos, neg, pooled, neg_pooled = pipe.encode_prompt(prompts, device="cpu", num_images_per_prompt=1, do_classifier_free_guidance=True)
             return torch.cat([neg, pos]), torch.cat([neg_pooled, pooled])
         pos, neg = pipe.encode_prompt(prompts, "cpu", 1, True)
@@ -123,7 +125,7 @@ def test_refined_prompt_embeddings_are_used(name, request):
     for step, (hidden, pooled) in enumerate(records):
         want_hidden, want_pooled = expected[max(s for s in expected if s <= step)]
         assert torch.equal(hidden, want_hidden), f"step {step}"
-        if backbone.is_sdxl:
+        if backbone.family == "sdxl":
             assert torch.equal(pooled, want_pooled), f"step {step}"
     # and the refined prompts changed the image
     assert not torch.equal(result.images, stock_images(backbone))
@@ -176,10 +178,10 @@ def test_empty_prompt_rejected(sd15):
 # previews
 
 
-def test_preview_is_decoded_denoised_estimate(sd15):
-    refiner = ScriptedRefiner()
-    captured = {}
-    original = common.PreviewDecoder.__call__
+@contextlib.contextmanager
+def preview_decoder_inputs():
+    """Records the x0_hat every PreviewDecoder call receives: {"x0": the last one}."""
+    captured, original = {}, common.PreviewDecoder.__call__
 
     def spy(self, x0):
         captured["x0"] = x0.clone()
@@ -187,9 +189,15 @@ def test_preview_is_decoded_denoised_estimate(sd15):
 
     common.PreviewDecoder.__call__ = spy
     try:
-        common.refined_sample(sd15, PROMPTS, refiner, refine_steps=1, num_steps=STEPS, guidance=4.0, generator=seeded())
+        yield captured
     finally:
         common.PreviewDecoder.__call__ = original
+
+
+def test_preview_is_decoded_denoised_estimate(sd15):
+    refiner = ScriptedRefiner()
+    with preview_decoder_inputs() as captured:
+        common.refined_sample(sd15, PROMPTS, refiner, refine_steps=1, num_steps=STEPS, guidance=4.0, generator=seeded())
     preview = refiner.calls[0]["previews"]
     vae = sd15.pipe.vae
     with torch.no_grad():
