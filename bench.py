@@ -22,6 +22,9 @@ Rows (each: what is compared, the median of >= 3 repeats after a warm-up, the ra
   6  peak GPU memory of a train_refiner and a train_reward step at full size (GPU only)
   7  the flow-matching transformers at full size (SD3.5-Medium, SD3.5-Large, FLUX.1-dev): parameters
      of every component, counted on PyTorch's meta device (nothing is allocated), and bf16 weights
+  8  reward per image in DiNa-LRM's setting: the LRM on SD3.5-Medium's first 12 of 24 MMDiT blocks vs
+     its VAE decode + ImageReward (1024 px; without T5-XXL, whose 4.7 B fp32 weights do not fit a
+     24 GiB CPU machine next to the rest: the transformer still sees 77 + 256 text tokens)
 
 Results go to the terminal (a table) and to OUT/metrics.json. Only ratios are meant to be quoted:
 the absolute times of a shared machine are noise, but variants timed in turn, round after round,
@@ -41,7 +44,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -55,12 +58,12 @@ import toy
 # -----------------------------------------------------------------------------
 # config
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8")
 
 
 @dataclass
 class Config:
-    rows: str = field(default="1,2,3,4,5,6,7", metadata={"help": "comma-separated rows to run (see the module docstring): 1..7"})
+    rows: str = field(default="1,2,3,4,5,6,7,8", metadata={"help": "comma-separated rows to run (see the module docstring): 1..8"})
     backbone: str = field(default="toy", metadata={"help": "toy backbone of the toy-size sampling rows 3a and 4: toy | toy-sdxl | toy-sd3"})
     repeats: int = field(default=3, metadata={"help": "timed repeats per variant (>= 3); the median is reported"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up calls per variant before the repeats"})
@@ -68,6 +71,7 @@ class Config:
     quick: bool = field(default=False, metadata={"help": "smoke test; overrides --size (tiny), --sampling-steps 4, --max-new-tokens 8, --lrm-draws 2, --memory-batch 2 and B=1 G=2 in row 4"})
     batch: int = field(default=1, metadata={"help": "images (rows 1, 2, 3) or pairs (row 5) per call"})
     resolution: int = field(default=512, metadata={"help": "image side in pixels at --size full (latents are 1/8 of it)"})
+    flow_resolution: int = field(default=1024, metadata={"help": "image side of row 8 (SD3.5-Medium) at --size full"})
     sampling_steps: int = field(default=20, metadata={"help": "denoising steps of the toy-size sampling rows (3a, 4)"})
     refine_steps: int = field(default=5, metadata={"help": "K of row 3 (inference); row 4 uses 2, the training value"})
     prompts_per_step: int = field(default=2, metadata={"help": "B of row 4 (GRPO prompts per step)"})
@@ -103,8 +107,9 @@ def check_config(cfg):
                                   "lrm_draws", "memory_batch"), non_negative=("threads", "warmup"))
     if not cfg.backbone.startswith("toy") or cfg.backbone not in common.BACKBONES:
         raise common.UserError(f"--backbone must be a toy backbone: {', '.join(b for b in common.BACKBONES if b.startswith('toy'))}")
-    if cfg.resolution < 64 or cfg.resolution % 64:
-        raise common.UserError(f"--resolution must be a multiple of 64, got {cfg.resolution}")
+    for name in ("resolution", "flow_resolution"):
+        if getattr(cfg, name) < 64 or getattr(cfg, name) % 64:
+            raise common.UserError(f"--{name.replace('_', '-')} must be a multiple of 64, got {getattr(cfg, name)}")
     return rows
 
 
@@ -237,14 +242,14 @@ def random_sd15(size, resolution, device, dtype, seed=0):
     return common.Backbone(pipe, f"sd15-random-{size}", spec)
 
 
-def random_sd35m(size, resolution, device, dtype, seed=0):
+def random_sd35m(size, resolution, device, dtype, seed=0, t5=True):
     """A common.Backbone: SD3.5-Medium's architecture with random weights (size full: MMDiT-X 2.2 B,
-    CLIP-L, CLIP-G, T5-XXL, 16-channel VAE) or the tiny test one."""
+    CLIP-L, CLIP-G, T5-XXL, 16-channel VAE) or the tiny test one. t5=False: no T5 (SD3's option)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
     from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
     if size == "tiny":
-        pipe = toy.tiny_sd3_pipeline(toy.TOY_WORDS, image_size=64, seed=seed)
+        pipe = toy.tiny_sd3_pipeline(toy.TOY_WORDS, image_size=64, seed=seed, t5=t5)
         resolution = 64
     else:
         clip_tokenizer, t5_tokenizer = toy.tiny_clip_tokenizer(toy.TOY_WORDS), toy.tiny_t5_tokenizer(toy.TOY_WORDS)
@@ -256,7 +261,8 @@ def random_sd35m(size, resolution, device, dtype, seed=0):
             text_encoder=CLIPTextModelWithProjection(CLIPTextConfig(**SD15_TEXT, **ids)).eval(), tokenizer=clip_tokenizer,
             text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT, **ids)).eval(), tokenizer_2=clip_tokenizer,
             text_encoder_3=T5EncoderModel(T5Config(**T5_XXL_ENCODER, pad_token_id=t5_tokenizer.pad_token_id,
-                                                   eos_token_id=t5_tokenizer.eos_token_id)).eval(), tokenizer_3=t5_tokenizer,
+                                                   eos_token_id=t5_tokenizer.eos_token_id)).eval() if t5 else None,
+            tokenizer_3=t5_tokenizer if t5 else None,
         )
     pipe.to(device, dtype)
     pipe.set_progress_bar_config(disable=True)
@@ -370,31 +376,38 @@ def make_preview_decoder(kind, backbone, folder):
 # row 1: latent reward vs decode + pixel scorer
 
 
-def row_lrm_vs_pixel(cfg, device, dtype, tmp):
-    backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
-    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).eval()
+def lrm_vs_pixel_times(cfg, model, scorers, device, dtype):
+    """Times of the LRM (1 draw, cfg.lrm_draws draws) and of the VAE decode + each pixel scorer on the
+    same random latents, side by side; a pixel reward's time = the decode of that round + the scorer."""
+    backbone = model.backbone
     decoder = common.PreviewDecoder("vae", backbone)  # the full VAE decode a pixel reward needs
-    aesthetic = random_aesthetic(cfg.size, Path(tmp) / "aesthetic", device, dtype, cfg.seed)
-    imagereward = random_imagereward(cfg.size, tmp, device, dtype, cfg.seed)
     latents = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
     prompts = [PROMPT] * cfg.batch
     images = {}
 
     def lrm_score(draws):
-        # what the `lrm:` reward runs: text conditioning + `draws` noisy copies through down+mid blocks
+        # what the `lrm:` reward runs: text conditioning + `draws` noisy copies through the blocks that run
         return lambda: model.ensemble_score(latents, prompts, draws=draws, generator=torch.Generator().manual_seed(0))
 
     def decode():
         images["x"] = decoder(latents)
 
-    times = time_side_by_side({
-        "lrm": lrm_score(1), "lrm_ensemble": lrm_score(cfg.lrm_draws), "decode": decode,
-        "aesthetic": lambda: aesthetic(images["x"], prompts), "imagereward": lambda: imagereward(images["x"], prompts),
-    }, cfg.repeats, cfg.warmup, device)
-    # a pixel reward = the decode of that round + the scorer on its images
-    pixel = {name: [d + s for d, s in zip(times["decode"], times[name])] for name in ("aesthetic", "imagereward")}
+    variants = {"lrm": lrm_score(1), "decode": decode}
+    if cfg.lrm_draws > 1:
+        variants["lrm_ensemble"] = lrm_score(cfg.lrm_draws)
+    variants |= {name: (lambda scorer=scorer: scorer(images["x"], prompts)) for name, scorer in scorers.items()}
+    times = time_side_by_side(variants, cfg.repeats, cfg.warmup, device)
+    pixel = {name: [d + s for d, s in zip(times["decode"], times[name])] for name in scorers}
+    return times, pixel, f"batch {cfg.batch}, {backbone.spec.size} px, latents {tuple(latents.shape[1:])}, {cfg.size} size"
+
+
+def row_lrm_vs_pixel(cfg, device, dtype, tmp):
+    backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
+    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).eval()
+    scorers = {"aesthetic": random_aesthetic(cfg.size, Path(tmp) / "aesthetic", device, dtype, cfg.seed),
+               "imagereward": random_imagereward(cfg.size, tmp, device, dtype, cfg.seed)}
+    times, pixel, shape = lrm_vs_pixel_times(cfg, model, scorers, device, dtype)
     lrm_1, lrm_d = statistics.median(times["lrm"]), statistics.median(times["lrm_ensemble"])
-    shape = f"batch {cfg.batch}, {backbone.spec.size} px, latents {tuple(latents.shape[1:])}, {cfg.size} size"
     rows = []
     for row, name, label in (("1a", "aesthetic", "CLIP ViT-L/14 aesthetic"), ("1b", "imagereward", "ImageReward (BLIP ViT-L)")):
         ratio = statistics.median(pixel[name]) / lrm_1
@@ -407,6 +420,23 @@ def row_lrm_vs_pixel(cfg, device, dtype, tmp):
     decode_over_unet = statistics.median(times["decode"]) / lrm_1
     rows[0]["notes"] += f"; VAE decode alone = {decode_over_unet:.1f}x the LRM"
     return rows
+
+
+def row_flow_lrm_vs_pixel(cfg, device, dtype, tmp):
+    """Row 8: DiNa-LRM's setting, the LRM on SD3.5-Medium's first 12 of its 24 MMDiT blocks (taps
+    after 4, 8, 12) vs decode + ImageReward; one draw (DiNa-LRM scores at one fixed noise level)."""
+    resolution = cfg.flow_resolution
+    backbone = random_sd35m(cfg.size, resolution, device, dtype, cfg.seed, t5=False)
+    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).eval()
+    blocks = len(backbone.denoiser.transformer_blocks)
+    scorers = {"imagereward": random_imagereward(cfg.size, tmp, device, dtype, cfg.seed)}
+    times, pixel, shape = lrm_vs_pixel_times(replace(cfg, lrm_draws=1), model, scorers, device, dtype)
+    ratio = statistics.median(pixel["imagereward"]) / statistics.median(times["lrm"])
+    decode_over_lrm = statistics.median(times["decode"]) / statistics.median(times["lrm"])
+    return [ratio_row("8", f"reward per image, SD3.5-M: VAE decode + ImageReward vs LRM (first {model.taps[-1]} of {blocks} MMDiT blocks)",
+                      ("decode+imagereward", pixel["imagereward"]), ("lrm", times["lrm"]), ratio, "report", device,
+                      f"{shape}, {dtype}; taps after blocks {model.taps}; no T5 encoder (77 CLIP + 256 zero T5 tokens); "
+                      f"VAE decode alone = {decode_over_lrm:.2f}x the LRM")]
 
 
 # -----------------------------------------------------------------------------
@@ -748,7 +778,7 @@ def memory_row(row, compared, baseline, candidate, device, notes):
 # main: run the rows, print the table, write the JSON
 
 ROW_FUNCTIONS = {"1": row_lrm_vs_pixel, "2": row_preview_decoders, "3": row_refined_overhead, "4": row_grpo_batching,
-                 "5": row_lrm_cached_latents, "6": row_peak_memory, "7": row_flow_parameters}
+                 "5": row_lrm_cached_latents, "6": row_peak_memory, "7": row_flow_parameters, "8": row_flow_lrm_vs_pixel}
 
 
 def format_row(row):

@@ -476,9 +476,9 @@ def sample_sheet(sheets, prompts, title):
 @torch.no_grad()
 def preference_accuracy(config, scorers, device, dtype, batch_size=16):
     """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
-    preferred. The LRM per noise bucket: both images of a pair noised with the same t (uniform in
-    the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
-    it is used as a reward). The pixel rewards of --rewards on the same pairs' clean images.
+    preferred. The LRM per noise bucket (sigma): both images of a pair noised with the same t (uniform
+    over the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
+    it is used as a reward), at random t and at DiNa-LRM's fixed levels. The pixel rewards of --rewards on the same pairs' clean images.
     Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
     model = lrm.load_lrm(config.lrm, device, dtype)
     pairs = lrm.read_pairs(config.preference_data, config.preference_split, common.image_side(model.backbone),
@@ -492,12 +492,13 @@ def preference_accuracy(config, scorers, device, dtype, batch_size=16):
     generator = torch.Generator().manual_seed(config.seed)
     result = lrm.lrm_validation_rewards(model, lambda idx: (latents[0][idx], latents[1][idx]), captions, generator,
                                            batch_size, device, dtype)
-    rows = [dict(scorer="lrm", bucket=f"t {lo}-{hi}", accuracy=lrm.pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
+    rows = [dict(scorer="lrm", bucket=f"σ {lo:.1f}-{hi:.1f}", accuracy=lrm.pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
             for (lo, hi), (r_0, r_1, _) in result["buckets"].items()]
-    single, ensemble = lrm.ensemble_accuracies(*result["draws"], labels)
     draws = model.config.ensemble_draws
-    rows += [dict(scorer="lrm, single noise draw (mean over draws)", bucket="clean", accuracy=single, n=n),
-             dict(scorer=f"lrm, noise-ensembled ({draws} draws)", bucket="clean", accuracy=ensemble, n=n)]
+    for name, how in (("draws", f"t ~ U[0, {model.config.ensemble_t_max})"), ("levels", f"σ = {', '.join(map(str, lrm.DINA_LEVELS))}")):
+        single, ensemble = lrm.ensemble_accuracies(*result[name], labels)
+        rows += [dict(scorer=f"lrm, single noise draw at {how} (mean over draws)", bucket="clean", accuracy=single, n=n),
+                 dict(scorer=f"lrm, noise-ensembled ({draws} draws at {how})", bucket="clean", accuracy=ensemble, n=n)]
     for label, reward in scorers.items():
         scores = [torch.cat([reward(pixels[side][b].float() / 255, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
                   for side in (0, 1)]

@@ -3,34 +3,38 @@ lrm.py: the diffusion-native latent reward model (LRM) -- after LPO and DiNa-LRM
 
     preference data    Pick-a-Pic v2 pairs (parquet or the hub, streamed) -> decoded images ->
                        VAE latents (encode_latents, batched)
-    the math           noise-calibrated Thurstone likelihood, fidelity loss, Bradley-Terry,
-                       accuracy and calibration error (the tests import these)
-    the model          LatentRewardModel: r(x_t, c, t) from the frozen backbone's own UNet features
-                       of a noisy latent + a timestep embedding -> a small head -> scalar
-    validation         accuracy per noise bucket, noise ensembling vs a single draw
+    the math           noise-calibrated Thurstone likelihood (our v(t) and DiNa-LRM's v(sigma)),
+                       fidelity loss, Bradley-Terry, accuracy and calibration error (the tests import these)
+    noise levels       one timestep index for DDPM and flow-matching backbones, its alpha_bar and sigma
+    the model          LatentRewardModel: r(x_t, c, t) from the frozen backbone's own features of a
+                       noisy latent (UNet down + mid blocks; the first MMDiT / FLUX joint blocks) + a
+                       timestep embedding -> a small head -> scalar
+    validation         accuracy per noise bucket, noise ensembling (random or fixed levels) vs one draw
     save / load        model.safetensors + lrm_config.json; the reward `lrm:PATH`
 
 Trained by train_reward.py; scored by evaluate.py --lrm and as the reward `lrm:PATH` (rewards.py).
-Left out on purpose: transformer (MMDiT) backbones, LPO's multi-preference filtering of the data.
+Left out on purpose: LPO's multi-preference filtering of the data; DiNa-LRM's FiLM adapters and query-attention head
+(one pooled-statistics head serves every backbone family), its EMA of the weights.
 """
 
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import UserError, encode_prompts, is_hub_id, load_backbone, parquet_split_files
+from common import UserError, encode_prompts, is_hub_id, load_backbone, pack_latents, parquet_split_files
 
 # Pick-a-Pic v2 (Kirstain et al. 2023): a caption, two JPEGs (bytes), label_0/label_1 in
 # {1/0, 0/1, 0.5/0.5 = tie}; has_label / are_different flag rows that carry no preference.
 PICKAPIC_HUB_ID = "yuvalkirstain/pickapic_v2"
 PREFERENCE_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 PREFERENCE_LOSSES = ("thurstone-nll", "thurstone-fidelity", "bradley-terry")
+NOISE_VARIANCES = ("fixed", "learned", "dina")  # LatentRewardModel.variance
 
 
 def preference_data_files(source, split):
@@ -242,8 +246,39 @@ def expected_calibration_error(p, target, bins=10):
     return ece
 
 
-# noise buckets of the evaluation (train_reward.py, evaluate.py): timestep ranges of 200
-NOISE_BUCKETS = [(lo, lo + 200) for lo in range(0, 1000, 200)]
+# noise levels: one coordinate for both families. The model's noise input is a timestep index
+# t = 0..T-1; a table gives its alpha_bar_t (DDPM) and its sigma_t (flow matching) on every backbone.
+# A DDPM latent sqrt(abar) x0 + sqrt(1 - abar) eps, divided by sqrt(abar) + sqrt(1 - abar), is the
+# flow-matching latent (1 - sigma) x0 + sigma eps with sigma = sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar)):
+# the same signal-to-noise ratio (1 - sigma)^2 / sigma^2 = abar / (1 - abar). Evaluation buckets are in sigma.
+NOISE_BUCKETS = ((0.0, 0.2), (0.2, 0.4), (0.4, 0.6), (0.6, 0.8), (0.8, 1.0))
+DINA_LEVELS = (0.2, 0.5, 0.7)  # DiNa-LRM's fixed evaluation noise levels (sigma)
+
+
+def sigma_from_alpha_bar(alpha_bar):
+    """The flow-matching noise level with the same signal-to-noise ratio as DDPM's alpha_bar."""
+    a, b = alpha_bar.sqrt(), (1 - alpha_bar).sqrt()
+    return b / (a + b)
+
+
+def alpha_bar_from_sigma(sigma):
+    """Inverse of sigma_from_alpha_bar: abar = (1 - sigma)^2 / ((1 - sigma)^2 + sigma^2)."""
+    return (1 - sigma) ** 2 / ((1 - sigma) ** 2 + sigma ** 2)
+
+
+def noise_tables(backbone):
+    """(alphas_cumprod, sigmas), float32 (T,) each, of timestep index t = 0..T-1 on this backbone.
+
+    DDPM backbones (SD, SDXL): the scheduler's alpha_bar_t, sigma its equivalent. Flow-matching
+    backbones (SD3, FLUX): sigma_t = (t + 1) / T, the scheduler's unshifted training grid (t uniform
+    is sigma uniform, as DiNa-LRM trains), alpha_bar its equivalent."""
+    scheduler = backbone.pipe.scheduler
+    if backbone.family in ("sd", "sdxl"):
+        alpha_bar = scheduler.alphas_cumprod.float().clone()
+        return alpha_bar, sigma_from_alpha_bar(alpha_bar)
+    steps = scheduler.config.num_train_timesteps
+    sigma = torch.arange(1, steps + 1, dtype=torch.float32) / steps
+    return alpha_bar_from_sigma(sigma), sigma
 
 
 def noisy_latents(latents, noise, alpha_bar):
@@ -255,6 +290,28 @@ def noisy_latents(latents, noise, alpha_bar):
     return a.sqrt() * latents + (1 - a).sqrt() * noise
 
 
+def flow_noisy_latents(latents, noise, sigma):
+    """Flow matching's x_sigma = (1 - sigma) x_0 + sigma eps, sigma: (B,) (what SD3 and FLUX denoise)."""
+    s = sigma.to(latents.dtype).view(-1, *([1] * (latents.dim() - 1)))
+    return (1 - s) * latents + s * noise
+
+
+def dina_variance(sigma):
+    """DiNa-LRM's Thurstone variance v(sigma) = 2 sigma^2 + 0.05 per item (diffusion_rm/train/engine.py)."""
+    return 2 * sigma ** 2 + 0.05
+
+
+def bucket_timesteps(sigmas, lo, hi):
+    """Timestep indices whose sigma lies in [lo, hi) ([lo, hi] for the last bucket, hi = 1)."""
+    keep = (sigmas >= lo) & ((sigmas < hi) if hi < 1 else (sigmas <= hi))
+    return keep.nonzero().squeeze(1)
+
+
+def nearest_timestep(sigmas, sigma):
+    """The timestep index whose sigma is nearest `sigma` (DiNa-LRM snaps to the scheduler's grid too)."""
+    return int((sigmas - sigma).abs().argmin())
+
+
 # --- the model
 
 
@@ -263,12 +320,14 @@ class LRMConfig:
     backbone: str  # alias, folder or hub id of the diffusion model the features come from
     hidden: int = 256  # width of the head and of the timestep embedding
     vfe_scale: float = 0.0  # LPO visual feature enhancement f_c + s (f_c - f_u); 0 = off (no uncond pass)
-    lora_rank: int = 0  # LoRA on the down/mid attention projections of the UNet; 0 = UNet frozen
-    variance: str = "fixed"  # v(t) = v0 + kappa (1 - abar_t): "fixed", or "learned" (v0, kappa trained)
+    lora_rank: int = 0  # LoRA on the attention of the blocks that run; 0 = backbone frozen
+    variance: str = "fixed"  # Thurstone v: "fixed" / "learned" v0 + kappa (1 - abar_t) (ours); "dina" 2 sigma_t^2 + 0.05
     v0: float = 0.5
     kappa: float = 2.0
+    blocks: int = 0  # transformers: joint blocks that run, 0 = the first half (DiNa-LRM: 12 of SD3.5-M's 24)
     ensemble_draws: int = 8  # noise ensembling of clean latents: draws of (t, eps) ...
-    ensemble_t_max: int = 400  # ... with t uniform in [0, ensemble_t_max)
+    ensemble_t_max: int = 400  # ... with t uniform in [0, ensemble_t_max) ...
+    ensemble_levels: list = field(default_factory=list)  # ... or at these fixed sigmas, cycled (DiNa-LRM: 0.2 0.5 0.7)
 
 
 def pool_feature_map(h):
@@ -286,41 +345,91 @@ def pool_feature_map(h):
     return torch.cat([mean, std, F.adaptive_avg_pool2d(h, 2).flatten(1), h[..., centre].mean(-1), ring], 1)
 
 
-class _StopUNet(Exception):
-    """Raised by the mid-block hook: the up blocks are not needed for the features (half the UNet)."""
+def pool_tokens(image, text, rows):
+    """A joint block's tokens -> (B, 10 D): the image tokens (B, rows * cols, D) laid back on their
+    (rows, cols) grid through pool_feature_map (8 D), and the text tokens' (B, L, D) mean and std (2 D)."""
+    b, n, d = image.shape
+    grid = image.transpose(1, 2).reshape(b, d, rows, n // rows)
+    text = text.float()
+    return torch.cat([pool_feature_map(grid), text.mean(1), text.std(1)], 1)
+
+
+def transformer_taps(blocks):
+    """The joint blocks after which features are pooled: thirds of the `blocks` that run (DiNa-LRM:
+    after 4, 8 and 12 of 12), 1-based; fewer when `blocks` < 3."""
+    return sorted({math.ceil(blocks * k / 3) for k in (1, 2, 3)})
+
+
+def image_token_ids(rows, cols, device):
+    """FLUX's positions of the packed image tokens: (rows * cols, 3) = (0, row, col)."""
+    ids = torch.zeros(rows, cols, 3, device=device)
+    ids[..., 1] = torch.arange(rows, device=device)[:, None]
+    ids[..., 2] = torch.arange(cols, device=device)[None, :]
+    return ids.view(-1, 3)
+
+
+class _StopDenoiser(Exception):
+    """Raised by the last feature hook: the rest of the denoiser is not needed (half of it or more)."""
+
+
+def run_until_stopped(call, hooks):
+    """call() until a feature hook raises _StopDenoiser; the hooks are removed whatever happens."""
+    try:
+        call()
+    except _StopDenoiser:
+        pass
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 class LatentRewardModel(torch.nn.Module):
     """r(x_t, c, t): a reward on noisy latents from the diffusion backbone's own features.
 
-    x_t (B, C, h, w), prompt c, timestep t (B,) -> UNet down blocks + mid block (forward hooks;
-    the up blocks are skipped) -> per-block channel mean, std and 2x2-grid means, concatenated
-    (B, F) -> LayerNorm, + a sinusoidal timestep embedding -> MLP -> scalar (B,).
-    The UNet is frozen; with lora_rank > 0 a LoRA adapter is added to *this backbone's* UNet (so
-    give the model its own backbone). v(t) is the Thurstone noise variance."""
+    x_t (B, C, h, w), prompt c, timestep index t (B,) -> the backbone's denoiser, cut short by
+    forward hooks -> pooled features (B, F) -> LayerNorm, + a sinusoidal embedding of t -> MLP -> (B,).
+      UNet (SD, SDXL): the down blocks and the mid block run; each one's feature map is pooled
+        (channel mean, std, 2x2-grid, centre, ring: pool_feature_map); the up blocks never run.
+      MMDiT (SD3) / FLUX: the first `blocks` joint (double-stream) blocks run; after a third, two
+        thirds and all of them the image tokens are pooled as a feature map and the text tokens by
+        mean and std (pool_tokens). DiNa-LRM puts a FiLM adapter per tapped layer and a 4-query
+        attention head on the tokens instead; one pooled-statistics head for every family keeps
+        the head out of the comparison between backbones (and the model readable in one screen).
+    The backbone is frozen; with lora_rank > 0 a LoRA adapter is added to *this backbone's*
+    denoiser (so give the model its own backbone). v(t) is the Thurstone noise variance."""
 
     def __init__(self, backbone, config):
         from diffusers.models.embeddings import Timesteps
 
         super().__init__()
-        if config.variance not in ("fixed", "learned"):
-            raise UserError(f"unknown variance '{config.variance}': use fixed or learned")
-        self.backbone, self.config = backbone, config
-        if backbone.family not in ("sd", "sdxl"):
-            raise UserError(f"backbone '{config.backbone}' is a {backbone.family.upper()} transformer; the latent reward model "
-                            "runs on UNet backbones (SD1.5, SDXL)")
-        self.unet = backbone.pipe.unet
-        if self.unet.mid_block is None:
-            raise UserError(f"backbone '{config.backbone}': the latent reward model needs a UNet with a mid block")
-        self.unet.requires_grad_(False)
+        if config.variance not in NOISE_VARIANCES:
+            raise UserError(f"unknown variance '{config.variance}': use one of {', '.join(NOISE_VARIANCES)}")
+        self.backbone, self.config, self.family = backbone, config, backbone.family
+        self.denoiser = backbone.denoiser
+        self.denoiser.requires_grad_(False)
+        if self.family in ("sd", "sdxl"):
+            if config.blocks:
+                raise UserError(f"blocks {config.blocks}: a UNet backbone runs its down and mid blocks; blocks is for SD3 / FLUX transformers")
+            if self.denoiser.mid_block is None:
+                raise UserError(f"backbone '{config.backbone}': the latent reward model needs a UNet with a mid block")
+            channels = list(self.denoiser.config.block_out_channels)
+            feature_dim = 8 * (sum(channels) + channels[-1])  # each down block and the mid block
+            lora_target = r".*(down_blocks|mid_block)\..*\.(to_q|to_k|to_v|to_out\.0)"  # the up blocks never run
+        else:
+            n = len(self.denoiser.transformer_blocks)
+            blocks = config.blocks or max(1, n // 2)
+            most = n - 1 if self.family == "sd3" else n  # SD3's last joint block updates no text tokens
+            if not 1 <= blocks <= most:
+                raise UserError(f"blocks {blocks}: backbone '{config.backbone}' has {n} joint blocks, use 1..{most}")
+            self.taps = transformer_taps(blocks)
+            width = self.denoiser.config.num_attention_heads * self.denoiser.config.attention_head_dim
+            feature_dim = 10 * width * len(self.taps)
+            run = "|".join(str(i) for i in range(blocks))
+            lora_target = rf"transformer_blocks\.({run})\.attn2?\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)"
         if config.lora_rank > 0:
             from peft import LoraConfig
 
-            # only down/mid attention: the up blocks never run for the features
-            target = r".*(down_blocks|mid_block)\..*\.(to_q|to_k|to_v|to_out\.0)"
-            self.unet.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=target))
-        channels = list(self.unet.config.block_out_channels)
-        feature_dim = 8 * (sum(channels) + channels[-1])  # mean, std, 2x2 grid, centre, ring of each down block and the mid block
+            self.denoiser.add_adapter(LoraConfig(r=config.lora_rank, lora_alpha=config.lora_rank, target_modules=lora_target))
         self.feature_norm = torch.nn.LayerNorm(feature_dim)
         self.time_embedding = torch.nn.Sequential(
             Timesteps(config.hidden, flip_sin_to_cos=True, downscale_freq_shift=0), torch.nn.Linear(config.hidden, config.hidden), torch.nn.SiLU()
@@ -330,50 +439,55 @@ class LatentRewardModel(torch.nn.Module):
             torch.nn.Linear(feature_dim + config.hidden, config.hidden), torch.nn.SiLU(),
             torch.nn.Linear(config.hidden, config.hidden), torch.nn.SiLU(), torch.nn.Linear(config.hidden, 1, bias=False),
         )
-        self.register_buffer("alphas_cumprod", backbone.pipe.scheduler.alphas_cumprod.float().clone(), persistent=False)
+        alphas_cumprod, sigmas = noise_tables(backbone)
+        self.register_buffer("alphas_cumprod", alphas_cumprod, persistent=False)
+        self.register_buffer("sigmas", sigmas, persistent=False)
         if config.variance == "learned":
             self.log_v0 = torch.nn.Parameter(torch.tensor(math.log(config.v0)))
             self.log_kappa = torch.nn.Parameter(torch.tensor(math.log(config.kappa)))
         self._uncond = None
-        self.to(self.unet.device)
+        self.to(self.denoiser.device)
         # the head stays fp32 whatever the backbone's dtype
         for module in (self.feature_norm, self.time_embedding, self.head):
             module.float()
 
     def train(self, mode=True):
         super().train(mode)
-        self.unet.eval()  # frozen backbone: no dropout even while the head trains
+        self.denoiser.eval()  # frozen backbone: no dropout even while the head trains
         return self
 
     @property
     def num_timesteps(self):
         return len(self.alphas_cumprod)
 
+    def add_noise(self, latents, noise, timesteps):
+        """The backbone's own forward process at timestep indices (B,): DDPM or flow matching."""
+        if self.family in ("sd", "sdxl"):
+            return noisy_latents(latents, noise, self.alphas_cumprod[timesteps])
+        return flow_noisy_latents(latents, noise, self.sigmas[timesteps])
+
     def variance(self, timesteps):
         """v(t): (B,) float32."""
-        alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+        timesteps = timesteps.long()
+        if self.config.variance == "dina":
+            return dina_variance(self.sigmas.to(timesteps.device)[timesteps])
+        alpha_bar = self.alphas_cumprod.to(timesteps.device)[timesteps]
         if self.config.variance == "learned":
             return noise_variance(alpha_bar, self.log_v0.exp(), self.log_kappa.exp())
         return noise_variance(alpha_bar, self.config.v0, self.config.kappa)
 
     @torch.no_grad()
     def text_conditioning(self, prompts):
-        """The backbone's own encode_prompt: {"prompt_embeds": (B, L, D)} (+ SDXL "text_embeds" pooled)."""
-        cond = encode_prompts(self.backbone.pipe, list(prompts))
-        out = {"prompt_embeds": cond["prompt_embeds"]}
-        if "add_text_embeds" in cond:
-            out["text_embeds"] = cond["add_text_embeds"]
+        """The backbone's own encode_prompt: {"prompt_embeds": (B, L, D)} + the pooled embedding (SDXL
+        "add_text_embeds", SD3/FLUX "pooled_prompt_embeds"); with vfe_scale, "uncond_"-prefixed copies of ""."""
+        out = encode_prompts(self.backbone.pipe, list(prompts), self.backbone.spec.text_length)
         if self.config.vfe_scale:
             if self._uncond is None:
-                empty = encode_prompts(self.backbone.pipe, [""])
-                self._uncond = {"prompt_embeds": empty["prompt_embeds"], "text_embeds": empty.get("add_text_embeds")}
-            b = len(prompts)
-            out["uncond_prompt_embeds"] = self._uncond["prompt_embeds"].expand(b, -1, -1)
-            if "text_embeds" in out:
-                out["uncond_text_embeds"] = self._uncond["text_embeds"].expand(b, -1)
+                self._uncond = encode_prompts(self.backbone.pipe, [""], self.backbone.spec.text_length)
+            out |= {f"uncond_{k}": v.expand(len(prompts), *v.shape[1:]) for k, v in self._uncond.items()}
         return out
 
-    def _unet_features(self, x_t, timesteps, prompt_embeds, text_embeds=None):
+    def _unet_features(self, x_t, timesteps, prompt_embeds, add_text_embeds=None):
         """(B, F): pool_feature_map of each down block's feature map at its own resolution (before its
         downsampler, if it has one) and of the mid block's output."""
         pooled = []
@@ -387,114 +501,155 @@ class LatentRewardModel(torch.nn.Module):
 
         def stop(module, inputs, output):
             pooled.append(pool_feature_map(output))
-            raise _StopUNet
+            raise _StopDenoiser
 
-        hooks = [block.register_forward_hook(pool_down_block) for block in self.unet.down_blocks]
-        hooks.append(self.unet.mid_block.register_forward_hook(stop))
+        unet = self.denoiser
+        hooks = [block.register_forward_hook(pool_down_block) for block in unet.down_blocks]
+        hooks.append(unet.mid_block.register_forward_hook(stop))
         added = None
-        if text_embeds is not None:
+        if add_text_embeds is not None:
             # SDXL's micro-conditioning: (original size, crop top-left, target size) = the image size
             side = x_t.shape[-2] * self.backbone.pipe.vae_scale_factor, x_t.shape[-1] * self.backbone.pipe.vae_scale_factor
-            time_ids = torch.tensor([[*side, 0, 0, *side]], device=x_t.device, dtype=text_embeds.dtype).expand(len(x_t), -1)
-            added = {"text_embeds": text_embeds, "time_ids": time_ids}
-        try:
-            self.unet(x_t.to(self.unet.dtype), timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added)
-        except _StopUNet:
-            pass
-        finally:
-            for hook in hooks:
-                hook.remove()
+            time_ids = torch.tensor([[*side, 0, 0, *side]], device=x_t.device, dtype=add_text_embeds.dtype).expand(len(x_t), -1)
+            added = {"text_embeds": add_text_embeds, "time_ids": time_ids}
+        run_until_stopped(lambda: unet(x_t.to(unet.dtype), timesteps, encoder_hidden_states=prompt_embeds, added_cond_kwargs=added), hooks)
         return torch.cat(pooled, 1)
 
+    def _transformer_features(self, x_t, timesteps, prompt_embeds, pooled_prompt_embeds):
+        """(B, F): pool_tokens after each tapped joint block (SD3 MMDiT, FLUX double-stream)."""
+        model, (b, _, h, w) = self.denoiser, x_t.shape
+        sigma = self.sigmas[timesteps].to(model.dtype)
+        pooled = []
+
+        def tap(block, inputs, output):
+            text, image = output  # a joint block returns (text tokens, image tokens)
+            pooled.append(pool_tokens(image, text, h // 2))  # both patchify 2x2 latent pixels per token
+            if len(pooled) == len(self.taps):
+                raise _StopDenoiser
+
+        hooks = [model.transformer_blocks[i - 1].register_forward_hook(tap) for i in self.taps]
+        x_t = x_t.to(model.dtype)
+        if self.family == "sd3":  # SD3 takes the timestep in [0, 1000): sigma * T, as its pipeline does
+            kwargs = dict(hidden_states=x_t, timestep=sigma * self.num_timesteps)
+        else:  # FLUX takes sigma, packed 2x2 tokens with their positions, and its distilled guidance
+            guidance = torch.full((b,), self.backbone.spec.guidance, device=x_t.device) if model.config.guidance_embeds else None
+            kwargs = dict(hidden_states=pack_latents(x_t), timestep=sigma, guidance=guidance, img_ids=image_token_ids(h // 2, w // 2, x_t.device),
+                          txt_ids=torch.zeros(prompt_embeds.shape[1], 3, device=x_t.device))
+        run_until_stopped(lambda: model(encoder_hidden_states=prompt_embeds, pooled_projections=pooled_prompt_embeds, **kwargs), hooks)
+        return torch.cat(pooled, 1)
+
+    def features(self, x_t, timesteps, cond):
+        """(B, F) pooled backbone features of noisy latents under text conditioning `cond`."""
+        if self.family in ("sd", "sdxl"):
+            return self._unet_features(x_t, timesteps, cond["prompt_embeds"], cond.get("add_text_embeds"))
+        return self._transformer_features(x_t, timesteps, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+
     def forward(self, x_t, timesteps, cond):
-        """Rewards (B,) of noisy latents x_t (B, C, h, w) at timesteps (B,) under text conditioning `cond`."""
+        """Rewards (B,) of noisy latents x_t (B, C, h, w) at timestep indices (B,) under text conditioning `cond`."""
         timesteps = timesteps.to(x_t.device).long()
-        train_unet = self.config.lora_rank > 0 and torch.is_grad_enabled()
-        with torch.set_grad_enabled(train_unet):
+        train_denoiser = self.config.lora_rank > 0 and torch.is_grad_enabled()
+        with torch.set_grad_enabled(train_denoiser):
             if self.config.vfe_scale:
                 # conditional and unconditional passes batched, as in CFG
-                text = None if "text_embeds" not in cond else torch.cat([cond["text_embeds"], cond["uncond_text_embeds"]])
-                both = self._unet_features(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]),
-                                           torch.cat([cond["prompt_embeds"], cond["uncond_prompt_embeds"]]), text)
-                f_cond, f_uncond = both.chunk(2)
+                keys = [k for k in cond if not k.startswith("uncond_")]
+                both = {k: torch.cat([cond[k], cond[f"uncond_{k}"]]) for k in keys}
+                f_cond, f_uncond = self.features(torch.cat([x_t, x_t]), torch.cat([timesteps, timesteps]), both).chunk(2)
                 features = f_cond + self.config.vfe_scale * (f_cond - f_uncond)
             else:
-                features = self._unet_features(x_t, timesteps, cond["prompt_embeds"], cond.get("text_embeds"))
+                features = self.features(x_t, timesteps, cond)
         h = torch.cat([self.feature_norm(features), self.time_embedding(timesteps).float()], 1)
         return self.head(h).squeeze(-1)
 
     @torch.no_grad()
     def score(self, x_t, prompts, timesteps):
-        """Rewards (B,) of noisy latents x_t at timesteps (an int or (B,))."""
+        """Rewards (B,) of noisy latents x_t at timestep indices (an int or (B,))."""
         timesteps = torch.as_tensor(timesteps, device=x_t.device).long().expand(len(x_t))
         return self(x_t, timesteps, self.text_conditioning(prompts))
 
     @torch.no_grad()
-    def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None):
+    def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None):
         """Noise ensembling (DiNa-LRM): mean reward of clean latents (B, C, h, w) over `draws`
-        independent (t ~ U[0, t_max), eps ~ N(0, I)) draws. generator: a torch.Generator on CPU."""
-        return self.noised_scores(latents, prompts, draws, t_max, generator).mean(0)
+        independent noisings (noised_scores). generator: a torch.Generator on CPU."""
+        return self.noised_scores(latents, prompts, draws, t_max, generator, levels).mean(0)
 
     @torch.no_grad()
-    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None):
-        """The draws of ensemble_score, not yet averaged: (draws, B)."""
+    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None):
+        """The draws of ensemble_score, not yet averaged: (draws, B). Draw d noises with fresh eps at
+        t ~ U[0, t_max) ("random draws"), or, when `levels` (sigmas; default the config's) are given,
+        at the timestep of sigma = levels[d % len(levels)] ("fixed levels", as DiNa-LRM evaluates)."""
         draws = draws or self.config.ensemble_draws
         t_max = t_max or self.config.ensemble_t_max
+        levels = self.config.ensemble_levels if levels is None else levels
         b = len(latents)
         cond = {k: v.repeat(draws, *[1] * (v.dim() - 1)) for k, v in self.text_conditioning(prompts).items()}
         # all draws in one batched forward (rows ordered draw-major: row d*B + b)
         ts, noises = [], []
-        for _ in range(draws):
-            ts.append(torch.randint(0, t_max, (b,), generator=generator))
+        for d in range(draws):
+            if levels:
+                ts.append(torch.full((b,), nearest_timestep(self.sigmas.cpu(), levels[d % len(levels)])))
+            else:
+                ts.append(torch.randint(0, t_max, (b,), generator=generator))
             noises.append(torch.randn(latents.shape, generator=generator))
-        t = torch.cat(ts)  # (D*B,)
+        t = torch.cat(ts).to(latents.device)  # (D*B,)
         noise = torch.cat(noises).to(latents.device, latents.dtype)  # (D*B, C, h, w)
-        x_t = noisy_latents(latents.repeat(draws, 1, 1, 1), noise, self.alphas_cumprod[t].to(latents.device))
-        return self(x_t, t.to(latents.device), cond).view(draws, b)
+        x_t = self.add_noise(latents.repeat(draws, 1, 1, 1), noise, t)
+        return self(x_t, t, cond).view(draws, b)
 
     def trainable_state_dict(self):
-        """Head, timestep embedding, learned variance, LoRA weights: what training changes (no frozen UNet)."""
-        return {k: v.detach().clone().contiguous() for k, v in self.state_dict().items() if not k.startswith("unet.") or "lora_" in k}
+        """Head, timestep embedding, learned variance, LoRA weights: what training changes (no frozen backbone)."""
+        return {k: v.detach().clone().contiguous() for k, v in self.state_dict().items() if not k.startswith("denoiser.") or "lora_" in k}
 
     def load_trainable_state_dict(self, state):
+        state = {f"denoiser.{k[5:]}" if k.startswith("unet.") else k: v for k, v in state.items()}  # saved before transformers
         missing, unexpected = self.load_state_dict(state, strict=False)
-        missing = [k for k in missing if not k.startswith("unet.") or "lora_" in k]
+        missing = [k for k in missing if not k.startswith("denoiser.") or "lora_" in k]
         if missing or unexpected:
             raise UserError(f"latent reward weights do not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
 
 
+def pair_rewards(model, latents_0, latents_1, noise, timesteps, captions):
+    """Rewards (B,), (B,) of both images of each pair noised with the *same* eps and t, in one
+    forward (train_reward.py, bench.py). model: a LatentRewardModel or its DDP wrapper."""
+    raw = model.module if hasattr(model, "module") else model
+    x_t = torch.cat([raw.add_noise(latents_0, noise, timesteps), raw.add_noise(latents_1, noise, timesteps)])
+    return model(x_t, torch.cat([timesteps, timesteps]), raw.text_conditioning(captions + captions)).chunk(2)
+
+
 @torch.no_grad()
-def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=64, device="cpu", dtype=torch.float32, bucket_draws=1):
+def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=64, device="cpu", dtype=torch.float32, bucket_draws=1,
+                           levels=DINA_LEVELS):
     """Rewards of held-out pairs, as the LRM is evaluated (train_reward.py, evaluate.py).
 
     pair_latents(indices) -> clean latents (latents_0, latents_1) of those pairs, (B, C, h, w) each.
-    Returns {"buckets": {(lo, hi): (r_0, r_1, t)}, "draws": (r_0, r_1)}: per noise bucket both
-    images of a pair noised with the same t ~ U[lo, hi) and eps (as in training), `bucket_draws`
-    times, rewards and t (bucket_draws * N,), draw-major (labels.repeat(bucket_draws) matches); and
-    each clean latent scored on its own over the model's ensemble draws (how a reward is used),
-    (D, N) each: a draw's row is a single-draw score, the mean over rows the noise ensemble."""
+    Returns {"buckets": {(lo, hi): (r_0, r_1, t)}, "draws": (r_0, r_1), "levels": (r_0, r_1)}: per
+    noise bucket (sigma in [lo, hi)) both images of a pair noised with the same t (uniform over the
+    bucket's timesteps) and eps, as in training, `bucket_draws` times, rewards and t (bucket_draws * N,),
+    draw-major (labels.repeat(bucket_draws) matches); and each clean latent scored on its own over the
+    model's ensemble draws, (D, N) each, at random t ("draws") and at the fixed sigma `levels` ("levels",
+    the same number of draws): a row is a single-draw score, the mean over rows the noise ensemble."""
     n = len(captions)
     batches = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
     clean = [pair_latents(idx) for idx in batches]  # once: pair_latents may run the VAE
-    alphas_cumprod = model.alphas_cumprod.cpu()
     result = {"buckets": {}}
     for lo, hi in NOISE_BUCKETS:
-        hi = min(hi, model.num_timesteps)
+        timesteps = bucket_timesteps(model.sigmas.cpu(), lo, hi)
         r_0, r_1, ts = [], [], []
         for idx, latents in list(zip(batches, clean)) * bucket_draws:
-            t = torch.randint(lo, hi, (len(idx),), generator=generator)
-            noise = torch.randn(latents[0].shape, generator=generator)
-            x_t = torch.cat([noisy_latents(x.float(), noise, alphas_cumprod[t]) for x in latents]).to(device, dtype)
+            t = timesteps[torch.randint(0, len(timesteps), (len(idx),), generator=generator)]
+            noise = torch.randn(latents[0].shape, generator=generator).to(device, dtype)
+            x_t = torch.cat([model.add_noise(x.to(device, dtype), noise, t.to(device)) for x in latents])
             r = model.score(x_t, [captions[i] for i in idx] * 2, torch.cat([t, t]).to(device)).float().cpu()
             r_0.append(r[: len(idx)])
             r_1.append(r[len(idx):])
             ts.append(t)
         result["buckets"][(lo, hi)] = (torch.cat(r_0), torch.cat(r_1), torch.cat(ts))
-    draws = [[], []]
-    for idx, pair in zip(batches, clean):
-        for side, latents in enumerate(pair):
-            draws[side].append(model.noised_scores(latents.to(device, dtype), [captions[i] for i in idx], generator=generator).float().cpu())
-    result["draws"] = (torch.cat(draws[0], 1), torch.cat(draws[1], 1))
+    for name, at in (("draws", ()), ("levels", levels)):
+        scores = [[], []]
+        for idx, pair in zip(batches, clean):
+            for side, latents in enumerate(pair):
+                scores[side].append(model.noised_scores(latents.to(device, dtype), [captions[i] for i in idx], generator=generator,
+                                                        levels=at).float().cpu())
+        result[name] = (torch.cat(scores[0], 1), torch.cat(scores[1], 1))
     return result
 
 
@@ -540,7 +695,7 @@ def lrm_reward(path, device="cpu", dtype=torch.float32):
     Scores against the user's prompts; a fixed noise seed per call, so equal latents get equal rewards."""
     device = torch.device(device)
     model = load_lrm(path, device, dtype)
-    channels = model.unet.config.in_channels
+    channels = model.backbone.pipe.vae.config.latent_channels
 
     def reward(images, prompts, *, refined_prompts=None, answers=None, latents=None):
         if latents is None:

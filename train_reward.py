@@ -7,17 +7,23 @@ train_reward.py: fit the diffusion-native latent reward model (LRM) on preferenc
     torchrun --nproc_per_node=8 train_reward.py ...                                             # DDP (nccl; gloo on CPU)
 
 The model (lrm.LatentRewardModel, after LPO and DiNa-LRM) scores a *noisy latent* x_t with the
-backbone's own UNet features (down blocks + mid block, pooled), a timestep embedding and a small
-head. Training, for each batch of pairs (w, l, y = P(w preferred)):
+backbone's own features (a UNet's down blocks + mid block; the first joint blocks of an SD3 / FLUX
+transformer, pooled), a timestep embedding and a small head. Training, for each batch of pairs
+(w, l, y = P(w preferred)):
 
     t ~ U[0, T), eps ~ N(0, I)                    the *same* t and eps for both images of a pair
-    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps
-    p = Phi((r(w_t) - r(l_t)) / sqrt(2 v(t)))     noise-calibrated Thurstone, v(t) = v0 + kappa (1 - abar_t)
+    x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps     DDPM backbones (SD, SDXL)
+    x_t = (1 - sigma_t) x_0 + sigma_t eps             flow matching (SD3, FLUX), sigma_t = (t + 1) / T
+    p = Phi((r(w_t) - r(l_t)) / sqrt(2 v(t)))     noise-calibrated Thurstone: v(t) = v0 + kappa (1 - abar_t)
+                                                  (ours) or 2 sigma_t^2 + 0.05 (DiNa-LRM's, --variance dina)
     loss = NLL(p, y) | fidelity(p, y) | Bradley-Terry (sigmoid(r_w - r_l), the baseline)
 
+On a DDPM backbone sigma_t is the flow-matching noise level with alpha_bar_t's signal-to-noise ratio,
+sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar)); on a flow backbone abar_t = (1 - s)^2 / ((1 - s)^2 + s^2).
 The VAE latents of the data are encoded once and cached on disk (--cache-dir). Validation reports
-accuracy and calibration error (ECE) per noise bucket t in [0,200), [200,400), ... and the accuracy
-of noise-ensembled vs single-draw scores of the clean latents; all in metrics.json.
+accuracy and calibration error (ECE) per noise bucket sigma in [0, 0.2), [0.2, 0.4), ... and the
+accuracy of single-draw vs noise-ensembled scores of the clean latents, at random t and at DiNa-LRM's
+fixed levels sigma = 0.2, 0.5, 0.7 (the same number of draws); all in metrics.json.
 Output: OUT/model.safetensors + OUT/lrm_config.json (lrm.load_lrm, the reward `lrm:OUT`),
 OUT/ckpt.pt (resume), OUT/log.jsonl, OUT/metrics.json.
 
@@ -49,7 +55,7 @@ class Config:
     val_data: str | None = field(default=None, metadata={"help": "validation pairs (same forms as --data); default: --data. If both are the same single file, every 10th row is held out"})
     train_split: str = field(default="train", metadata={"help": "split of --data to train on"})
     val_split: str = field(default="validation", metadata={"help": "split of --val-data to validate on (Pick-a-Pic v2: validation_unique)"})
-    backbone: str = field(default="toy", metadata={"help": "diffusion backbone whose UNet gives the features: alias (sd15, sdxl, toy, ...) or diffusers folder"})
+    backbone: str = field(default="toy", metadata={"help": "diffusion backbone whose denoiser gives the features: alias (sd15, sdxl, sd35m, flux-dev, toy, toy-sd3, ...) or diffusers folder"})
     out: str = field(default="runs/lrm", metadata={"help": "output folder (model, checkpoint, logs, metrics)"})
     seed: int = field(default=0, metadata={"help": "random seed (data order, noise, init)"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
@@ -59,12 +65,13 @@ class Config:
     warmup_steps: int = field(default=50, metadata={"help": "linear warmup steps, then cosine decay to 10%%"})
     grad_clip: float = field(default=1.0, metadata={"help": "max gradient norm"})
     loss: str = field(default="thurstone-nll", metadata={"help": "thurstone-nll | thurstone-fidelity | bradley-terry"})
-    variance: str = field(default="fixed", metadata={"help": "Thurstone v(t) = v0 + kappa (1 - abar_t): fixed | learned"})
+    variance: str = field(default="fixed", metadata={"help": "Thurstone variance: fixed | learned v(t) = v0 + kappa (1 - abar_t) (ours), or dina: 2 sigma_t^2 + 0.05 (DiNa-LRM)"})
     v0: float = field(default=0.5, metadata={"help": "v(t) at t = 0 (initial value if learned)"})
     kappa: float = field(default=2.0, metadata={"help": "growth of v(t) with the noise level (initial value if learned)"})
     hidden: int = field(default=256, metadata={"help": "width of the reward head"})
     vfe_scale: float = field(default=0.0, metadata={"help": "LPO visual feature enhancement f_c + s (f_c - f_uncond); 0 = off"})
-    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the UNet's down/mid attention; 0 = frozen UNet"})
+    lora_rank: int = field(default=0, metadata={"help": "LoRA rank on the attention of the blocks that run (UNet down/mid, the transformer's first --blocks); 0 = frozen"})
+    blocks: int = field(default=0, metadata={"help": "SD3 / FLUX: joint blocks that run, features after a third, two thirds and all of them; 0 = half (DiNa-LRM: 12 of SD3.5-M's 24)"})
     resolution: int | None = field(default=None, metadata={"help": "image side in pixels before encoding (default: the backbone's)"})
     max_pairs: int | None = field(default=None, metadata={"help": "use at most this many training pairs (needed for the hub's 1M pairs)"})
     max_val_pairs: int = field(default=1000, metadata={"help": "use at most this many validation pairs"})
@@ -75,6 +82,7 @@ class Config:
     ensemble_draws: int = field(default=8, metadata={"help": "noise ensembling: (t, eps) draws averaged per clean latent"})
     val_draws: int = field(default=1, metadata={"help": "noise draws (t, eps) per validation pair and noise bucket; more give steadier accuracy and ECE"})
     ensemble_t_max: int = field(default=400, metadata={"help": "noise ensembling: t ~ U[0, ensemble_t_max)"})
+    ensemble_levels: list[float] = field(default_factory=list, metadata={"help": "noise ensembling at these fixed sigmas instead (draws cycle through them; DiNa-LRM: 0.2 0.5 0.7); validation reports both"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
     dtype: str = field(default="auto", metadata={"help": "backbone dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (1 is fastest for toy models on a busy machine)"})
@@ -87,10 +95,10 @@ RESUME_MAY_CHANGE = {"resume", "steps", "eval_every", "save_every", "threads", "
 def check_config(cfg):
     if cfg.loss not in lrm.PREFERENCE_LOSSES:
         raise common.UserError(f"unknown --loss '{cfg.loss}': use one of {', '.join(lrm.PREFERENCE_LOSSES)}")
-    if cfg.variance not in ("fixed", "learned"):
-        raise common.UserError(f"unknown --variance '{cfg.variance}': use fixed or learned")
-    if cfg.variance == "learned" and cfg.loss == "bradley-terry":
-        raise common.UserError("--variance learned needs a Thurstone loss (Bradley-Terry has no v(t))")
+    if cfg.variance not in lrm.NOISE_VARIANCES:
+        raise common.UserError(f"unknown --variance '{cfg.variance}': use one of {', '.join(lrm.NOISE_VARIANCES)}")
+    if cfg.variance != "fixed" and cfg.loss == "bradley-terry":
+        raise common.UserError(f"--variance {cfg.variance} needs a Thurstone loss (Bradley-Terry has no v(t))")
     common.require(cfg, positive=("steps", "batch_size", "lr", "v0", "grad_clip", "hidden", "save_every", "max_pairs",
                                   "max_val_pairs", "resolution"),
                    non_negative=("kappa", "weight_decay", "warmup_steps", "vfe_scale", "lora_rank", "eval_every", "threads"))
@@ -98,6 +106,8 @@ def check_config(cfg):
         raise common.UserError("--variance learned needs --kappa > 0 (it is learned in log space)")
     if not 0 < cfg.ensemble_t_max <= 1000 or cfg.ensemble_draws < 1 or cfg.val_draws < 1:
         raise common.UserError("--ensemble-t-max must be in (0, 1000], --ensemble-draws and --val-draws >= 1")
+    if not all(0 < s <= 1 for s in cfg.ensemble_levels):
+        raise common.UserError(f"--ensemble-levels are noise levels sigma in (0, 1], got {cfg.ensemble_levels}")
 
 
 # -----------------------------------------------------------------------------
@@ -182,17 +192,6 @@ def step_noise(step, seed, batch_size, latent_shape, num_timesteps):
     return t, torch.randn((batch_size, *latent_shape), generator=generator)
 
 
-def pair_rewards(model, latents_0, latents_1, noise, t, captions, device):
-    """Rewards (B,), (B,) of both images of each pair, noised with the same eps and t, in one forward."""
-    raw = model.module if hasattr(model, "module") else model
-    latents_0, latents_1, noise, t = latents_0.to(device), latents_1.to(device), noise.to(device), t.to(device)
-    alpha_bar = raw.alphas_cumprod[t]
-    x_t = torch.cat([lrm.noisy_latents(latents_0, noise, alpha_bar), lrm.noisy_latents(latents_1, noise, alpha_bar)])
-    cond = raw.text_conditioning(captions + captions)
-    rewards = model(x_t, torch.cat([t, t]), cond)
-    return rewards.chunk(2)
-
-
 @torch.no_grad()
 def evaluate(model, data, cfg, device, batch_size=64):
     """Accuracy, ECE and loss per noise bucket (same t and eps for a pair), and the accuracy of
@@ -207,17 +206,20 @@ def evaluate(model, data, cfg, device, batch_size=64):
     for (lo, hi), (r_0, r_1, t) in rewards["buckets"].items():
         variance = model.variance(t.to(device)).cpu()
         p = lrm.preference_probability(cfg.loss, r_0, r_1, variance)
-        result["buckets"][f"{lo}-{hi}"] = dict(accuracy=lrm.pairwise_accuracy(p, repeated), ece=lrm.expected_calibration_error(p, repeated),
+        result["buckets"][f"{lo:.1f}-{hi:.1f}"] = dict(accuracy=lrm.pairwise_accuracy(p, repeated), ece=lrm.expected_calibration_error(p, repeated),
                                                loss=lrm.preference_loss(cfg.loss, r_0, r_1, variance, repeated).item())
     single, ensemble = lrm.ensemble_accuracies(*rewards["draws"], labels)
-    result.update(single_accuracy=single, ensemble_accuracy=ensemble, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max)
+    level_single, level_ensemble = lrm.ensemble_accuracies(*rewards["levels"], labels)
+    result.update(single_accuracy=single, ensemble_accuracy=ensemble, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max,
+                  levels_single_accuracy=level_single, levels_ensemble_accuracy=level_ensemble, levels=list(lrm.DINA_LEVELS))
     model.train()
     return result
 
 
 def eval_line(step, result):
     buckets = " ".join(f"{k}:{v['accuracy']:.3f}" for k, v in result["buckets"].items())
-    return f"eval {step:05d} | acc per t-bucket {buckets} | single {result['single_accuracy']:.3f} | ensemble {result['ensemble_accuracy']:.3f}"
+    return (f"eval {step:05d} | acc per sigma-bucket {buckets} | single {result['single_accuracy']:.3f} | ensemble {result['ensemble_accuracy']:.3f}"
+            f" | fixed levels {result['levels_ensemble_accuracy']:.3f}")
 
 
 # -----------------------------------------------------------------------------
@@ -255,7 +257,8 @@ def main():
     backbone_name = cfg.backbone if cfg.backbone in common.BACKBONES else str(Path(cfg.backbone).resolve()) if Path(cfg.backbone).exists() else cfg.backbone
     lrm_config = lrm.LRMConfig(
         backbone=backbone_name, hidden=cfg.hidden, vfe_scale=cfg.vfe_scale, lora_rank=cfg.lora_rank, variance=cfg.variance,
-        v0=cfg.v0, kappa=cfg.kappa, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max,
+        v0=cfg.v0, kappa=cfg.kappa, blocks=cfg.blocks, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max,
+        ensemble_levels=cfg.ensemble_levels,
     )
     model = lrm.LatentRewardModel(backbone, lrm_config).train()
     params = [p for p in model.parameters() if p.requires_grad]
@@ -301,7 +304,7 @@ def main():
         latents_0, latents_1 = pair_latents(model, train, indices)
         captions = [train["captions"][i] for i in indices]
         targets = train["labels"][indices].to(device)
-        r_0, r_1 = pair_rewards(ddp_model, latents_0, latents_1, noise, t, captions, device)
+        r_0, r_1 = lrm.pair_rewards(ddp_model, latents_0.to(device), latents_1.to(device), noise.to(device), t.to(device), captions)
         variance = model.variance(t.to(device))
         loss = lrm.preference_loss(cfg.loss, r_0, r_1, variance, targets)
         optimizer.zero_grad(set_to_none=True)

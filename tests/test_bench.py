@@ -16,7 +16,7 @@ import refiners
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c"}
+ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c", "8"}
 GPU_ROWS = {"3b", "3c", "6a", "6b", "6c"}
 
 
@@ -34,13 +34,13 @@ def test_lrm_train_step_trains_the_head_only():
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
     head_before = [p.detach().clone() for p in model.head.parameters()]
-    unet_before = next(model.unet.parameters()).detach().clone()
+    unet_before = next(model.denoiser.parameters()).detach().clone()
     latents = torch.randn(4, *common.latent_shape(backbone))
     loss = bench.lrm_train_step(model, optimizer, latents[:2], latents[2:], ["a circle"] * 2, torch.ones(2),
                                 torch.Generator().manual_seed(0))
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
-    assert torch.equal(unet_before, next(model.unet.parameters()))  # the backbone stays frozen
+    assert torch.equal(unet_before, next(model.denoiser.parameters()))  # the backbone stays frozen
 
 
 def test_refiner_train_step_updates_lora_weights():
@@ -57,9 +57,10 @@ def test_refiner_train_step_updates_lora_weights():
 
 @pytest.mark.parametrize("flags, message", [
     (["--repeats", "2"], "--repeats must be >= 3"),
-    (["--rows", "1,8"], "--rows must name entries among"),
+    (["--rows", "1,9"], "--rows must name entries among"),
     (["--backbone", "sd15"], "--backbone must be a toy backbone"),
     (["--size", "huge"], "--size must be full or tiny"),
+    (["--flow-resolution", "1000"], "--flow-resolution must be a multiple of 64"),
 ])
 @pytest.mark.slow
 def test_bad_flags_are_one_line_errors(flags, message):

@@ -362,7 +362,7 @@ def test_preference_accuracy_per_noise_bucket(tiny_sd15_dir, prompt_file, tmp_pa
     evaluate.main()
     data = json.loads((out / "results.json").read_text())
     accuracy = {(r["scorer"], r["bucket"]): r for r in data["lrm_accuracy"]}
-    assert [b for s, b in accuracy if s == "lrm"] == [f"t {lo}-{hi}" for lo, hi in lrm.NOISE_BUCKETS]
+    assert [b for s, b in accuracy if s == "lrm"] == [f"σ {lo:.1f}-{hi:.1f}" for lo, hi in lrm.NOISE_BUCKETS]
     assert all(r["n"] == 4 for r in data["lrm_accuracy"])  # the tie and the unlabelled row are left out
     assert accuracy[("toy-aesthetic", "clean")]["accuracy"] == pytest.approx(0.75)
     assert data["preference_pairs"]["used"] == 5 and data["preference_pairs"]["no_label"] == 1
@@ -391,7 +391,8 @@ def test_a_trained_lrm_reaches_its_accuracy_on_held_out_toy_pairs(tmp_path, monk
         "--device", "cpu"])
     evaluate.main()
     accuracy = {(r["scorer"], r["bucket"]): r["accuracy"] for r in json.loads((out / "results.json").read_text())["lrm_accuracy"]}
-    assert accuracy[("lrm", "t 0-200")] >= 0.7, accuracy
-    assert accuracy[("lrm, noise-ensembled (4 draws)", "clean")] >= 0.7, accuracy
-    assert accuracy[("lrm", "t 0-200")] > accuracy[("lrm", "t 800-1000")] - 0.05  # noise does not help
+    assert accuracy[("lrm", "σ 0.0-0.2")] >= 0.7, accuracy
+    assert accuracy[("lrm, noise-ensembled (4 draws at t ~ U[0, 400))", "clean")] >= 0.7, accuracy
+    assert accuracy[("lrm, noise-ensembled (4 draws at σ = 0.2, 0.5, 0.7)", "clean")] >= 0.7, accuracy
+    assert accuracy[("lrm", "σ 0.0-0.2")] > accuracy[("lrm", "σ 0.8-1.0")] - 0.05  # noise does not help
     assert accuracy[("toy-aesthetic", "clean")] >= 0.82, accuracy

@@ -21,7 +21,7 @@ import common
 import lrm
 import toy
 from test_train_refiner import lowercase_reward, policy_dir, tiny_args  # noqa: F401 (policy_dir: a fixture)
-from test_train_reward import base_args, cache, pairs_dir, run_train, sd15_dir, write_pairs  # noqa: F401 (fixtures)
+from test_train_reward import base_args, cache, pairs_dir, run_train, sd3_dir, sd15_dir, write_pairs  # noqa: F401 (fixtures)
 
 TESTS = Path(__file__).resolve().parent
 SCRIPTS = {"sample": "Config", "train_reward": "Config", "train_refiner": "Config", "evaluate": "Config",
@@ -110,6 +110,27 @@ def test_v0_kappa_and_ensemble_t_max_are_saved_and_used(reward_run):
 
     torch.testing.assert_close(ensemble(), ensemble(t_max=250))
     assert not torch.allclose(ensemble(), ensemble(t_max=400))  # 400: the default
+
+
+def test_blocks_and_ensemble_levels_are_saved_and_used(pairs_dir, sd3_dir, cache, tmp_path, monkeypatch):  # noqa: F811
+    """On an SD3-shaped backbone: --blocks 3 runs 3 of its 4 joint blocks (features after 1, 2, 3);
+    --ensemble-levels 0.3 0.6 scores clean latents at sigma 0.3, 0.6, 0.3, ... instead of random t."""
+    out = tmp_path / "run"
+    run_train(base_args(pairs_dir, sd3_dir, out, cache, 2) + ["--blocks", 3, "--ensemble-levels", 0.3, 0.6, "--ensemble-draws", 4,
+                                                              "--variance", "dina", "--loss", "thurstone-fidelity"], monkeypatch)
+    config = json.loads((out / "lrm_config.json").read_text())
+    assert (config["blocks"], config["ensemble_levels"], config["variance"]) == (3, [0.3, 0.6], "dina")
+    model = lrm.load_lrm(out)
+    assert model.taps == [1, 2, 3] and model.feature_norm.normalized_shape[0] == 3 * 10 * model.denoiser.inner_dim
+    latents, prompts = torch.randn(2, 16, 8, 8), ["a red square", "a square"]
+
+    def ensemble(**kwargs):
+        return model.ensemble_score(latents, prompts, generator=torch.Generator().manual_seed(0), **kwargs)
+
+    torch.testing.assert_close(ensemble(), ensemble(levels=[0.3, 0.6]))
+    assert not torch.allclose(ensemble(), ensemble(levels=[]))  # random t ~ U[0, 400)
+    metrics = json.loads((out / "metrics.json").read_text())["final"]
+    assert metrics["levels"] == [0.2, 0.5, 0.7] and 0 <= metrics["levels_ensemble_accuracy"] <= 1  # validation: DiNa-LRM's levels
 
 
 @pytest.fixture(scope="module")

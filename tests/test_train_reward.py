@@ -139,7 +139,7 @@ def pairs_dir(tmp_path_factory):
     return folder
 
 
-def _scaled_vae_pipeline(builder, folder):
+def _scaled_vae_pipeline(builder, folder, vae="toy-sd15"):
     """A tiny pipeline with the real UNet structure and the toy world's *trained* VAE: a random VAE
     of SD's depth keeps little of what an image shows (brightness correlates -0.8 with the trained
     VAE's latents, 0.1 with a random one's), a trained one keeps it, as the real VAEs do. Its scaling
@@ -147,7 +147,7 @@ def _scaled_vae_pipeline(builder, folder):
     from diffusers import AutoencoderKL
 
     pipe = builder(WORDS)
-    pipe = type(pipe)(**{**pipe.components, "vae": AutoencoderKL.from_pretrained(common.TOY_DIR / "toy-sd15" / "vae")})
+    pipe = type(pipe)(**{**pipe.components, "vae": AutoencoderKL.from_pretrained(common.TOY_DIR / vae / "vae")})
     rng = np.random.default_rng(0)
     pixels = torch.stack([lrm.image_to_tensor(Image.open(io.BytesIO(_png(rng, b))), RESOLUTION) for b in np.linspace(0.05, 0.95, 16)])
     std = lrm.encode_latents(pipe.vae, pixels).std().item() / pipe.vae.config.scaling_factor
@@ -164,6 +164,12 @@ def sd15_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def sdxl_dir(tmp_path_factory):
     return _scaled_vae_pipeline(toy.tiny_sdxl_pipeline, tmp_path_factory.mktemp("sdxl-scaled"))
+
+
+@pytest.fixture(scope="module")
+def sd3_dir(tmp_path_factory):
+    """SD3.5-M-shaped (MMDiT with dual attention, CLIP-L + CLIP-G + T5) on toy-sd3's trained 16-channel VAE."""
+    return _scaled_vae_pipeline(toy.tiny_sd3_pipeline, tmp_path_factory.mktemp("sd3-scaled"), vae="toy-sd3")
 
 
 def test_bad_rows_are_skipped_and_counted(tmp_path):
@@ -214,7 +220,7 @@ def test_model_options_save_load_and_reward(sdxl_dir, tmp_path):
     config = lrm.LRMConfig(str(sdxl_dir), hidden=32, vfe_scale=1.0, lora_rank=2, variance="learned", ensemble_draws=3)
     model = lrm.LatentRewardModel(backbone, config).train()
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
-    assert any("lora_" in n for n in trainable) and not any(n.startswith("unet.") and "lora_" not in n for n in trainable)
+    assert any("lora_" in n for n in trainable) and not any(n.startswith("denoiser.") and "lora_" not in n for n in trainable)
     assert not any("up_blocks" in n for n in trainable)  # the up blocks never run
     # one optimizer step so that LoRA B (zero at init) and the variance move
     x, t = torch.randn(4, 4, 16, 16), torch.tensor([10, 300, 600, 900])
@@ -277,14 +283,18 @@ def base_args(data, backbone, out, cache, steps):
 
 
 @pytest.mark.slow
-def test_training_learns_the_preference(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch):
+@pytest.mark.parametrize("backbone, variance", [("sd15_dir", "fixed"), ("sd3_dir", "dina")])
+def test_training_learns_the_preference(backbone, variance, pairs_dir, cache, tmp_path, monkeypatch, request):
+    """A UNet backbone (DDPM noising, our v(t)) and an SD3-shaped MMDiT (flow-matching noising, DiNa-LRM's v)."""
     out = tmp_path / "run"
-    run_train(base_args(pairs_dir, sd15_dir, out, cache, 40) + ["--eval-every", 30, "--val-draws", 2], monkeypatch)
+    backbone = request.getfixturevalue(backbone)
+    run_train(base_args(pairs_dir, backbone, out, cache, 40) + ["--eval-every", 30, "--val-draws", 2, "--variance", variance,
+                                                                "--loss", "thurstone-fidelity"], monkeypatch)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["final"]["val_draws"] == 2
+    assert metrics["final"]["val_draws"] == 2 and metrics["config"]["variance"] == variance
     buckets = metrics["final"]["buckets"]
     # the brighter image wins; chance is 0.5
-    assert buckets["0-200"]["accuracy"] >= 0.7, buckets
+    assert buckets["0.0-0.2"]["accuracy"] >= 0.8, buckets
     assert metrics["final"]["ensemble_accuracy"] >= 0.7, metrics["final"]
     assert metrics["train_rows"]["used"] == 128 and len(metrics["history"]) == 1 and metrics["noise_ceiling"] == 1.0
     log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
@@ -368,13 +378,15 @@ def test_eval_every_zero_validates_at_the_end_only(pairs_dir, sd15_dir, cache, t
     out = tmp_path / "run"
     run_train(base_args(pairs_dir, sd15_dir, out, cache, 2) + ["--eval-every", 0, "--save-every", 1], monkeypatch)
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["history"] == [] and "0-200" in metrics["final"]["buckets"]
+    assert metrics["history"] == [] and "0.0-0.2" in metrics["final"]["buckets"]
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--save-every", 0], "--save-every must be > 0"), (["--steps", -1], "--steps must be > 0"),
     (["--lr", "nan"], "--lr must be a finite number"), (["--resolution", 30], "multiple of"),
     (["--max-pairs", 0], "--max-pairs must be > 0"), (["--resume"], "no checkpoint"),
+    (["--variance", "dina", "--loss", "bradley-terry"], "needs a Thurstone loss"),
+    (["--ensemble-levels", 0.5, 1.5], "--ensemble-levels are noise levels"), (["--blocks", 2], "blocks is for SD3 / FLUX"),
 ])
 def test_bad_values_are_one_clear_error(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch, flags, message):
     with pytest.raises(common.UserError, match=message):
