@@ -334,14 +334,17 @@ def _toy_image(with_shape):
     return image
 
 
-def test_preference_accuracy_per_noise_bucket(tiny_sd15_dir, prompt_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("folder", ["tiny_sd15_dir", "tiny_sd3_dir"])
+def test_preference_accuracy_per_noise_bucket(folder, prompt_file, tmp_path, monkeypatch, request):
+    """A UNet LRM and an MMDiT one: the pairs are encoded by each backbone's own VAE (4 / 16 channels)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     torch.manual_seed(0)
-    backbone = common.load_backbone(str(tiny_sd15_dir))
+    folder = request.getfixturevalue(folder)
+    backbone = common.load_backbone(str(folder))
     lrm_dir = tmp_path / "lrm"
-    lrm.save_lrm(lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16, ensemble_draws=2)), lrm_dir)
+    lrm.save_lrm(lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=str(folder), hidden=16, ensemble_draws=2)), lrm_dir)
     shape, blank = _jpeg(_toy_image(True)), _jpeg(_toy_image(False))
     # label_0 = P(image 0 preferred). toy-aesthetic prefers the large contrasting shape: it agrees
     # with pairs 0-2, disagrees with pair 3; pair 4 is a tie (left out), pair 5 has no label (skipped)
@@ -355,7 +358,7 @@ def test_preference_accuracy_per_noise_bucket(tiny_sd15_dir, prompt_file, tmp_pa
 
     out = tmp_path / "eval"
     monkeypatch.setattr(sys, "argv", [
-        "evaluate.py", "--backbones", str(tiny_sd15_dir), "--refiner", "none", "--rewards", "toy-aesthetic",
+        "evaluate.py", "--backbones", str(folder), "--refiner", "none", "--rewards", "toy-aesthetic",
         "--prompts", str(prompt_file), "--limit", "1", "--seeds", "0", "--steps", "1", "--out", str(out),
         "--lrm", str(lrm_dir), "--preference-data", str(tmp_path / "test.parquet"),
     ])
