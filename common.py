@@ -424,6 +424,8 @@ class RefinedSample:
     schedule: list  # denoising steps before which the prompt was rewritten
     prompts: list  # prompts[k][b]: prompt in force from schedule[k] on (prompts[0] = user prompts)
     previews: list = field(default_factory=list)  # previews[k]: (B, 3, h, w) seen at refinement k
+    states: list = field(default_factory=list)  # states[k]: (B, C, h, w) noisy latents x_t when refinement k was made
+    state_levels: list = field(default_factory=list)  # their noise level: DDPM timestep (int) or flow sigma (float)
     refiner_outputs: list = field(default_factory=list)  # what the refiner returned at each refinement
 
     @property
@@ -537,6 +539,10 @@ def refined_sample(
         previews = torch.full((len(prompts), 3, 64, 64), 0.5) if blank_preview else decoder(x0)
         out = refiner.refine(previews.float().cpu(), prompts, result.prompts[-1], i + 1, num_steps)
         result.previews.append(previews.float().cpu())
+        result.states.append(result.latents.float().cpu())  # what step i + 1 will denoise
+        scheduler = pipe.scheduler
+        result.state_levels.append(float(scheduler.sigmas[scheduler.step_index]) if family in ("sd3", "flux")
+                                   else int(scheduler.timesteps[i + 1]))
         result.refiner_outputs.append(out)
         result.prompts.append(list(out.prompts))
         new = encode_prompts(pipe, list(out.prompts), text_length)

@@ -466,6 +466,11 @@ class LatentRewardModel(torch.nn.Module):
             return noisy_latents(latents, noise, self.alphas_cumprod[timesteps])
         return flow_noisy_latents(latents, noise, self.sigmas[timesteps])
 
+    def state_timestep(self, level):
+        """The timestep index of a sampler state's noise level (common.RefinedSample.state_levels): a
+        DDPM timestep is one already; a flow-matching sigma maps to the nearest index."""
+        return nearest_timestep(self.sigmas.cpu(), level) if self.family in ("sd3", "flux") else int(level)
+
     def variance(self, timesteps):
         """v(t): (B,) float32."""
         timesteps = timesteps.long()

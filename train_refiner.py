@@ -23,7 +23,9 @@ One step (per rank):
                shares its initial noise: common random numbers); K refinements, each one batched
                refiner.generate call, sampled with temperature
   2. reward    terminal reward r (B*G,) from the registry (--reward SPEC, composites included)
-  3. advantage A = (r - mean_group) / (std_group + eps), the same for every token of a trajectory
+  3. advantage A = (r - mean_group) / (std_group + eps), the same for every token of a trajectory;
+               with --credit per-refinement, action k gets A_k = group-normalised (r - V(x_{t_k})):
+               an LRM critic (--critic DIR) scores the noisy latent on which action k was taken
   4. log-probs old (adapter on) and reference (adapter off, peft's disable_adapter: no second
                copy of the model), teacher-forced, no gradient
   5. update    inner epochs x minibatches of trajectories; token-level loss
@@ -32,7 +34,7 @@ One step (per rank):
 
 Simplifications on purpose: constant learning rate; the loss is the mean over all tokens of the
 minibatch (DAPO / TRL "bnpo" aggregation) rather than a per-sequence mean; a trajectory's K actions
-share one terminal reward (no per-step credit assignment); the held-out monitor runs on rank 0.
+share one terminal reward unless --credit per-refinement; the held-out monitor runs on rank 0.
 """
 
 import json
@@ -80,6 +82,8 @@ class Config:
     lora_targets: str = field(default=",".join(refiners.LORA_TARGETS), metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
     clip_epsilon: float = field(default=0.2, metadata={"help": "eps of the clipped surrogate: rho is clipped to [1-eps, 1+eps]"})
+    credit: str = field(default="terminal", metadata={"help": "terminal: every action of a trajectory gets its group-normalised reward; per-refinement: action k gets group-normalised (r - V(x_t_k)) from the --critic LRM"})
+    critic: str | None = field(default=None, metadata={"help": "latent reward model folder (train_reward.py) that values the noisy latent of each refinement, for --credit per-refinement; calibrated to the reward by an affine fit on each batch"})
     kl_coef: float = field(default=0.04, metadata={"help": "beta: weight of the k3 KL to the adapter-disabled base"})
     advantage_eps: float = field(default=1e-4, metadata={"help": "eps in (r - mean) / (std + eps)"})
     inner_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch (PPO epochs)"})
@@ -111,6 +115,10 @@ def check_config(config):
         raise common.UserError(f"B*G = {config.prompts_per_step * config.group_size} is not divisible by --minibatches {config.minibatches}")
     if config.refine_steps < 1:
         raise common.UserError("--refine-steps must be >= 1: without refinements there is nothing to train")
+    if config.credit not in ("terminal", "per-refinement"):
+        raise common.UserError(f"--credit must be terminal or per-refinement, got '{config.credit}'")
+    if (config.credit == "per-refinement") != (config.critic is not None):
+        raise common.UserError("--credit per-refinement and --critic DIR go together")
     if config.temperature <= 0:
         raise common.UserError("--temperature must be > 0 (GRPO needs a stochastic policy)")
     if not 0 < config.clip_epsilon < 1 or config.kl_coef < 0 or config.learning_rate <= 0:
@@ -142,6 +150,31 @@ def group_advantages(rewards, group_size, eps=1e-4):
     zero_variance = (count.squeeze(1) < 2) | torch.isclose(std.squeeze(1), torch.zeros_like(std.squeeze(1)))
     advantages[zero_variance] = 0.0
     return advantages.view(-1), zero_variance
+
+
+def affine_fit(x, y):
+    """Least squares y ~ a x + b over the finite y: (a, b). a = 0 when x has no spread.
+
+    >>> affine_fit(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 3.0, 5.0]))
+    (2.0, 1.0)"""
+    keep = torch.isfinite(y) & torch.isfinite(x)
+    x, y = x[keep].double(), y[keep].double()
+    if len(x) < 2:
+        return 0.0, float(y.mean()) if len(y) else 0.0
+    var = ((x - x.mean()) ** 2).mean()
+    a = float(((x - x.mean()) * (y - y.mean())).mean() / var) if var > 0 else 0.0
+    return a, float(y.mean() - a * x.mean())
+
+
+def refinement_advantages(rewards, values, group_size, eps=1e-4):
+    """Per-refinement credit: A_k = group_advantages(r - V_k), normalised over the group separately
+    for each refinement index k. rewards (N,), values (K, N) -> (K, N).
+
+    r - V(x_{t_k}) is what happened from action k on (potential-based shaping with gamma = 1:
+    the sum of V(x_{t_{j+1}}) - V(x_{t_j}) for j >= k, with V(final) = r). Before the first
+    refinement a group shares its noise and prompt, so V_0 is the same for the group and A_0 is
+    the terminal advantage; later, what earlier actions did is taken out of the credit."""
+    return torch.stack([group_advantages(rewards - v, group_size, eps)[0] for v in values])
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, clip_epsilon):
@@ -239,9 +272,24 @@ def old_and_reference_logprobs(refiner, outputs, chunk):
     return old, ref
 
 
+@torch.no_grad()
+def critic_values(critic, trajectories, rewards):
+    """V(x_{t_k}) (K, N): the LRM critic on the noisy latent of each refinement (one score, the state
+    is noisy already), on the reward's scale: an affine fit of the rewards on the critic's noise-
+    ensembled score of the final latents, R ~ a V_final + b, least squares over the batch."""
+    device, dtype = critic.denoiser.device, critic.denoiser.dtype
+    prompts = trajectories.prompts[0]
+    values = torch.stack([critic.score(x.to(device, dtype), prompts, critic.state_timestep(level)).float().cpu()
+                          for x, level in zip(trajectories.states, trajectories.state_levels)])
+    final = critic.ensemble_score(trajectories.latents.to(device, dtype), prompts, generator=torch.Generator().manual_seed(0))
+    a, b = affine_fit(final.float().cpu(), rewards)
+    return a * values + b
+
+
 def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator):
-    """inner_epochs x minibatches of GRPO on one rollout batch. Returns averaged stats."""
-    n = advantages.shape[0]
+    """inner_epochs x minibatches of GRPO on one rollout batch; advantages (K, N), one row per
+    refinement. Returns averaged stats."""
+    n = advantages.shape[1]
     size = n // config.minibatches
     stats = dict(loss=[], kl=[], clip_fraction=[], grad_norm=[], skipped=0)
     refiner.model.train()  # no dropout anywhere (lora_dropout=0); lets gradient checkpointing run
@@ -257,7 +305,7 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
                 logprobs = refiner.token_logprobs(refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
                 loss, s = grpo_loss(
                     logprobs.float(), old[k][idx].to(logprobs.device), ref[k][idx].to(logprobs.device),
-                    advantages[idx].to(logprobs.device), masks[k].to(logprobs.device), config.clip_epsilon,
+                    advantages[k][idx].to(logprobs.device), masks[k].to(logprobs.device), config.clip_epsilon,
                     config.kl_coef, num_tokens / dist_info.world_size,
                 )
                 loss.backward()  # one backward per refinement step keeps one activation set alive
@@ -344,9 +392,18 @@ def train(config, reward=None, monitor_reward=None):
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
     reward = reward or rewards.build_reward(config.reward, device, dtype)
     others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
+    critic = None
+    if config.critic:
+        import lrm
+
+        critic = lrm.load_lrm(config.critic, device, dtype)
     train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
+    if critic is not None and backbone.family in ("sd", "sdxl") and hasattr(backbone.pipe.scheduler, "sigmas"):
+        # Euler-type schedulers keep x0 + sigma eps in their loop, not the sqrt(abar)-scaled x_t the critic reads
+        raise common.UserError(f"--credit per-refinement on a UNet needs a DDPM-scaled scheduler (DDIM, DDPM, PNDM); "
+                               f"'{config.backbone}' samples with {type(backbone.pipe.scheduler).__name__}")
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
     base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
@@ -412,6 +469,10 @@ def train(config, reward=None, monitor_reward=None):
         valid = torch.isfinite(scores)
         advantages, zero_variance = group_advantages(scores, config.group_size, config.advantage_eps)
         outputs = trajectories.refiner_outputs
+        if critic is None:
+            advantages = advantages.expand(len(outputs), -1)  # (K, N): every action the terminal advantage
+        else:
+            advantages = refinement_advantages(scores, critic_values(critic, trajectories, scores), config.group_size, config.advantage_eps)
         chunk = (config.prompts_per_step * config.group_size) // config.minibatches
         old, ref = old_and_reference_logprobs(refiner, outputs, chunk)
         logprob_gap = max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old))

@@ -51,6 +51,22 @@ def test_group_advantages_skip_nonfinite_rewards():
     assert torch.isfinite(advantages).all()
 
 
+def test_affine_fit_and_refinement_advantages_hand_computed():
+    assert tr.affine_fit(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 3.0, 5.0])) == pytest.approx((2.0, 1.0))
+    assert tr.affine_fit(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 4.0])) == (0.0, 3.0)  # no spread: the mean
+    assert tr.affine_fit(torch.tensor([0.0, 1.0, 5.0]), torch.tensor([0.0, 2.0, math.nan])) == pytest.approx((2.0, 0.0))
+    # two groups of 2: r = (1, 3 | 2, 2); V_0 shared within each group, V_1 not
+    r = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    values = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 2.0]])
+    a = tr.refinement_advantages(r, values, group_size=2, eps=0.0)
+    h = 1 / math.sqrt(2)  # (x - mean) / std for a pair: +-1/sqrt(2)
+    # k = 0: r - V_0 = (1, 3 | 1, 1) -> the terminal advantages; group 2 has no spread -> 0
+    torch.testing.assert_close(a[0], torch.tensor([-h, h, 0.0, 0.0]))
+    torch.testing.assert_close(a[0], tr.group_advantages(r, 2, eps=0.0)[0])
+    # k = 1: r - V_1 = (0, 3 | 2, 0): group 2's equal rewards now credit its two second actions apart
+    torch.testing.assert_close(a[1], torch.tensor([-h, h, h, -h]))
+
+
 def test_clipped_surrogate_hand_computed():
     old = torch.zeros(4, 1)
     ratio = torch.tensor([[1.5], [0.5], [1.5], [1.1]])
@@ -256,6 +272,54 @@ def test_grpo_learns_on_flow_matching_backbones(family, tiny_sd3_dir, tiny_flux_
     metrics = tr.train(common.parse_config(tr.Config, args), reward=lowercase_reward)
     start, end = metrics["heldout_start"]["reward"], metrics["heldout_end"]["reward"]
     assert end > start + 0.1, (start, end)
+
+
+@pytest.mark.parametrize("folder", ["tiny_sd15_dir", "tiny_sd3_dir"])
+def test_refinement_states_are_what_the_denoiser_gets_next(folder, policy_dir, request, one_thread):
+    """refined_sample keeps, per refinement, the noisy latents and their noise level: exactly the
+    sample and timestep the denoiser receives at the next step (DDIM: t; SD3: sigma * 1000)."""
+    import lrm
+
+    backbone = common.load_backbone(str(request.getfixturevalue(folder)))
+    seen = []
+    hook = backbone.denoiser.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.append(((kwargs.get("hidden_states", args[0] if args else None)).clone(),
+                                             kwargs.get("timestep", args[1] if len(args) > 1 else None))), with_kwargs=True)
+    try:
+        out = common.refined_sample(backbone, ["a red circle", "a square"], refiners.load_refiner(str(policy_dir), max_new_tokens=4),
+                                    refine_steps=2, num_steps=4, generator=torch.Generator().manual_seed(0))
+    finally:
+        hook.remove()
+    assert out.schedule == [1, 3] and len(out.states) == len(out.state_levels) == 2
+    critic = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone="tiny"))
+    for state, level, step in zip(out.states, out.state_levels, out.schedule):
+        sample, timestep = seen[step]  # the denoiser call of step s_k (CFG doubles the batch: cond half last)
+        torch.testing.assert_close(state, sample[-2:].float())
+        t = float(torch.as_tensor(timestep).flatten()[0])
+        if backbone.family == "sd3":
+            assert level == pytest.approx(t / 1000) and 0 < level < 1
+            assert critic.state_timestep(level) == round(level * 1000) - 1
+        else:
+            assert level == t and critic.state_timestep(level) == int(t)
+
+
+@pytest.mark.slow
+def test_per_refinement_credit_trains_with_an_lrm_critic(tiny_sd15_dir, policy_dir, tmp_path, one_thread):
+    """--credit per-refinement --critic DIR: a short run trains (the per-refinement advantages reach
+    the loss) and the flags are checked together."""
+    import lrm
+
+    critic_dir = tmp_path / "critic"
+    lrm.save_lrm(lrm.LatentRewardModel(common.load_backbone(str(tiny_sd15_dir)), lrm.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16,
+                                                                                                   ensemble_draws=2)), critic_dir)
+    args = tiny_args(tiny_sd15_dir, policy_dir, tmp_path / "run", "--steps", "2", "--refine-steps", "2", "--monitor-every", "0",
+                     "--reward", "unused", "--credit", "per-refinement", "--critic", str(critic_dir))
+    metrics = tr.train(common.parse_config(tr.Config, args), reward=lowercase_reward)
+    assert metrics["steps"] == 2 and metrics["config"]["credit"] == "per-refinement"
+    saved = load_file(tmp_path / "run" / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+    with pytest.raises(common.UserError, match="go together"):
+        tr.check_config(common.parse_config(tr.Config, tiny_args(tiny_sd15_dir, policy_dir, tmp_path / "x", "--credit", "per-refinement")))
 
 
 def test_nonfinite_rewards_and_losses_are_skipped(tiny_sd15_dir, policy_dir, tmp_path, monkeypatch, one_thread):
