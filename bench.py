@@ -593,10 +593,7 @@ def lrm_train_step(model, optimizer, latents_0, latents_1, captions, targets, ge
     forward, noise-calibrated Thurstone NLL, AdamW on the trainable weights."""
     t = torch.randint(0, model.num_timesteps, (len(latents_0),), generator=generator)
     noise = torch.randn(latents_0.shape, generator=generator).to(latents_0.device, latents_0.dtype)
-    alpha_bar = model.alphas_cumprod[t].to(latents_0.device)
-    x_t = torch.cat([lrm.noisy_latents(latents_0, noise, alpha_bar), lrm.noisy_latents(latents_1, noise, alpha_bar)])
-    rewards = model(x_t, torch.cat([t, t]), model.text_conditioning(captions + captions))
-    r_0, r_1 = rewards.chunk(2)
+    r_0, r_1 = lrm.pair_rewards(model, latents_0, latents_1, noise, t.to(latents_0.device), captions)
     loss = lrm.preference_loss("thurstone-nll", r_0, r_1, model.variance(t.to(r_0.device)), targets)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()

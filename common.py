@@ -174,6 +174,11 @@ class Backbone:
         return pipeline_family(self.pipe)
 
     @property
+    def flow_matching(self):
+        """SD3 / FLUX: a flow-matching transformer (x = (1 - sigma) x0 + sigma eps), not a DDPM UNet."""
+        return self.family in ("sd3", "flux")
+
+    @property
     def denoiser(self):
         """The UNet (SD1.5/SDXL) or the transformer (SD3/FLUX)."""
         return self.pipe.unet if hasattr(self.pipe, "unet") else self.pipe.transformer
@@ -265,7 +270,7 @@ def image_side(backbone, size=None):
     pipe = backbone.pipe
     native = getattr(pipe, "default_sample_size", None) or backbone.denoiser.config.sample_size
     side = size or backbone.spec.size or native * pipe.vae_scale_factor
-    multiple = pipe.vae_scale_factor * (2 if backbone.family in ("sd3", "flux") else 1)
+    multiple = pipe.vae_scale_factor * (2 if backbone.flow_matching else 1)
     if side < multiple or side % multiple:
         raise UserError(f"image size {side} px: backbone '{backbone.name}' needs a positive multiple of {multiple}")
     return side
@@ -525,7 +530,7 @@ def refined_sample(
     decoder = preview_decoder if isinstance(preview_decoder, PreviewDecoder) else None
     if schedule and decoder is None and not blank_preview:
         decoder = PreviewDecoder(preview_decoder, backbone)
-    text_length = backbone.spec.text_length if family in ("sd3", "flux") else None
+    text_length = backbone.spec.text_length if backbone.flow_matching else None
     flux_pooled = {}  # FLUX: the refined prompts' token embeddings and their pooled CLIP embedding
 
     def unpacked(x):
@@ -541,7 +546,7 @@ def refined_sample(
         result.previews.append(previews.float().cpu())
         result.states.append(result.latents.float().cpu())  # what step i + 1 will denoise
         scheduler = pipe.scheduler
-        result.state_levels.append(float(scheduler.sigmas[scheduler.step_index]) if family in ("sd3", "flux")
+        result.state_levels.append(float(scheduler.sigmas[scheduler.step_index]) if backbone.flow_matching
                                    else int(scheduler.timesteps[i + 1]))
         result.refiner_outputs.append(out)
         result.prompts.append(list(out.prompts))

@@ -478,7 +478,8 @@ def preference_accuracy(config, scorers, device, dtype, batch_size=16):
     """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
     preferred. The LRM per noise bucket (sigma): both images of a pair noised with the same t (uniform
     over the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
-    it is used as a reward), at random t and at DiNa-LRM's fixed levels. The pixel rewards of --rewards on the same pairs' clean images.
+    it is used as a reward), at random t and at DiNa-LRM's fixed levels. The pixel rewards of
+    --rewards on the same pairs' clean images.
     Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
     model = lrm.load_lrm(config.lrm, device, dtype)
     pairs = lrm.read_pairs(config.preference_data, config.preference_split, common.image_side(model.backbone),

@@ -273,7 +273,7 @@ def noise_tables(backbone):
     backbones (SD3, FLUX): sigma_t = (t + 1) / T, the scheduler's unshifted training grid (t uniform
     is sigma uniform, as DiNa-LRM trains), alpha_bar its equivalent."""
     scheduler = backbone.pipe.scheduler
-    if backbone.family in ("sd", "sdxl"):
+    if not backbone.flow_matching:
         alpha_bar = scheduler.alphas_cumprod.float().clone()
         return alpha_bar, sigma_from_alpha_bar(alpha_bar)
     steps = scheduler.config.num_train_timesteps
@@ -404,10 +404,10 @@ class LatentRewardModel(torch.nn.Module):
         super().__init__()
         if config.variance not in NOISE_VARIANCES:
             raise UserError(f"unknown variance '{config.variance}': use one of {', '.join(NOISE_VARIANCES)}")
-        self.backbone, self.config, self.family = backbone, config, backbone.family
+        self.backbone, self.config, self.family, self.flow = backbone, config, backbone.family, backbone.flow_matching
         self.denoiser = backbone.denoiser
         self.denoiser.requires_grad_(False)
-        if self.family in ("sd", "sdxl"):
+        if not self.flow:
             if config.blocks:
                 raise UserError(f"blocks {config.blocks}: a UNet backbone runs its down and mid blocks; blocks is for SD3 / FLUX transformers")
             if self.denoiser.mid_block is None:
@@ -462,14 +462,14 @@ class LatentRewardModel(torch.nn.Module):
 
     def add_noise(self, latents, noise, timesteps):
         """The backbone's own forward process at timestep indices (B,): DDPM or flow matching."""
-        if self.family in ("sd", "sdxl"):
-            return noisy_latents(latents, noise, self.alphas_cumprod[timesteps])
-        return flow_noisy_latents(latents, noise, self.sigmas[timesteps])
+        if self.flow:
+            return flow_noisy_latents(latents, noise, self.sigmas[timesteps])
+        return noisy_latents(latents, noise, self.alphas_cumprod[timesteps])
 
     def state_timestep(self, level):
         """The timestep index of a sampler state's noise level (common.RefinedSample.state_levels): a
         DDPM timestep is one already; a flow-matching sigma maps to the nearest index."""
-        return nearest_timestep(self.sigmas.cpu(), level) if self.family in ("sd3", "flux") else int(level)
+        return nearest_timestep(self.sigmas.cpu(), level) if self.flow else int(level)
 
     def variance(self, timesteps):
         """v(t): (B,) float32."""
@@ -545,9 +545,9 @@ class LatentRewardModel(torch.nn.Module):
 
     def features(self, x_t, timesteps, cond):
         """(B, F) pooled backbone features of noisy latents under text conditioning `cond`."""
-        if self.family in ("sd", "sdxl"):
-            return self._unet_features(x_t, timesteps, cond["prompt_embeds"], cond.get("add_text_embeds"))
-        return self._transformer_features(x_t, timesteps, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        if self.flow:
+            return self._transformer_features(x_t, timesteps, cond["prompt_embeds"], cond["pooled_prompt_embeds"])
+        return self._unet_features(x_t, timesteps, cond["prompt_embeds"], cond.get("add_text_embeds"))
 
     def forward(self, x_t, timesteps, cond):
         """Rewards (B,) of noisy latents x_t (B, C, h, w) at timestep indices (B,) under text conditioning `cond`."""
@@ -589,9 +589,10 @@ class LatentRewardModel(torch.nn.Module):
         cond = {k: v.repeat(draws, *[1] * (v.dim() - 1)) for k, v in self.text_conditioning(prompts).items()}
         # all draws in one batched forward (rows ordered draw-major: row d*B + b)
         ts, noises = [], []
+        level_timesteps = [nearest_timestep(self.sigmas.cpu(), sigma) for sigma in levels]
         for d in range(draws):
             if levels:
-                ts.append(torch.full((b,), nearest_timestep(self.sigmas.cpu(), levels[d % len(levels)])))
+                ts.append(torch.full((b,), level_timesteps[d % len(levels)]))
             else:
                 ts.append(torch.randint(0, t_max, (b,), generator=generator))
             noises.append(torch.randn(latents.shape, generator=generator))

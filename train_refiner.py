@@ -400,7 +400,7 @@ def train(config, reward=None, monitor_reward=None):
     train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
-    if critic is not None and backbone.family in ("sd", "sdxl") and hasattr(backbone.pipe.scheduler, "sigmas"):
+    if critic is not None and not backbone.flow_matching and hasattr(backbone.pipe.scheduler, "sigmas"):
         # Euler-type schedulers keep x0 + sigma eps in their loop, not the sqrt(abar)-scaled x_t the critic reads
         raise common.UserError(f"--credit per-refinement on a UNet needs a DDPM-scaled scheduler (DDIM, DDPM, PNDM); "
                                f"'{config.backbone}' samples with {type(backbone.pipe.scheduler).__name__}")
