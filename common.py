@@ -432,10 +432,19 @@ class RefinedSample:
     states: list = field(default_factory=list)  # states[k]: (B, C, h, w) noisy latents x_t when refinement k was made
     state_levels: list = field(default_factory=list)  # their noise level: DDPM timestep (int) or flow sigma (float)
     refiner_outputs: list = field(default_factory=list)  # what the refiner returned at each refinement
+    candidates: list = field(default_factory=list)  # search: candidates[k] = {"prompts": [[M prompts] per image], "scores": (B, M), "chosen": (B,)}
 
     @property
     def final_prompts(self):
         return self.prompts[-1]
+
+    def rows(self, rows):
+        """This sample restricted to `rows` (B',): best-of-n keeps each prompt's best image."""
+        rows = torch.as_tensor(rows).long()
+        return RefinedSample(
+            self.images[rows], self.latents[rows], self.schedule, [[p[r] for r in rows.tolist()] for p in self.prompts],
+            [x[rows] for x in self.previews], [x[rows] for x in self.states], self.state_levels,
+            [out.rows(rows) for out in self.refiner_outputs])
 
     def score(self, reward):
         """A reward (rewards.py) of each sample: (B,) float32 on the CPU, NaN where not finite. The reward
@@ -478,6 +487,32 @@ def encode_prompts(pipe, prompts, text_length=None):
     return {"prompt_embeds": embeds}
 
 
+# single-step samplers: the next state depends on the current latents only, so a search may copy one
+# candidate's latents over the others (multistep ones, PNDM or DPM-Solver, keep a history per row)
+SEARCH_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "FlowMatchEulerDiscreteScheduler")
+
+
+@dataclass
+class Search:
+    """Reward-guided refinement at sampling time (refined_sample's `search`; sample.py --search M).
+
+    At each refinement the refiner proposes m candidate prompts per image in one batched call (B*m
+    rows, each image's m copies sharing its state); every candidate is continued to the next
+    refinement point -- the last one to the end of sampling -- in the same batched loop; `score`
+    judges the latents reached and each image keeps its best candidate: its latents replace the
+    other copies' and the next refinement starts from them. No decode is needed when `score` is a
+    latent reward model (lrm.search_scorer).
+      score(latents (R, C, h, w), user_prompts (R,), level) -> (R,) scores, higher is better;
+      level: the latents' noise level (DDPM timestep or flow sigma, as RefinedSample.state_levels),
+      None for the final clean latents.
+    Cost: every step runs m rows per image (m x the denoiser evaluations, the same as best-of-m),
+    the copies before the first refinement identical (a pipeline's batch is fixed for its loop).
+    m = 1 is plain refined sampling, bit for bit, and never calls `score`."""
+
+    m: int
+    score: object
+
+
 def refined_sample(
     backbone,
     prompts,
@@ -492,6 +527,7 @@ def refined_sample(
     blank_preview=False,
     size=None,
     true_cfg=1.0,
+    search=None,
 ):
     """Sample `prompts` with the stock pipeline; a refiner rewrites them at K evenly spaced steps.
 
@@ -508,6 +544,7 @@ def refined_sample(
     latents: initial noise (B, C, h, w) (latent_shape; FLUX's are packed here, as its pipeline wants).
     guidance: the backbone's guidance (BackboneSpec.guidance); true_cfg: FLUX only, its two-pass
              classifier-free guidance with `negative_prompt` (`true_cfg_scale`; 1 = off).
+    search:  a Search: m candidate refinements per image, each image keeps its best-scored one.
     """
     pipe, family = backbone.pipe, backbone.family
     prompts = list(prompts)
@@ -519,8 +556,24 @@ def refined_sample(
     guidance = backbone.spec.guidance if guidance is None else guidance
     size = image_side(backbone, size)  # what the pipeline would pick itself, checked
     schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
+    b, m = len(prompts), search.m if search is not None and schedule else 1
+    if m > 1:
+        if type(pipe.scheduler).__name__ not in SEARCH_SCHEDULERS:
+            raise UserError(f"search needs a single-step sampler ({', '.join(SEARCH_SCHEDULERS)}); "
+                            f"backbone '{backbone.name}' samples with {type(pipe.scheduler).__name__}")
+        if latents is None:  # the noise the pipeline would draw for the B images, then m copies of each
+            from diffusers.utils.torch_utils import randn_tensor
+
+            latents = randn_tensor((b, *latent_shape(backbone, size)), generator=generator, device=backbone.device,
+                                   dtype=backbone.denoiser.dtype)
+        latents = latents.repeat_interleave(m, 0)
+        if isinstance(generator, list):  # one per row, as the pipeline checks (stochastic samplers draw from it)
+            generator = [g for g in generator for _ in range(m)]
+    rows = [p for p in prompts for _ in range(m)]  # row r is image r // m (m = 1: the prompts themselves)
     if isinstance(negative_prompt, str):
-        negative_prompt = [negative_prompt] * len(prompts)  # the pipeline wants one per prompt
+        negative_prompt = [negative_prompt] * len(rows)  # the pipeline wants one per prompt
+    elif negative_prompt is not None:
+        negative_prompt = [p for p in negative_prompt for _ in range(m)]
     uses_negative = true_cfg > 1 if family == "flux" else guidance > 1
     latent_side = size // pipe.vae_scale_factor
     if latents is not None:  # the pipeline moves given latents to its device but keeps their dtype
@@ -532,31 +585,58 @@ def refined_sample(
         decoder = PreviewDecoder(preview_decoder, backbone)
     text_length = backbone.spec.text_length if backbone.flow_matching else None
     flux_pooled = {}  # FLUX: the refined prompts' token embeddings and their pooled CLIP embedding
+    pending = []  # search: the last refinement's candidates, until their lookahead ends
 
     def unpacked(x):
         return unpack_latents(x, latent_side) if family == "flux" else x
+
+    def put_in_force(out, scores=None):
+        """A refinement's prompts now in force: all of them, or (search) each image's best candidate.
+        Returns the row each image continues from, repeated for its m copies."""
+        best = torch.zeros(b, dtype=torch.long)
+        if scores is not None:
+            best = scores.nan_to_num(-math.inf).argmax(1)
+            result.candidates.append({"prompts": [out.prompts[i * m:(i + 1) * m] for i in range(b)], "scores": scores, "chosen": best})
+        if out is not None:
+            out = out.rows(torch.arange(b) * m + best) if m > 1 else out
+            result.refiner_outputs.append(out)
+            result.prompts.append(list(out.prompts))
+        return (torch.arange(b) * m + best).repeat_interleave(m)
+
+    def choose(latents, level):
+        """Search: score each image's m candidates, keep the best (before the first refinement: its first copy)."""
+        if not pending:
+            return put_in_force(None)
+        scores = torch.as_tensor(search.score(latents, rows, level)).float().cpu().reshape(b, m)
+        return put_in_force(pending.pop(), scores)
 
     def on_step_end(pipe, i, t, tensors):
         result.latents = unpacked(tensors["latents"])
         if i + 1 not in schedule:
             return {}
+        scheduler, updates = pipe.scheduler, {}
+        level = float(scheduler.sigmas[scheduler.step_index]) if backbone.flow_matching else int(scheduler.timesteps[i + 1])
         x0 = unpacked(denoised["x0"])
-        previews = torch.full((len(prompts), 3, 64, 64), 0.5) if blank_preview else decoder(x0)
-        out = refiner.refine(previews.float().cpu(), prompts, result.prompts[-1], i + 1, num_steps)
+        if m > 1:  # the candidates of the last refinement have looked ahead to here
+            keep = choose(result.latents, level)
+            result.latents, x0 = result.latents[keep], x0[keep]
+            updates["latents"] = pack_latents(result.latents) if family == "flux" else result.latents
+        previews = torch.full((b, 3, 64, 64), 0.5) if blank_preview else decoder(x0[::m])  # one per image
+        current = [p for p in result.prompts[-1] for _ in range(m)]
+        out = refiner.refine(previews.float().cpu().repeat_interleave(m, 0), rows, current, i + 1, num_steps)
         result.previews.append(previews.float().cpu())
-        result.states.append(result.latents.float().cpu())  # what step i + 1 will denoise
-        scheduler = pipe.scheduler
-        result.state_levels.append(float(scheduler.sigmas[scheduler.step_index]) if backbone.flow_matching
-                                   else int(scheduler.timesteps[i + 1]))
-        result.refiner_outputs.append(out)
-        result.prompts.append(list(out.prompts))
+        result.states.append(result.latents[::m].float().cpu())  # what step i + 1 will denoise
+        result.state_levels.append(level)
+        if m > 1:
+            pending.append(out)
+        else:
+            put_in_force(out)
         new = encode_prompts(pipe, list(out.prompts), text_length)
-        updates = {}
         for key in tensors:
             if key in new:
                 old, value = tensors[key], new[key].to(tensors[key].dtype)
                 # with CFG the loop holds cat([negative, positive]); keep the negative half
-                updates[key] = torch.cat([old[: len(prompts)], value]) if len(old) == 2 * len(prompts) else value
+                updates[key] = torch.cat([old[: len(rows)], value]) if len(old) == 2 * len(rows) else value
         if family == "flux":
             flux_pooled.update(embeds=updates["prompt_embeds"], pooled=new["pooled_prompt_embeds"])
         return updates
@@ -574,7 +654,7 @@ def refined_sample(
     text_inputs = {"sd": ["prompt_embeds"], "sdxl": ["prompt_embeds", "add_text_embeds"],
                    "sd3": ["prompt_embeds", "pooled_prompt_embeds"], "flux": ["prompt_embeds"]}[family]
     call_kwargs = dict(
-        prompt=prompts, num_inference_steps=num_steps, guidance_scale=guidance, generator=generator,
+        prompt=rows, num_inference_steps=num_steps, guidance_scale=guidance, generator=generator,
         latents=latents, negative_prompt=negative_prompt if uses_negative else None, output_type="pt",
         callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"] + (text_inputs if schedule else []),
         height=size, width=size,
@@ -590,7 +670,22 @@ def refined_sample(
     finally:
         if hook is not None:
             hook.remove()
+    if m > 1:  # the last refinement's candidates looked ahead to the end: score the final latents
+        keep = choose(result.latents, None)[::m]
+        result.images, result.latents = result.images[keep], result.latents[keep.to(result.latents.device)]
     return result
+
+
+def best_of_sample(backbone, prompts, n, score, latents, **kwargs):
+    """Best-of-n whole images: n independent (refined) samples per prompt in one batched call, from
+    the initial noises `latents` (B, n, C, h, w); `score` (as Search's, level None) picks each
+    prompt's best by its final latents. Returns (the best samples, a RefinedSample of B rows;
+    scores (B, n)). kwargs go to refined_sample (refiner, refine_steps, ...)."""
+    rows = [p for p in prompts for _ in range(n)]
+    sample = refined_sample(backbone, rows, latents=latents.flatten(0, 1), **kwargs)
+    scores = torch.as_tensor(score(sample.latents, rows, None)).float().cpu().reshape(len(prompts), n)
+    best = torch.arange(len(prompts)) * n + scores.nan_to_num(-math.inf).argmax(1)
+    return sample.rows(best), scores
 
 
 def caption_font(size):

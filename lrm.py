@@ -694,21 +694,52 @@ def load_lrm(folder, device="cpu", dtype=torch.float32, backbone=None):
     return model.eval()
 
 
-def lrm_reward(path, device="cpu", dtype=torch.float32):
-    """The reward `lrm:PATH`: noise-ensembled LRM score of the sampler's clean final latents.
+def check_channels(model, channels):
+    """UserError unless latents of `channels` channels live in the LRM backbone's latent space."""
+    if channels != model.backbone.pipe.vae.config.latent_channels:
+        raise UserError(f"latent reward model: latents have {channels} channels, its backbone '{model.config.backbone}' "
+                        f"{model.backbone.pipe.vae.config.latent_channels}")
 
-    fn(images, prompts, *, refined_prompts=None, answers=None, latents=None) -> (B,) float32 on CPU.
-    Scores against the user's prompts; a fixed noise seed per call, so equal latents get equal rewards."""
-    device = torch.device(device)
-    model = load_lrm(path, device, dtype)
-    channels = model.backbone.pipe.vae.config.latent_channels
+
+def final_scores(model, latents, prompts):
+    """The LRM's judgement of clean final latents (B, C, h, w): its noise ensemble with a fixed noise
+    seed, so equal latents get equal scores. (B,) float32 on the CPU."""
+    check_channels(model, latents.shape[1])
+    generator = torch.Generator().manual_seed(0)
+    device, dtype = model.denoiser.device, model.denoiser.dtype
+    return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator).float().cpu()
+
+
+def lrm_reward(path, device="cpu", dtype=torch.float32):
+    """The reward `lrm:PATH`: final_scores of the sampler's clean final latents, against the user's prompts.
+
+    fn(images, prompts, *, refined_prompts=None, answers=None, latents=None) -> (B,) float32 on CPU."""
+    model = load_lrm(path, torch.device(device), dtype)
 
     def reward(images, prompts, *, refined_prompts=None, answers=None, latents=None):
         if latents is None:
             raise UserError("the lrm reward scores latents: call it with latents= (the sampler's final latents)")
-        if latents.shape[1] != channels:
-            raise UserError(f"lrm reward: latents have {latents.shape[1]} channels, its backbone '{model.config.backbone}' {channels}")
-        generator = torch.Generator().manual_seed(0)
-        return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator).float().cpu()
+        return final_scores(model, latents, prompts)
 
     return reward
+
+
+def search_scorer(model, backbone):
+    """common.Search's `score` from an LRM: the sampling loop's noisy latents judged at their own noise
+    level in one pass (they are noisy already: no decode, no extra noise), the final clean latents
+    by final_scores, against the user's prompts. UserError unless the LRM reads `backbone`'s latents
+    as its loop holds them (same latent space; DDPM-scaled on a UNet, not Euler's x0 + sigma eps)."""
+    if model.flow != backbone.flow_matching:
+        raise UserError(f"latent reward model on '{model.config.backbone}' ({'flow matching' if model.flow else 'DDPM'}) "
+                        f"cannot judge the latents of backbone '{backbone.name}' ({backbone.family})")
+    check_channels(model, backbone.pipe.vae.config.latent_channels)
+    if not model.flow and hasattr(backbone.pipe.scheduler, "sigmas"):
+        raise UserError(f"an LRM reads DDPM-scaled latents; '{backbone.name}' samples with {type(backbone.pipe.scheduler).__name__} "
+                        f"(use DDIM, DDPM, PNDM or LCM)")
+
+    def score(latents, prompts, level):
+        if level is None:
+            return final_scores(model, latents, prompts)
+        return model.score(latents.to(model.denoiser.device, model.denoiser.dtype), list(prompts), model.state_timestep(level)).float().cpu()
+
+    return score

@@ -100,6 +100,13 @@ class RefinerOutput:
         prompts = list(prompts)
         return cls(prompts, [format_answer(p) for p in prompts], torch.zeros(len(prompts), dtype=torch.bool))
 
+    def rows(self, rows):
+        """The outputs of `rows` only (a search keeps each image's chosen candidate)."""
+        rows = torch.as_tensor(rows).long()
+        take = [self.prompts[r] for r in rows.tolist()], [self.answers[r] for r in rows.tolist()], self.fallback[rows]
+        tensors = [None if x is None else x[rows] for x in (self.completion_ids, self.completion_mask, self.logprobs)]
+        return RefinerOutput(*take, None if self.inputs is None else select_rows(self.inputs, rows), *tensors)
+
 
 class Refiner:
     """Qwen2.5-VL (or any chat VLM with a processor) rewriting prompts, batched.

@@ -6,11 +6,18 @@ estimate at K evenly spaced steps and rewrites the prompt used for the remaining
     python sample.py --backbone sd15 --refiner qwen2.5-vl-3b --adapter ADAPTER_DIR --prompt "a cat"
     python sample.py --backbone sdxl-turbo --steps 4 --refine-steps 2 --prompt "a fox" --prompt "a boat"
     python sample.py --backbone sd15 --refiner none --prompt "a cat"                   # the plain pipeline
+    python sample.py --backbone toy --refiner toy-refiner --search 4 --lrm LRM_DIR --prompt "a circle"  # LRM-guided search
 
 Several prompts run as one batch on one device (--device cuda:N); to spread many prompts over
 several GPUs, run one process per GPU with its own prompts and --out. Writes to --out: one PNG per
 prompt, `trajectory.png` (the preview seen at each refinement with the prompt in force after it)
 and `trajectory.json`.
+
+With --search M --lrm DIR the refiner proposes M candidate prompts at each refinement, each is
+continued to the next refinement point (the last to the end), a latent reward model
+(train_reward.py) scores the latents they reach and each image keeps its best candidate
+(common.Search): no decode, no pixel reward in the loop, M x the denoiser evaluations. Every
+candidate and its score goes into trajectory.json and trajectory.png.
 
 Left out on purpose: negative-prompt refinement (the refiner rewrites the positive prompt
 only, as in the paper), image-to-image and inpainting pipelines.
@@ -27,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw
 
 import common
+import lrm
 import refiners
 
 
@@ -45,6 +53,8 @@ class Config:
     t5: bool = field(default=True, metadata={"help": "SD3 only: --t5 false loads it without its T5 encoder (much less memory)"})
     size: int | None = field(default=None, metadata={"help": "image side in pixels (default: the backbone's)"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt (used with CFG)"})
+    search: int = field(default=1, metadata={"help": "M candidate prompts per refinement, the best kept by --lrm's score of the latents they reach (1 = off)"})
+    lrm: str | None = field(default=None, metadata={"help": "latent reward model folder (train_reward.py) that scores the --search candidates"})
     preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
     seed: int = field(default=0, metadata={"help": "seed of the initial noise (and of the refiner's sampling)"})
@@ -56,7 +66,11 @@ class Config:
 def check(config):
     if not config.prompt or any(not p.strip() for p in config.prompt):
         raise common.UserError("give at least one non-empty --prompt")
-    common.require(config, positive=("steps", "size"), non_negative=("refine_steps", "temperature", "guidance"))
+    common.require(config, positive=("steps", "size", "search"), non_negative=("refine_steps", "temperature", "guidance"))
+    if (config.search > 1) != (config.lrm is not None):
+        raise common.UserError("--search M (M > 1) and --lrm DIR go together: the latent reward model scores the candidates")
+    if config.search > 1 and config.refiner == "none":
+        raise common.UserError("--search needs a refiner to propose candidate prompts")
     if config.true_cfg < 1:
         raise common.UserError(f"--true-cfg must be >= 1 (1 = off), got {config.true_cfg}")
     if config.preview_decoder not in common.PreviewDecoder.KINDS:
@@ -77,6 +91,11 @@ def trajectory_picture(result, labels):
     texts = [[result.prompts[k + 1][b] if k < len(result.schedule) else result.final_prompts[b]
               for k in range(len(columns))] for b in range(rows)]
     wrapped = [[textwrap.wrap(t, chars)[:6] for t in row] for row in texts]
+    for k, found in enumerate(result.candidates):  # search: every candidate, its score, the kept one marked
+        for b in range(rows):
+            wrapped[b][k] += ["candidates:"] + [
+                textwrap.shorten(f"{'*' if j == found['chosen'][b] else ' '}{score:.2f} {prompt}", chars, placeholder="..")
+                for j, (prompt, score) in enumerate(zip(found["prompts"][b], found["scores"][b].tolist()))]
     text_height = line_height * (2 + max(len(w) for row in wrapped for w in row))
     sheet = Image.new("RGB", (CELL * len(columns), rows * (CELL + text_height) + 20), "white")
     draw = ImageDraw.Draw(sheet)
@@ -109,6 +128,9 @@ def main():
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
     )
+    search = None
+    if config.search > 1:
+        search = common.Search(config.search, lrm.search_scorer(lrm.load_lrm(config.lrm, device, dtype), backbone))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -118,7 +140,7 @@ def main():
     result = common.refined_sample(
         backbone, config.prompt, refiner, refine_steps=config.refine_steps, num_steps=config.steps,
         guidance=config.guidance, generator=generator, negative_prompt=config.negative_prompt,
-        preview_decoder=config.preview_decoder, size=config.size, true_cfg=config.true_cfg,
+        preview_decoder=config.preview_decoder, size=config.size, true_cfg=config.true_cfg, search=search,
     )
     seconds = time.time() - t0
 
@@ -133,17 +155,22 @@ def main():
             {"step": s, "prompt": result.prompts[k + 1][b], "answer": o.answers[b], "fallback": bool(o.fallback[b])}
             for k, (s, o) in enumerate(zip(result.schedule, result.refiner_outputs))
         ]
+        for step, found in zip(steps, result.candidates):
+            step["candidates"] = [{"prompt": p, "score": round(float(v), 5)} for p, v in zip(found["prompts"][b], found["scores"][b])]
+            step["chosen"] = int(found["chosen"][b])
         items.append({"user_prompt": user_prompt, "image": files[b], "final_prompt": result.final_prompts[b], "refinements": steps})
     num_steps = config.steps or backbone.spec.steps
     record = {
         "backbone": config.backbone, "refiner": config.refiner, "adapter": config.adapter, "seed": config.seed,
         "steps": num_steps, "guidance": backbone.spec.guidance if config.guidance is None else config.guidance,
         "refine_steps": config.refine_steps, "schedule": result.schedule, "preview_decoder": config.preview_decoder,
+        "search": config.search, "lrm": config.lrm,
         "fallbacks": fallbacks, "seconds": round(seconds, 3), "items": items,
     }
     (out / "trajectory.json").write_text(json.dumps(record, indent=2))
     if result.schedule:
         label = f"{config.backbone} + {config.refiner}, seed {config.seed}, {num_steps} steps, refined before steps {result.schedule}"
+        label += f", best of {config.search} candidates by the LRM (*)" if search else ""
         trajectory_picture(result, label).save(out / "trajectory.png")
     elif refiner is not None:
         print(f"note: {num_steps} sampling step(s) leave no room for refinement; plain sampling was run")

@@ -48,6 +48,7 @@ import torch
 from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 import common
+import lrm
 import refiners
 import rewards
 
@@ -274,15 +275,12 @@ def old_and_reference_logprobs(refiner, outputs, chunk):
 
 @torch.no_grad()
 def critic_values(critic, trajectories, rewards):
-    """V(x_{t_k}) (K, N): the LRM critic on the noisy latent of each refinement (one score, the state
-    is noisy already), on the reward's scale: an affine fit of the rewards on the critic's noise-
-    ensembled score of the final latents, R ~ a V_final + b, least squares over the batch."""
-    device, dtype = critic.denoiser.device, critic.denoiser.dtype
+    """V(x_{t_k}) (K, N): the LRM critic (lrm.search_scorer) on the noisy latent of each refinement
+    (one score, the state is noisy already), on the reward's scale: an affine fit of the rewards on
+    the critic's noise-ensembled score of the final latents, R ~ a V_final + b, least squares over the batch."""
     prompts = trajectories.prompts[0]
-    values = torch.stack([critic.score(x.to(device, dtype), prompts, critic.state_timestep(level)).float().cpu()
-                          for x, level in zip(trajectories.states, trajectories.state_levels)])
-    final = critic.ensemble_score(trajectories.latents.to(device, dtype), prompts, generator=torch.Generator().manual_seed(0))
-    a, b = affine_fit(final.float().cpu(), rewards)
+    values = torch.stack([critic(x, prompts, level) for x, level in zip(trajectories.states, trajectories.state_levels)])
+    a, b = affine_fit(critic(trajectories.latents, prompts, None), rewards)
     return a * values + b
 
 
@@ -392,18 +390,11 @@ def train(config, reward=None, monitor_reward=None):
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
     reward = reward or rewards.build_reward(config.reward, device, dtype)
     others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
-    critic = None
-    if config.critic:
-        import lrm
-
-        critic = lrm.load_lrm(config.critic, device, dtype)
+    critic = lrm.load_lrm(config.critic, device, dtype) if config.critic else None
     train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
-    if critic is not None and not backbone.flow_matching and hasattr(backbone.pipe.scheduler, "sigmas"):
-        # Euler-type schedulers keep x0 + sigma eps in their loop, not the sqrt(abar)-scaled x_t the critic reads
-        raise common.UserError(f"--credit per-refinement on a UNet needs a DDPM-scaled scheduler (DDIM, DDPM, PNDM); "
-                               f"'{config.backbone}' samples with {type(backbone.pipe.scheduler).__name__}")
+    critic = lrm.search_scorer(critic, backbone) if critic is not None else None  # the LRM must read this sampler's latents
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
     base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,

@@ -1,0 +1,138 @@
+"""Reward-guided refinement at sampling time (common.Search) and best-of-n: the best-scored
+candidate is kept, candidates are batched, M = 1 is plain refined sampling bit for bit."""
+
+import pytest
+import torch
+from diffusers import PNDMScheduler
+
+import common
+import lrm
+import refiners
+from test_sampling import ScriptedRefiner, seeded
+
+PROMPTS = ["a red circle", "a blue square on a green background"]
+COLOURS = ["red", "blue", "green", "large", "small"]
+
+
+class CandidateRefiner:
+    """Row r of each call proposes '<user prompt> <COLOURS[r % m]>': every image's m candidates differ."""
+
+    def __init__(self, m):
+        self.m, self.calls = m, []
+
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        self.calls.append(dict(previews=previews, user=list(user_prompts), current=list(current_prompts), step=step))
+        return refiners.RefinerOutput.from_prompts([f"{u} {COLOURS[r % self.m]}" for r, u in enumerate(user_prompts)])
+
+
+class ScriptedScore:
+    """Scores whose best row per image is known: call c prefers candidate (image + c + 1) % m. Records what it saw."""
+
+    def __init__(self, m):
+        self.m, self.calls = m, []
+
+    def best(self, call, image):
+        return (image + call + 1) % self.m
+
+    def __call__(self, latents, prompts, level):
+        call = len(self.calls)
+        self.calls.append(dict(latents=latents.clone(), prompts=list(prompts), level=level))
+        scores = torch.zeros(len(latents) // self.m, self.m)
+        for i in range(len(scores)):
+            scores[i, self.best(call, i)] = 1.0
+        return scores.flatten() - 0.1 * torch.arange(len(latents))  # distinct scores, the known best still first
+
+
+def never_called(latents, prompts, level):
+    raise AssertionError("a search with one candidate must not score anything")
+
+
+@pytest.mark.parametrize("name", ["sd15", "sd3"])
+def test_one_candidate_is_refined_sampling_bit_for_bit(name, refiner, request):
+    backbone = request.getfixturevalue(name)
+    runs = []
+    for search in (None, common.Search(1, never_called)):
+        torch.manual_seed(0)  # the refiner samples with the global generator
+        runs.append(common.refined_sample(backbone, PROMPTS, refiner, refine_steps=2, num_steps=5, generator=seeded(), search=search))
+    assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].latents, runs[1].latents)
+    assert runs[0].prompts == runs[1].prompts and not runs[1].candidates
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux"])
+def test_search_keeps_the_best_scored_candidate(name, request):
+    """M = 3, K = 3: one refiner call per refinement over B*M rows; each image continues from the
+    latents of the candidate the score preferred, with its prompt; replaying the kept prompts
+    without search from the same noise gives the same image."""
+    backbone, m = request.getfixturevalue(name), 3
+    refiner, score = CandidateRefiner(m), ScriptedScore(m)
+    steps = 7
+    result = common.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=seeded(),
+                                   search=common.Search(m, score))
+    b, schedule = len(PROMPTS), common.refinement_schedule(steps, 3)
+    # batched: one call per refinement, every image's m rows; its copies share one preview and one current prompt
+    assert [c["step"] for c in refiner.calls] == schedule and len(score.calls) == len(schedule)
+    for call in refiner.calls:
+        assert call["user"] == [p for p in PROMPTS for _ in range(m)] and len(call["previews"]) == b * m
+        for i in range(b):
+            group = call["previews"][i * m:(i + 1) * m]
+            assert torch.equal(group, group[:1].expand_as(group)) and len(set(call["current"][i * m:(i + 1) * m])) == 1
+    # the score judged the states the next refinement starts from (their noise level), the last one the final latents
+    assert [c["level"] for c in score.calls] == result.state_levels[1:] + [None]
+    assert len(result.candidates) == len(schedule) and len(result.prompts) == len(schedule) + 1
+    for k, found in enumerate(result.candidates):
+        seen = score.calls[k]["latents"]
+        for i in range(b):
+            best = score.best(k, i)
+            assert int(found["chosen"][i]) == best and found["prompts"][i] == [f"{PROMPTS[i]} {c}" for c in COLOURS[:m]]
+            assert result.prompts[k + 1][i] == found["prompts"][i][best]  # the kept candidate's prompt in force
+            kept = seen[i * m + best].float().cpu()
+            if k + 1 < len(schedule):  # the next refinement starts from the kept candidate's latents
+                torch.testing.assert_close(result.states[k + 1][i], kept, rtol=0, atol=0)
+                assert refiner.calls[k + 1]["current"][i * m] == found["prompts"][i][best]
+            else:
+                torch.testing.assert_close(result.latents[i].float().cpu(), kept, rtol=0, atol=0)
+    assert result.images.shape[0] == b and [o.prompts for o in result.refiner_outputs] == result.prompts[1:]
+    # the kept trajectory, replayed without search from the same noise (batch B, not B*M: float-level equal)
+    replay = common.refined_sample(backbone, PROMPTS, ScriptedRefiner(result.prompts[1:]), refine_steps=3, num_steps=steps,
+                                   generator=seeded())
+    torch.testing.assert_close(replay.images, result.images, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(replay.latents.float(), result.latents.float(), rtol=1e-4, atol=1e-4)
+
+
+def test_search_refuses_a_multistep_sampler(tiny_sd15_dir):
+    backbone = common.load_backbone(str(tiny_sd15_dir))
+    backbone.pipe.scheduler = PNDMScheduler.from_config(backbone.pipe.scheduler.config)
+    with pytest.raises(common.UserError, match="single-step sampler"):
+        common.refined_sample(backbone, PROMPTS, CandidateRefiner(2), refine_steps=1, num_steps=3, search=common.Search(2, ScriptedScore(2)))
+
+
+def test_best_of_n_keeps_each_prompts_best_image(sd15):
+    n, shape = 3, common.latent_shape(sd15)
+    noise = torch.randn(len(PROMPTS), n, *shape, generator=seeded())
+    score = ScriptedScore(n)
+    best, scores = common.best_of_sample(sd15, PROMPTS, n, score, noise, refiner=CandidateRefiner(1), refine_steps=1, num_steps=3)
+    everything = common.refined_sample(sd15, [p for p in PROMPTS for _ in range(n)], CandidateRefiner(1), refine_steps=1,
+                                       num_steps=3, latents=noise.flatten(0, 1))
+    rows = [i * n + score.best(0, i) for i in range(len(PROMPTS))]
+    assert scores.shape == (len(PROMPTS), n) and score.calls[0]["level"] is None
+    assert torch.equal(best.images, everything.images[rows]) and best.prompts[1] == [everything.prompts[1][r] for r in rows]
+
+
+def test_lrm_search_scorer(sd15, sd3, tiny_sd15_dir):
+    """Noisy loop latents: one pass at their own timestep; clean final latents: the lrm reward's
+    noise ensemble. An LRM of another latent space or sampler convention is refused."""
+    model = lrm.LatentRewardModel(sd15, lrm.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16, ensemble_draws=2)).eval()
+    score = lrm.search_scorer(model, sd15)
+    latents = torch.randn(2, *common.latent_shape(sd15), generator=seeded())
+    with torch.no_grad():
+        expected = model(latents, torch.tensor([301, 301]), model.text_conditioning(PROMPTS))
+    torch.testing.assert_close(score(latents, PROMPTS, 301), expected)
+    torch.testing.assert_close(score(latents, PROMPTS, None), lrm.final_scores(model, latents, PROMPTS))
+    with pytest.raises(common.UserError, match="cannot judge"):
+        lrm.search_scorer(model, sd3)
+    from diffusers import EulerDiscreteScheduler
+
+    euler = common.load_backbone(str(tiny_sd15_dir))
+    euler.pipe.scheduler = EulerDiscreteScheduler.from_config(euler.pipe.scheduler.config)
+    with pytest.raises(common.UserError, match="DDPM-scaled"):
+        lrm.search_scorer(model, euler)
