@@ -502,9 +502,10 @@ class Search:
     judges the latents reached and each image keeps its best candidate: its latents replace the
     other copies' and the next refinement starts from them. No decode is needed when `score` is a
     latent reward model (lrm.search_scorer).
-      score(latents (R, C, h, w), user_prompts (R,), level) -> (R,) scores, higher is better;
+      score(latents (R, C, h, w), user_prompts (R,), level, group) -> (R,) scores, higher is better;
       level: the latents' noise level (DDPM timestep or flow sigma, as RefinedSample.state_levels),
-      None for the final clean latents.
+      None for the final clean latents; group = m: the rows come as each image's m candidates (a
+      scorer that draws noise should give them the same draws).
     Cost: every step runs m rows per image (m x the denoiser evaluations, the same as best-of-m),
     the copies before the first refinement identical (a pipeline's batch is fixed for its loop).
     m = 1 is plain refined sampling, bit for bit, and never calls `score`."""
@@ -607,7 +608,7 @@ def refined_sample(
         """Search: score each image's m candidates, keep the best (before the first refinement: its first copy)."""
         if not pending:
             return put_in_force(None)
-        scores = torch.as_tensor(search.score(latents, rows, level)).float().cpu().reshape(b, m)
+        scores = torch.as_tensor(search.score(latents, rows, level, m)).float().cpu().reshape(b, m)
         return put_in_force(pending.pop(), scores)
 
     def on_step_end(pipe, i, t, tensors):
@@ -683,7 +684,7 @@ def best_of_sample(backbone, prompts, n, score, latents, **kwargs):
     scores (B, n)). kwargs go to refined_sample (refiner, refine_steps, ...)."""
     rows = [p for p in prompts for _ in range(n)]
     sample = refined_sample(backbone, rows, latents=latents.flatten(0, 1), **kwargs)
-    scores = torch.as_tensor(score(sample.latents, rows, None)).float().cpu().reshape(len(prompts), n)
+    scores = torch.as_tensor(score(sample.latents, rows, None, n)).float().cpu().reshape(len(prompts), n)
     best = torch.arange(len(prompts)) * n + scores.nan_to_num(-math.inf).argmax(1)
     return sample.rows(best), scores
 

@@ -9,6 +9,8 @@ Rewards across backbones, baseline vs refined: the tables behind the paper's cla
     python evaluate.py --backbones sd15 --refiner none ...                         # baseline only
     python evaluate.py --backbones toy --refiner none --rewards toy-aesthetic \
         --lrm runs/lrm --preference-data toy_world/pickapic-toy ...               # + LRM accuracy per noise bucket
+    python evaluate.py --backbones toy --refiner toy-refiner --adapter ADAPTER_DIR --lrm runs/lrm --search 2,4,8 ...
+                                                                       # + LRM-guided search vs best-of-n
 
 A composite reward goes into the list with '+' between its terms: --rewards imagereward,imagereward:1+vlm:0.5.
 One process on one device (--device auto: the GPU if there is one); to spread the work over
@@ -30,6 +32,13 @@ baseline vs refined, with the intervals) and samples.png (a few prompts, baselin
 
 With --lrm and --preference-data it also reports the latent reward model's preference accuracy
 per noise bucket next to the pixel rewards' accuracy on the same pairs.
+
+With --lrm and --search 2,4,8 it adds, per M, two arms at M x the denoiser evaluations: "search M"
+(at each refinement M candidate prompts, each continued to the next refinement point, the one
+whose latents the LRM scores best kept: common.Search) and "best-of-M" (M whole refined images
+from M initial noises, the first the other arms' noise, the LRM's pick by final latents). Their
+table (in results.md; search.csv) gives every arm's mean and its paired difference
+from the refined and the baseline arm; search.png plots reward against denoiser evaluations.
 
 Statistics, said plainly: an image is the unit; the intervals treat the prompts x seeds images
 of a cell as independent draws (seeds of one prompt are not quite independent, so with few
@@ -82,7 +91,8 @@ class Config:
     batch_size: int = field(default=8, metadata={"help": "prompts per pipeline call"})
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
     sheet_prompts: int = field(default=4, metadata={"help": "prompts shown in samples.png (first seed)"})
-    lrm: str | None = field(default=None, metadata={"help": "latent reward model folder: report its preference accuracy per noise bucket"})
+    lrm: str | None = field(default=None, metadata={"help": "latent reward model folder: its preference accuracy per noise bucket (with --preference-data), the scorer of --search"})
+    search: str = field(default="", metadata={"help": "comma-separated candidate counts M (>= 2), e.g. 2,4,8: adds the arms LRM-guided search and best-of-M at M x the denoiser evaluations (needs --lrm)"})
     preference_data: str | None = field(default=None, metadata={"help": "preference pairs (Pick-a-Pic v2 schema: hub id or parquet) for --lrm"})
     preference_split: str = field(default="test", metadata={"help": "split of --preference-data"})
     preference_limit: int = field(default=256, metadata={"help": "number of preference pairs (0 = all)"})
@@ -96,6 +106,17 @@ class Config:
 def reward_specs(text):
     """'a,b:1+c:0.5' -> {'a': 'a', 'b:1+c:0.5': 'b:1,c:0.5'}: label -> registry spec."""
     return {label: label.replace("+", ",") for label in common.parse_list(text, "--rewards")}
+
+
+def search_counts(text):
+    """'2,4,8' -> [2, 4, 8]: candidate counts of --search ('' -> none)."""
+    try:
+        counts = [int(s) for s in common.parse_list(text, "--search")] if text.strip() else []
+    except ValueError:
+        counts = [0]
+    if any(m < 2 for m in counts):
+        raise common.UserError(f"--search takes comma-separated candidate counts >= 2, got '{text}'")
+    return counts
 
 
 def parse_seeds(text):
@@ -123,8 +144,10 @@ def check(config):
         raise common.UserError(f"--confidence must be in (0, 1), got {config.confidence}")
     if config.preview_decoder not in common.PreviewDecoder.KINDS:
         raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
-    if (config.lrm is None) != (config.preference_data is None):
-        raise common.UserError("--lrm and --preference-data go together")
+    if config.preference_data is not None and config.lrm is None:
+        raise common.UserError("--preference-data needs --lrm (the latent reward model whose accuracy it measures)")
+    if search_counts(config.search) and (config.lrm is None or config.refiner == "none"):
+        raise common.UserError("--search needs --lrm DIR (the candidates' scorer) and a --refiner (their proposer)")
     parse_seeds(config.seeds)
     reward_specs(config.rewards)
     for name in common.parse_list(config.backbones, "--backbones"):
@@ -216,36 +239,68 @@ def finite_pairs(refined, baseline):
 # generation and scoring
 
 
-def image_generators(seed, indices):
+def image_generators(seed, indices, candidate=0):
     """One CPU generator per image, seeded by (seed, prompt index): an image's initial noise does not
-    depend on the batch it lands in, and the baseline and the refined run start from the same noise."""
-    return [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i) for i in indices]
+    depend on the batch it lands in, and every arm starts from the same noise. Best-of-n's candidate
+    j > 0 draws from its own generators (offset by j x 2^32 / golden ratio: a CPU generator keeps only
+    the low 32 bits of its seed)."""
+    return [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i + candidate * 0x9E3779B9) for i in indices]
 
 
-def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=0):
-    """Sample every (seed, prompt) as baseline and (if a refiner is given) refined, score each image
-    with every reward. Returns (records: one dict per (seed, prompt), seconds per arm, refiner fallbacks,
-    refinement count, sheet: the first seed's first `sheet_prompts` images per arm)."""
-    arms = {"baseline": None} | ({"refined": refiner} if refiner is not None else {})
-    sample_kwargs = dict(
+def candidate_noise(backbone, seed, indices, n, size=None):
+    """(B, n, C, h, w) initial noises of best-of-n: candidate 0 is the noise the pipeline draws from
+    image_generators(seed, indices) (the other arms' noise), candidate j the same draw from its own."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (len(indices), *common.latent_shape(backbone, size))
+    return torch.stack([randn_tensor(shape, generator=image_generators(seed, indices, j), device=backbone.device,
+                                     dtype=backbone.denoiser.dtype) for j in range(n)], 1)
+
+
+def sampling_arms(backbone, refiner, config, score=None):
+    """Arm name -> (sample(prompts, seed, indices) -> RefinedSample, denoiser evaluations per image
+    in units of the N sampling steps): baseline, refined, and per --search M the search and best-of-M."""
+    kwargs = dict(
         refine_steps=config.refine_steps, num_steps=config.steps, guidance=config.guidance, size=config.size,
         preview_decoder=config.preview_decoder, blank_preview=config.blank_preview,
     )
+
+    def plain(arm_refiner, search=None):
+        return lambda prompts, seed, indices, **more: common.refined_sample(
+            backbone, prompts, arm_refiner, generator=image_generators(seed, indices), search=search, **(kwargs | more))
+
+    def best_of(m):
+        return lambda prompts, seed, indices, **more: common.best_of_sample(
+            backbone, prompts, m, score, candidate_noise(backbone, seed, indices, m, config.size), refiner=refiner, **(kwargs | more))[0]
+
+    arms = {"baseline": (plain(None), 1)} | ({"refined": (plain(refiner), 1)} if refiner is not None else {})
+    for m in search_counts(config.search):
+        arms[f"search {m}"] = (plain(refiner, common.Search(m, score)), m)
+        arms[f"best-of-{m}"] = (best_of(m), m)
+    return arms
+
+
+def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=0, score=None):
+    """Sample every (seed, prompt) in every arm (sampling_arms) from the same initial noise, score each
+    image with every reward. Returns (records: one dict per (seed, prompt), seconds per arm, refiner
+    fallbacks, refinement count (of the refined arm), sheet: the first seed's first `sheet_prompts`
+    images of the baseline and refined arms)."""
+    arms = sampling_arms(backbone, refiner, config, score)
     # warm-up on one prompt, two steps, so that one-time costs (lazy init, allocator) are not timed
-    for arm_refiner in arms.values():
-        common.refined_sample(backbone, prompts[:1], arm_refiner, **(sample_kwargs | {"num_steps": 2}), generator=image_generators(0, [0]))
+    for sample, _ in arms.values():
+        sample(prompts[:1], 0, [0], num_steps=2)
 
     records, seconds, fallbacks, refinements = [], {arm: 0.0 for arm in arms}, 0, 0
-    sheet = {arm: [] for arm in arms} | {"final_prompts": []}
+    sheet = {arm: [] for arm in arms if arm in ("baseline", "refined")} | {"final_prompts": []}
     batches = [(seed, start) for seed in seeds for start in range(0, len(prompts), config.batch_size)]
     for seed, start in tqdm(batches, desc=backbone.name, leave=False):
         indices = list(range(start, min(start + config.batch_size, len(prompts))))
         user_prompts = [prompts[i] for i in indices]
         samples, scores = {}, {}
-        for arm, arm_refiner in arms.items():  # side by side, batch by batch: shared machine load hits both
+        for arm, (sample, _) in arms.items():  # side by side, batch by batch: shared machine load hits all
             torch.manual_seed(seed * 1_000_003 + start)  # the refiner samples with the global generator (same --batch-size, same result)
             t0 = time.perf_counter()
-            samples[arm] = common.refined_sample(backbone, user_prompts, arm_refiner, generator=image_generators(seed, indices), **sample_kwargs)
+            samples[arm] = sample(user_prompts, seed, indices)
             seconds[arm] += time.perf_counter() - t0
             scores[arm] = {label: samples[arm].score(reward).double().numpy() for label, reward in scorers.items()}
         refined = samples.get("refined")
@@ -260,12 +315,14 @@ def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_
             })
         if seed == seeds[0]:
             take = [b for b, i in enumerate(indices) if i < sheet_prompts]
-            for arm in arms:
-                sheet[arm] += [samples[arm].images[b] for b in take]
+            for arm in sheet:
+                if arm != "final_prompts":
+                    sheet[arm] += [samples[arm].images[b] for b in take]
             sheet["final_prompts"] += [refined.final_prompts[b] if refined is not None else prompts[indices[b]] for b in take]
-        line = " | ".join(f"{label} " + " ".join(f"{arm[:4]} {np.mean(scores[arm][label]):.3f}" for arm in arms) for label in scorers)
+        line = " | ".join(f"{label} " + " ".join(f"{arm if arm.startswith(('search', 'best')) else arm[:4]} {np.mean(scores[arm][label]):.3f}" for arm in arms) for label in scorers)
         tqdm.write(f"{backbone.name} seed {seed} prompts {start:04d}-{indices[-1]:04d} | {line}")
-    return records, seconds, fallbacks, refinements, sheet
+    evaluations = {arm: m for arm, (_, m) in arms.items()}
+    return records, seconds, fallbacks, refinements, sheet, evaluations
 
 
 def summarize(records, reward_labels, backbone_labels, timing, confidence):
@@ -303,6 +360,30 @@ def summarize(records, reward_labels, backbone_labels, timing, confidence):
     return rows
 
 
+def search_summary(records, reward_labels, backbone_labels, timing, confidence):
+    """With --search: one row per backbone x reward x arm, in the arms' order: the arm's mean, its
+    paired difference from the refined and from the baseline arm, its win rate over the refined arm,
+    denoiser evaluations and seconds per image."""
+    rows = []
+    for backbone in backbone_labels:
+        mine, t = [r for r in records if r["backbone"] == backbone], timing[backbone]
+        for label in reward_labels:
+            scores = {arm: np.array([r["scores"][arm][label] for r in mine]) for arm in t["evaluations"]}
+            for arm, m in t["evaluations"].items():
+                keep = np.isfinite(scores[arm]) & np.isfinite(scores["refined"]) & np.isfinite(scores["baseline"])
+                ci = mean_ci(scores[arm][keep], confidence)
+                vs_refined = paired_difference(scores[arm][keep], scores["refined"][keep], confidence)
+                vs_baseline = paired_difference(scores[arm][keep], scores["baseline"][keep], confidence)
+                rows.append(dict(
+                    backbone=backbone, reward=label, arm=arm, n=ci.n, nonfinite_dropped=int((~keep).sum()),
+                    evaluations=m * t["steps"], mean=ci.mean, low=ci.low, high=ci.high,
+                    vs_refined_mean=vs_refined.mean, vs_refined_low=vs_refined.low, vs_refined_high=vs_refined.high,
+                    vs_baseline_mean=vs_baseline.mean, vs_baseline_low=vs_baseline.low, vs_baseline_high=vs_baseline.high,
+                    win_rate_vs_refined=win_rate(scores[arm][keep], scores["refined"][keep]), s_per_image=t["seconds"][arm] / len(mine),
+                ))
+    return rows
+
+
 # -----------------------------------------------------------------------------
 # reports: markdown, csv, json, plot, sample sheet
 
@@ -332,7 +413,18 @@ def markdown_table(rows, confidence):
     return "\n".join(lines)
 
 
-def write_markdown(path, rows, meta, lrm_rows=None):
+def search_table(rows, confidence):
+    pct = f"{confidence:.0%}"
+    lines = [f"| backbone | reward | arm | denoiser evals / image | mean ({pct} CI) | − refined ({pct} CI, paired) "
+             f"| − baseline ({pct} CI, paired) | win rate vs refined | s / image |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['reward']} | {r['arm']} | {r['evaluations']} | {_interval(r['mean'], r['low'], r['high'])} "
+              f"| {_interval(r['vs_refined_mean'], r['vs_refined_low'], r['vs_refined_high'])} "
+              f"| {_interval(r['vs_baseline_mean'], r['vs_baseline_low'], r['vs_baseline_high'])} | {_num(r['win_rate_vs_refined'], 2)} "
+              f"| {_num(r['s_per_image'])} |" for r in rows]
+    return "\n".join(lines)
+
+
+def write_markdown(path, rows, meta, lrm_rows=None, search_rows=None):
     config = meta["config"]
     refined = config["refiner"] not in (None, "", "none")
     notes = [
@@ -357,6 +449,15 @@ def write_markdown(path, rows, meta, lrm_rows=None):
         *notes, "",
         "Reproduce:", "", "```", meta["command"], "```", "",
     ]
+    if search_rows:
+        text += [
+            "## LRM-guided search vs best-of-n", "",
+            f"Scorer: the latent reward model `{config['lrm']}`. search M: at each refinement M candidate prompts, each "
+            "continued to the next refinement point (the last to the end), the one whose latents the LRM scores best "
+            "kept. best-of-M: M whole refined images from M initial noises (the first the other arms'), the LRM's pick "
+            "by final latents. Both cost M x the denoiser evaluations and M x the refiner rows of the refined arm.", "",
+            search_table(search_rows, config["confidence"]), "",
+        ]
     if lrm_rows:
         counts = meta["preference_pairs"]
         text += [
@@ -382,6 +483,13 @@ def write_csv(path, rows):
         writer.writeheader()
         for row in rows:
             writer.writerow({k: row[k] for k in CSV_FIELDS})
+
+
+def write_search_csv(path, rows):
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def _json_safe(value):
@@ -431,6 +539,38 @@ def plot_rewards(path, rows, backbone_labels, reward_labels, confidence):
     plt.close(fig)
 
 
+def plot_search(path, rows, backbone_labels, reward_labels, confidence):
+    """Reward against denoiser evaluations per image: search M and best-of-M from the refined arm
+    (M = 1) on, the baseline as a dashed line; one panel per backbone x reward."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(backbone_labels), len(reward_labels), figsize=(4.2 * len(reward_labels), 3.4 * len(backbone_labels)),
+                             squeeze=False)
+    for axes_row, backbone in zip(axes, backbone_labels):
+        for ax, label in zip(axes_row, reward_labels):
+            mine = {r["arm"]: r for r in rows if r["backbone"] == backbone and r["reward"] == label}
+            for prefix, color in (("search", "#2f6fdf"), ("best-of", "#e07b39")):
+                line = [mine["refined"]] + [r for arm, r in mine.items() if arm.startswith(prefix)]
+                x = np.array([r["evaluations"] for r in line], dtype=float)
+                y = np.array([r["mean"] for r in line], dtype=float)
+                errors = np.nan_to_num(np.stack([y - np.array([r["low"] for r in line], dtype=float),
+                                                 np.array([r["high"] for r in line], dtype=float) - y]))
+                ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=color, label=f"{prefix} M (M = 1: refined)")
+            ax.axhline(mine["baseline"]["mean"], color="#9aa5b1", linestyle="--", label="baseline (no refiner)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("denoiser evaluations per image")
+            ax.set_title(f"{backbone}: {label}")
+            ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(f"mean reward ({confidence:.0%} CI)")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 CELL = 160  # px: toy images are upscaled so that a person can see them
 
 
@@ -474,14 +614,13 @@ def sample_sheet(sheets, prompts, title):
 
 
 @torch.no_grad()
-def preference_accuracy(config, scorers, device, dtype, batch_size=16):
+def preference_accuracy(config, model, scorers, device, dtype, batch_size=16):
     """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
     preferred. The LRM per noise bucket (sigma): both images of a pair noised with the same t (uniform
     over the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
     it is used as a reward), at random t and at DiNa-LRM's fixed levels. The pixel rewards of
     --rewards on the same pairs' clean images.
     Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
-    model = lrm.load_lrm(config.lrm, device, dtype)
     pairs = lrm.read_pairs(config.preference_data, config.preference_split, common.image_side(model.backbone),
                            config.preference_limit or None)
     labels, captions = pairs["labels"], pairs["captions"]  # labels: P(image 0 preferred): 1, 0 or 0.5
@@ -544,7 +683,8 @@ def main():
     print(f"{len(prompts)} prompts x {len(seeds)} seeds on {', '.join(backbone_names)}{variant}; rewards {', '.join(specs)}; refiner {config.refiner}")
 
     # the LRM's preference accuracy first: a bad --lrm / --preference-data fails before the long part
-    lrm_rows, pair_counts = preference_accuracy(config, scorers, device, dtype) if config.lrm else (None, None)
+    lrm_model = lrm.load_lrm(config.lrm, device, dtype) if config.lrm else None
+    lrm_rows, pair_counts = preference_accuracy(config, lrm_model, scorers, device, dtype) if config.preference_data else (None, None)
     if lrm_rows:
         print(lrm_table(lrm_rows))
 
@@ -553,35 +693,43 @@ def main():
     for name, label in zip(backbone_names, labels):
         backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
         backbone.name = label
-        mine, seconds, fallbacks, refinements, sheet = evaluate_backbone(
-            backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=config.sheet_prompts
+        score = lrm.search_scorer(lrm_model, backbone) if search_counts(config.search) else None
+        mine, seconds, fallbacks, refinements, sheet, evaluations = evaluate_backbone(
+            backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=config.sheet_prompts, score=score
         )
         num_steps = config.steps or backbone.spec.steps
         schedule = common.refinement_schedule(num_steps, config.refine_steps) if refiner is not None else []
         records += mine
         timing[label] = {"source": name, "seconds": seconds, "images": len(mine), "fallbacks": fallbacks, "refinements": refinements,
-                         "steps": num_steps, "schedule": schedule}
+                         "steps": num_steps, "schedule": schedule, "evaluations": evaluations}
         sheets[label] = sheet
         del backbone
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
     rows = summarize(records, list(specs), labels, timing, config.confidence)
+    search_rows = search_summary(records, list(specs), labels, timing, config.confidence) if config.search else None
     meta = {
         "config": asdict(config), "command": shlex.join(["python", "evaluate.py", *sys.argv[1:]]),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "num_prompts": len(prompts), "seeds": seeds,
         "timing": timing, "preference_pairs": pair_counts,
     }
-    write_markdown(out / "results.md", rows, meta, lrm_rows)
+    write_markdown(out / "results.md", rows, meta, lrm_rows, search_rows)
     write_csv(out / "results.csv", rows)
-    (out / "results.json").write_text(json.dumps(_json_safe(meta | {"rows": rows, "lrm_accuracy": lrm_rows, "images": records}), indent=1))
+    records_json = meta | {"rows": rows, "search_rows": search_rows, "lrm_accuracy": lrm_rows, "images": records}
+    (out / "results.json").write_text(json.dumps(_json_safe(records_json), indent=1))
     plot_rewards(out / "results.png", rows, labels, list(specs), config.confidence)
+    if search_rows:
+        write_search_csv(out / "search.csv", search_rows)
+        plot_search(out / "search.png", search_rows, labels, list(specs), config.confidence)
     title = (f"baseline vs refined ({Path(config.refiner).name}), seed {seeds[0]}, same initial noise per pair"
              if refiner is not None else f"baseline (no refiner), seed {seeds[0]}")
     sample_sheet(sheets, prompts, title).save(out / "samples.png")
 
     print(markdown_table(rows, config.confidence))
-    print(f"-> {out}/results.md, results.csv, results.json, results.png, samples.png")
+    if search_rows:
+        print(search_table(search_rows, config.confidence))
+    print(f"-> {out}/results.md, results.csv, results.json, results.png, samples.png" + (", search.csv, search.png" if search_rows else ""))
 
 
 if __name__ == "__main__":

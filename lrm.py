@@ -572,16 +572,18 @@ class LatentRewardModel(torch.nn.Module):
         return self(x_t, timesteps, self.text_conditioning(prompts))
 
     @torch.no_grad()
-    def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None):
+    def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None, shared=1):
         """Noise ensembling (DiNa-LRM): mean reward of clean latents (B, C, h, w) over `draws`
         independent noisings (noised_scores). generator: a torch.Generator on CPU."""
-        return self.noised_scores(latents, prompts, draws, t_max, generator, levels).mean(0)
+        return self.noised_scores(latents, prompts, draws, t_max, generator, levels, shared).mean(0)
 
     @torch.no_grad()
-    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None):
+    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None, shared=1):
         """The draws of ensemble_score, not yet averaged: (draws, B). Draw d noises with fresh eps at
         t ~ U[0, t_max) ("random draws"), or, when `levels` (sigmas; default the config's) are given,
-        at the timestep of sigma = levels[d % len(levels)] ("fixed levels", as DiNa-LRM evaluates)."""
+        at the timestep of sigma = levels[d % len(levels)] ("fixed levels", as DiNa-LRM evaluates).
+        shared: consecutive rows that get the same eps and t (candidates to be compared with each
+        other: common random numbers take the noise out of their differences)."""
         draws = draws or self.config.ensemble_draws
         t_max = t_max or self.config.ensemble_t_max
         levels = self.config.ensemble_levels if levels is None else levels
@@ -594,8 +596,8 @@ class LatentRewardModel(torch.nn.Module):
             if levels:
                 ts.append(torch.full((b,), level_timesteps[d % len(levels)]))
             else:
-                ts.append(torch.randint(0, t_max, (b,), generator=generator))
-            noises.append(torch.randn(latents.shape, generator=generator))
+                ts.append(torch.randint(0, t_max, (b // shared,), generator=generator).repeat_interleave(shared))
+            noises.append(torch.randn((b // shared, *latents.shape[1:]), generator=generator).repeat_interleave(shared, 0))
         t = torch.cat(ts).to(latents.device)  # (D*B,)
         noise = torch.cat(noises).to(latents.device, latents.dtype)  # (D*B, C, h, w)
         x_t = self.add_noise(latents.repeat(draws, 1, 1, 1), noise, t)
@@ -701,13 +703,14 @@ def check_channels(model, channels):
                         f"{model.backbone.pipe.vae.config.latent_channels}")
 
 
-def final_scores(model, latents, prompts):
+def final_scores(model, latents, prompts, group=1):
     """The LRM's judgement of clean final latents (B, C, h, w): its noise ensemble with a fixed noise
-    seed, so equal latents get equal scores. (B,) float32 on the CPU."""
+    seed, so equal latents get equal scores, and the same noise for each `group` of consecutive rows
+    (the candidates of one image). (B,) float32 on the CPU."""
     check_channels(model, latents.shape[1])
     generator = torch.Generator().manual_seed(0)
     device, dtype = model.denoiser.device, model.denoiser.dtype
-    return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator).float().cpu()
+    return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator, shared=group).float().cpu()
 
 
 def lrm_reward(path, device="cpu", dtype=torch.float32):
@@ -737,9 +740,9 @@ def search_scorer(model, backbone):
         raise UserError(f"an LRM reads DDPM-scaled latents; '{backbone.name}' samples with {type(backbone.pipe.scheduler).__name__} "
                         f"(use DDIM, DDPM, PNDM or LCM)")
 
-    def score(latents, prompts, level):
+    def score(latents, prompts, level, group=1):
         if level is None:
-            return final_scores(model, latents, prompts)
+            return final_scores(model, latents, prompts, group)
         return model.score(latents.to(model.denoiser.device, model.denoiser.dtype), list(prompts), model.state_timestep(level)).float().cpu()
 
     return score

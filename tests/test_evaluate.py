@@ -138,8 +138,9 @@ def test_baseline_is_the_stock_pipeline_and_the_pairs_share_their_noise(sd15):
     scorers = {name: rewards.build_reward(name) for name in REWARDS}
 
     # an identity refiner changes nothing: the refined image is the baseline image, bit for bit
-    records, seconds, fallbacks, refinements, sheet = evaluate.evaluate_backbone(
+    records, seconds, fallbacks, refinements, sheet, evaluations = evaluate.evaluate_backbone(
         sd15, ScriptedRefiner(), scorers, prompts, [0, 1], _config(), sheet_prompts=2)
+    assert evaluations == {"baseline": 1, "refined": 1}
     assert len(records) == 6 and refinements == 6 * 2 and fallbacks == 0
     assert all(r["scores"]["baseline"] == r["scores"]["refined"] for r in records)
     assert torch.equal(sheet["baseline"][0], sheet["refined"][0]) and len(sheet["baseline"]) == 2
@@ -155,7 +156,7 @@ def test_baseline_is_the_stock_pipeline_and_the_pairs_share_their_noise(sd15):
     # the batch does not change an image's noise: batch size 1 gives the same baseline images, up to
     # float rounding (batched convolutions sum in another order). Images, not scores, are compared:
     # a discrete score (a JPEG's byte count, a shape mask) can jump on a rounding difference.
-    single, *_, single_sheet = evaluate.evaluate_backbone(sd15, None, scorers, prompts, [0, 1], _config(batch_size=1),
+    single, *_, single_sheet, _ = evaluate.evaluate_backbone(sd15, None, scorers, prompts, [0, 1], _config(batch_size=1),
                                                           sheet_prompts=2)
     torch.testing.assert_close(torch.stack(single_sheet["baseline"]), torch.stack(sheet["baseline"]), atol=1e-4, rtol=0)
     assert all("refined" not in r["scores"] for r in single)
@@ -279,7 +280,7 @@ def test_evaluation_on_flow_matching_backbones(tiny_sd3_dir, tiny_flux_dir, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["backbone", "reward", "empty prompts", "seeds", "answers reward"])
+@pytest.mark.parametrize("case", ["backbone", "reward", "empty prompts", "seeds", "answers reward", "search without lrm", "search count"])
 def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path, monkeypatch, capsys):
     args = {"--backbones": str(tiny_sd15_dir), "--refiner": "none", "--rewards": "toy-aesthetic",
             "--prompts": str(prompt_file), "--seeds": "0", "--out": str(tmp_path / "eval")}
@@ -293,6 +294,10 @@ def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path,
         args["--prompts"] = str(empty)
     elif case == "seeds":
         args["--seeds"] = "0,one"
+    elif case == "search without lrm":
+        args["--search"] = "2,4"
+    elif case == "search count":
+        args["--search"] = "1,4"
     else:  # `structure` scores the refiner's answers: a baseline image has none
         args["--rewards"] = "toy-aesthetic,structure"
     argv = [x for pair in args.items() for x in pair]
@@ -309,8 +314,52 @@ def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path,
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     keyword = {"backbone": "no-such-backbone", "reward": "no-such-reward", "empty prompts": "prompt", "seeds": "seeds",
-               "answers reward": "structure"}[case]
+               "answers reward": "structure", "search without lrm": "--lrm", "search count": ">= 2"}[case]
     assert keyword in lines[0]
+
+
+def test_search_arms_share_the_noise_and_cost_m_evaluations(sd15):
+    """--search 2: the search and best-of-2 arms beside baseline and refined; best-of-n's first
+    candidate starts from the other arms' noise (so best-of-1 would be the refined arm)."""
+    from test_search import CandidateRefiner, ScriptedScore
+
+    prompts = ["a red circle", "a blue square", "a large triangle"]
+    noise = evaluate.candidate_noise(sd15, 1, [0, 2], 3)
+    assert noise.shape == (2, 3, *common.latent_shape(sd15)) and not torch.equal(noise[:, 0], noise[:, 1])
+    drawn = common.refined_sample(sd15, [prompts[0], prompts[2]], None, num_steps=2, generator=evaluate.image_generators(1, [0, 2]))
+    given = common.refined_sample(sd15, [prompts[0], prompts[2]], None, num_steps=2, latents=noise[:, 0])
+    assert torch.equal(drawn.images, given.images)
+
+    scorers = {"toy-aesthetic": rewards.build_reward("toy-aesthetic")}
+    records, seconds, _, _, sheet, evaluations = evaluate.evaluate_backbone(
+        sd15, CandidateRefiner(2), scorers, prompts, [0], _config(search="2"), sheet_prompts=1, score=ScriptedScore(2))
+    assert evaluations == {"baseline": 1, "refined": 1, "search 2": 2, "best-of-2": 2}
+    assert all(set(r["scores"]) == set(evaluations) for r in records) and set(seconds) == set(evaluations)
+    assert set(sheet) == {"baseline", "refined", "final_prompts"}
+    timing = {sd15.name: {"seconds": seconds, "evaluations": evaluations, "steps": 3}}
+    rows = evaluate.search_summary(records, ["toy-aesthetic"], [sd15.name], timing, 0.95)
+    assert [r["arm"] for r in rows] == list(evaluations) and [r["evaluations"] for r in rows] == [3, 3, 6, 6]
+    refined = [r for r in rows if r["arm"] == "refined"][0]
+    assert refined["vs_refined_mean"] == 0 and refined["win_rate_vs_refined"] == 0.5
+    by_hand = np.mean([r["scores"]["search 2"]["toy-aesthetic"] - r["scores"]["baseline"]["toy-aesthetic"] for r in records])
+    assert rows[2]["vs_baseline_mean"] == pytest.approx(by_hand)
+
+
+@pytest.mark.slow
+def test_search_end_to_end(tiny_sd15_dir, tiny_refiner_dir, prompt_file, tmp_path, monkeypatch):
+    lrm_dir = tmp_path / "lrm"
+    lrm.save_lrm(lrm.LatentRewardModel(common.load_backbone(str(tiny_sd15_dir)), lrm.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16,
+                                                                                                   ensemble_draws=2)), lrm_dir)
+    out = tmp_path / "eval"
+    monkeypatch.setattr(sys, "argv", [
+        "evaluate.py", "--backbones", str(tiny_sd15_dir), "--refiner", str(tiny_refiner_dir), "--rewards", "toy-aesthetic",
+        "--prompts", str(prompt_file), "--limit", "2", "--seeds", "0", "--steps", "3", "--refine-steps", "2", "--max-new-tokens", "8",
+        "--out", str(out), "--lrm", str(lrm_dir), "--search", "2,3"])
+    evaluate.main()
+    data = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in data["search_rows"]] == ["baseline", "refined", "search 2", "best-of-2", "search 3", "best-of-3"]
+    assert "## LRM-guided search vs best-of-n" in (out / "results.md").read_text()
+    assert (out / "search.png").stat().st_size > 0 and len((out / "search.csv").read_text().splitlines()) == 7
 
 
 # -----------------------------------------------------------------------------

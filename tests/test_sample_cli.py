@@ -37,6 +37,27 @@ def test_sample_writes_images_and_trajectory(tiny_sd15_dir, tiny_refiner_dir, tm
     assert picture.width >= 3 * 192 and picture.height >= 3 * 192  # 3 rows, 2 previews + final
 
 
+def test_sample_with_lrm_guided_search(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
+    """--search 3 --lrm DIR: every refinement's 3 candidates and their scores in trajectory.json, the kept one marked."""
+    import common
+    import lrm
+
+    lrm.save_lrm(lrm.LatentRewardModel(common.load_backbone(str(tiny_sd15_dir)), lrm.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16,
+                                                                                                   ensemble_draws=2)), tmp_path / "lrm")
+    out = tmp_path / "out"
+    proc = run_sample("--backbone", str(tiny_sd15_dir), "--refiner", str(tiny_refiner_dir), "--prompt", "a red circle", "a square",
+                      "--steps", "6", "--refine-steps", "2", "--search", "3", "--lrm", str(tmp_path / "lrm"), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "trajectory.json").read_text())
+    assert record["search"] == 3 and record["schedule"] == [2, 4]
+    for item in record["items"]:
+        for step in item["refinements"]:
+            scores = [c["score"] for c in step["candidates"]]
+            assert len(scores) == 3 and scores[step["chosen"]] == max(scores)
+            assert step["prompt"] == step["candidates"][step["chosen"]]["prompt"]
+    assert (out / "trajectory.png").is_file()
+
+
 def test_sample_without_refiner_sdxl(tiny_sdxl_dir, tmp_path):
     proc = run_sample("--backbone", str(tiny_sdxl_dir), "--refiner", "none", "--prompt", "a circle", "--steps", "3", "--out", str(tmp_path))
     assert proc.returncode == 0, proc.stderr
@@ -107,6 +128,9 @@ def test_sample_on_flow_matching_backbones(tiny_sd3_dir, tiny_flux_dir, tiny_ref
         (["--prompt", "a cat", "--no-t5"], "only SD3 pipelines can run without their T5 encoder"),
         (["--prompt", "a cat", "--true-cfg", "3"], "true CFG is FLUX's"),
         (["--prompt", "a cat", "--true-cfg", "0.5"], "--true-cfg must be >= 1"),
+        (["--prompt", "a cat", "--search", "3"], "--search M (M > 1) and --lrm DIR go together"),
+        (["--prompt", "a cat", "--search", "0"], "--search"),
+        (["--prompt", "a cat", "--search", "2", "--lrm", "x", "--refiner", "none"], "needs a refiner"),
     ],
 )
 def test_bad_input_is_one_clear_line(args, message):

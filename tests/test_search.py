@@ -34,7 +34,8 @@ class ScriptedScore:
     def best(self, call, image):
         return (image + call + 1) % self.m
 
-    def __call__(self, latents, prompts, level):
+    def __call__(self, latents, prompts, level, group):
+        assert group == self.m
         call = len(self.calls)
         self.calls.append(dict(latents=latents.clone(), prompts=list(prompts), level=level))
         scores = torch.zeros(len(latents) // self.m, self.m)
@@ -43,7 +44,7 @@ class ScriptedScore:
         return scores.flatten() - 0.1 * torch.arange(len(latents))  # distinct scores, the known best still first
 
 
-def never_called(latents, prompts, level):
+def never_called(latents, prompts, level, group):
     raise AssertionError("a search with one candidate must not score anything")
 
 
@@ -128,6 +129,10 @@ def test_lrm_search_scorer(sd15, sd3, tiny_sd15_dir):
         expected = model(latents, torch.tensor([301, 301]), model.text_conditioning(PROMPTS))
     torch.testing.assert_close(score(latents, PROMPTS, 301), expected)
     torch.testing.assert_close(score(latents, PROMPTS, None), lrm.final_scores(model, latents, PROMPTS))
+    # candidates of one image are compared under the same noise draws: equal latents, equal scores
+    copies = latents[:1].repeat(3, 1, 1, 1)
+    shared, independent = score(copies, PROMPTS[:1] * 3, None, 3), score(copies, PROMPTS[:1] * 3, None)
+    assert shared.max() - shared.min() < 1e-6 < independent.max() - independent.min()  # up to batched float rounding
     with pytest.raises(common.UserError, match="cannot judge"):
         lrm.search_scorer(model, sd3)
     from diffusers import EulerDiscreteScheduler
