@@ -673,7 +673,7 @@ def refined_sample(
             hook.remove()
     if m > 1:  # the last refinement's candidates looked ahead to the end: score the final latents
         keep = choose(result.latents, None)[::m]
-        result.images, result.latents = result.images[keep], result.latents[keep.to(result.latents.device)]
+        result.images, result.latents = result.images[keep], result.latents[keep]
     return result
 
 

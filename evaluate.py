@@ -561,6 +561,8 @@ def plot_search(path, rows, backbone_labels, reward_labels, confidence):
                 ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=color, label=f"{prefix} M (M = 1: refined)")
             ax.axhline(mine["baseline"]["mean"], color="#9aa5b1", linestyle="--", label="baseline (no refiner)")
             ax.set_xscale("log", base=2)
+            ax.set_xticks(sorted({r["evaluations"] for r in mine.values()}), [str(e) for e in sorted({r["evaluations"] for r in mine.values()})])
+            ax.minorticks_off()
             ax.set_xlabel("denoiser evaluations per image")
             ax.set_title(f"{backbone}: {label}")
             ax.grid(alpha=0.3)

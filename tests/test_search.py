@@ -67,7 +67,7 @@ def test_search_keeps_the_best_scored_candidate(name, request):
     backbone, m = request.getfixturevalue(name), 3
     refiner, score = CandidateRefiner(m), ScriptedScore(m)
     steps = 7
-    result = common.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=seeded(),
+    result = common.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=seeded(), size=64,
                                    search=common.Search(m, score))
     b, schedule = len(PROMPTS), common.refinement_schedule(steps, 3)
     # batched: one call per refinement, every image's m rows; its copies share one preview and one current prompt
@@ -95,7 +95,7 @@ def test_search_keeps_the_best_scored_candidate(name, request):
     assert result.images.shape[0] == b and [o.prompts for o in result.refiner_outputs] == result.prompts[1:]
     # the kept trajectory, replayed without search from the same noise (batch B, not B*M: float-level equal)
     replay = common.refined_sample(backbone, PROMPTS, ScriptedRefiner(result.prompts[1:]), refine_steps=3, num_steps=steps,
-                                   generator=seeded())
+                                   generator=seeded(), size=64)
     torch.testing.assert_close(replay.images, result.images, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(replay.latents.float(), result.latents.float(), rtol=1e-4, atol=1e-4)
 
