@@ -39,6 +39,7 @@ a random refiner never ends its answer early (it writes --max-new-tokens tokens)
 refined-sampling overhead is an upper bound.
 """
 
+import functools
 import gc
 import json
 import statistics
@@ -674,7 +675,7 @@ def row_peak_memory(cfg, device, dtype, tmp):
     params = refiners.add_lora(refiner, rank=16, alpha=32)  # as train_refiner.py's defaults
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     outputs = refiner_rollout_outputs(refiner, cfg.memory_batch, 2)
-    step = lambda: refiner_train_step(refiner, params, optimizer, outputs)  # noqa: E731
+    step = functools.partial(refiner_train_step, refiner, params, optimizer, outputs)  # binds the objects, not the names deleted below
     off = peak_memory(step, device)
     refiner.model.get_base_model().gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     on = peak_memory(step, device)
@@ -693,8 +694,8 @@ def row_peak_memory(cfg, device, dtype, tmp):
         latents = torch.randn((2 * cfg.memory_batch, *common.latent_shape(backbone)), device=device, dtype=dtype)
         captions, targets = [PROMPT] * cfg.memory_batch, torch.ones(cfg.memory_batch, device=device)
         generator = torch.Generator().manual_seed(cfg.seed)
-        peaks[name] = peak_memory(lambda: lrm_train_step(model, optimizer, latents[: cfg.memory_batch], latents[cfg.memory_batch:],
-                                                          captions, targets, generator), device)
+        peaks[name] = peak_memory(functools.partial(lrm_train_step, model, optimizer, latents[: cfg.memory_batch],
+                                                    latents[cfg.memory_batch:], captions, targets, generator), device)
         del backbone, model, optimizer, latents
         free_memory()
     notes = f"{cfg.size} size, {dtype}; {cfg.memory_batch} pairs at {cfg.resolution if cfg.size == 'full' else 64} px"
