@@ -440,6 +440,24 @@ def test_kill_and_resume_equals_uninterrupted_run(tiny_sd15_dir, policy_dir, tmp
 
 
 @pytest.mark.slow
+def test_same_command_seed_and_threads_give_the_same_numbers(tiny_sd15_dir, policy_dir, tmp_path):
+    """Reproducibility, as the README states it: the same command with the same --seed and --threads
+    gives bit-identical numbers (rewards, losses, held-out scores, adapter weights) when run twice --
+    here at the same time, so machine load cannot matter either."""
+    args = tiny_args(tiny_sd15_dir, policy_dir, "OUT", "--steps", "3", "--monitor-every", "3", "--reward", "jpeg",
+                     "--monitor-rewards", "toy-aesthetic", "--learning-rate", "1e-2", "--refine-steps", "2", "--threads", "1", "--seed", "3")
+    runs = [subprocess.Popen([sys.executable, str(REPO / "train_refiner.py"), *[str(tmp_path / run) if a == "OUT" else a for a in args]],
+                             env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in "ab"]
+    for run in runs:
+        assert run.wait(timeout=300) == 0, run.stderr.read()[-2000:]
+    metrics = [json.loads((tmp_path / run / "metrics.json").read_text()) for run in "ab"]
+    assert metrics[0]["heldout_end"] == metrics[1]["heldout_end"] and metrics[0]["heldout_start"] == metrics[1]["heldout_start"]
+    assert step_records(tmp_path / "a") == step_records(tmp_path / "b")
+    a, b = (load_file(tmp_path / run / "adapter_model.safetensors") for run in "ab")
+    assert all(torch.equal(a[k], b[k]) for k in a) and any(a[k].abs().sum() > 0 for k in a if "lora_B" in k)
+
+
+@pytest.mark.slow
 def test_torchrun_two_ranks_keep_lora_identical(tiny_sd15_dir, policy_dir, tmp_path):
     out = tmp_path / "ddp"
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29531",
