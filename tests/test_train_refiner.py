@@ -363,6 +363,21 @@ def test_toy_adapter_records_the_alias_and_loads(tmp_path, one_thread):
     assert isinstance(refiners.load_refiner(str(tmp_path / "run")).model, PeftModel)
 
 
+@pytest.mark.parametrize("name", ["grpo-toy-composite", "grpo-toy-aesthetic"])
+def test_committed_toy_adapters_load_and_refine(name):
+    """The adapters under toy_world/adapters/ (the README's headline and its reward-hacking
+    example) load over the toy refiner by its alias and change its answers."""
+    from peft import PeftModel
+
+    folder = common.TOY_DIR / "adapters" / name
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == "toy-refiner"
+    tuned, base = refiners.load_refiner(str(folder), do_sample=False), refiners.load_refiner("toy-refiner", do_sample=False)
+    assert isinstance(tuned.model, PeftModel)
+    previews, users = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ["a triangle", "a red square", "a circle", "a square"]
+    answers = [r.refine(previews, users, users, 3, 20).prompts for r in (tuned, base)]
+    assert answers[0] != answers[1]
+
+
 def test_base_model_name_is_portable(tmp_path):
     assert refiners.base_model_name("toy-refiner") == "toy-refiner"  # resolved by refiners.REFINERS on load
     assert refiners.base_model_name("Qwen/Qwen2.5-VL-3B-Instruct") == "Qwen/Qwen2.5-VL-3B-Instruct"
