@@ -492,6 +492,11 @@ def encode_prompts(pipe, prompts, text_length=None):
 SEARCH_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "FlowMatchEulerDiscreteScheduler")
 
 
+def best_candidates(scores):
+    """(B, m) scores of each image's m candidates -> (B,) index of the best; a NaN score ranks last."""
+    return scores.nan_to_num(-math.inf).argmax(1)
+
+
 @dataclass
 class Search:
     """Reward-guided refinement at sampling time (refined_sample's `search`; sample.py --search M).
@@ -596,7 +601,7 @@ def refined_sample(
         Returns the row each image continues from, repeated for its m copies."""
         best = torch.zeros(b, dtype=torch.long)
         if scores is not None:
-            best = scores.nan_to_num(-math.inf).argmax(1)
+            best = best_candidates(scores)
             result.candidates.append({"prompts": [out.prompts[i * m:(i + 1) * m] for i in range(b)], "scores": scores, "chosen": best})
         if out is not None:
             out = out.rows(torch.arange(b) * m + best) if m > 1 else out
@@ -685,7 +690,7 @@ def best_of_sample(backbone, prompts, n, score, latents, **kwargs):
     rows = [p for p in prompts for _ in range(n)]
     sample = refined_sample(backbone, rows, latents=latents.flatten(0, 1), **kwargs)
     scores = torch.as_tensor(score(sample.latents, rows, None, n)).float().cpu().reshape(len(prompts), n)
-    best = torch.arange(len(prompts)) * n + scores.nan_to_num(-math.inf).argmax(1)
+    best = torch.arange(len(prompts)) * n + best_candidates(scores)
     return sample.rows(best), scores
 
 

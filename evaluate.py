@@ -477,19 +477,12 @@ CSV_FIELDS = [
 ]
 
 
-def write_csv(path, rows):
+def write_csv(path, rows, fields=CSV_FIELDS):
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        writer = csv.DictWriter(f, fieldnames=fields)
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: row[k] for k in CSV_FIELDS})
-
-
-def write_search_csv(path, rows):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+            writer.writerow({k: row[k] for k in fields})
 
 
 def _json_safe(value):
@@ -561,7 +554,8 @@ def plot_search(path, rows, backbone_labels, reward_labels, confidence):
                 ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=color, label=f"{prefix} M (M = 1: refined)")
             ax.axhline(mine["baseline"]["mean"], color="#9aa5b1", linestyle="--", label="baseline (no refiner)")
             ax.set_xscale("log", base=2)
-            ax.set_xticks(sorted({r["evaluations"] for r in mine.values()}), [str(e) for e in sorted({r["evaluations"] for r in mine.values()})])
+            ticks = sorted({r["evaluations"] for r in mine.values()})
+            ax.set_xticks(ticks, [str(e) for e in ticks])
             ax.minorticks_off()
             ax.set_xlabel("denoiser evaluations per image")
             ax.set_title(f"{backbone}: {label}")
@@ -667,6 +661,7 @@ def main():
     device = common.pick_device(config.device)
     dtype = common.pick_dtype(config.dtype, device)
     seeds = parse_seeds(config.seeds)
+    searched = bool(search_counts(config.search))  # the search and best-of-M arms run
     specs = reward_specs(config.rewards)
     backbone_names = common.parse_list(config.backbones, "--backbones")
     prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)  # UserError if none
@@ -695,7 +690,7 @@ def main():
     for name, label in zip(backbone_names, labels):
         backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
         backbone.name = label
-        score = lrm.search_scorer(lrm_model, backbone) if search_counts(config.search) else None
+        score = lrm.search_scorer(lrm_model, backbone) if searched else None
         mine, seconds, fallbacks, refinements, sheet, evaluations = evaluate_backbone(
             backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=config.sheet_prompts, score=score
         )
@@ -710,7 +705,7 @@ def main():
             torch.cuda.empty_cache()
 
     rows = summarize(records, list(specs), labels, timing, config.confidence)
-    search_rows = search_summary(records, list(specs), labels, timing, config.confidence) if config.search else None
+    search_rows = search_summary(records, list(specs), labels, timing, config.confidence) if searched else None
     meta = {
         "config": asdict(config), "command": shlex.join(["python", "evaluate.py", *sys.argv[1:]]),
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "num_prompts": len(prompts), "seeds": seeds,
@@ -722,7 +717,7 @@ def main():
     (out / "results.json").write_text(json.dumps(_json_safe(records_json), indent=1))
     plot_rewards(out / "results.png", rows, labels, list(specs), config.confidence)
     if search_rows:
-        write_search_csv(out / "search.csv", search_rows)
+        write_csv(out / "search.csv", search_rows, fields=list(search_rows[0]))
         plot_search(out / "search.png", search_rows, labels, list(specs), config.confidence)
     title = (f"baseline vs refined ({Path(config.refiner).name}), seed {seeds[0]}, same initial noise per pair"
              if refiner is not None else f"baseline (no refiner), seed {seeds[0]}")

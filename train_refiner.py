@@ -390,11 +390,11 @@ def train(config, reward=None, monitor_reward=None):
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
     reward = reward or rewards.build_reward(config.reward, device, dtype)
     others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
-    critic = lrm.load_lrm(config.critic, device, dtype) if config.critic else None
     train_prompts, heldout_prompts = load_prompt_sets(config)
     common.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
-    critic = lrm.search_scorer(critic, backbone) if critic is not None else None  # the LRM must read this sampler's latents
+    # the critic: the LRM scoring this sampler's states (search_scorer checks it can read them)
+    critic = lrm.search_scorer(lrm.load_lrm(config.critic, device, dtype), backbone) if config.critic else None
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
     base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
