@@ -88,6 +88,8 @@ class Config:
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey preview (the no-feedback ablation)"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
     max_new_tokens: int = field(default=96, metadata={"help": "refiner answer budget in tokens (a cut-off answer is unusable: current prompt kept)"})
+    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
+    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per pipeline call"})
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
     sheet_prompts: int = field(default=4, metadata={"help": "prompts shown in samples.png (first seed)"})
@@ -673,6 +675,7 @@ def main():
     refiner = refiners.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0, max_new_tokens=config.max_new_tokens,
+        fast_decode=config.fast_decode, preview_size=config.preview_size,
     )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)

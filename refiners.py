@@ -77,11 +77,12 @@ def chat_inputs(processor, conversations, images, image_size=None):
     """Batched inputs of a chat VLM (the refiner, the VLM judge): one conversation with one image
     per row. images: (B, 3, H, W) in [0, 1], resized to image_size px when given. The tokenizer
     pads on the left, so every row's next token is generated at the same (last) column."""
-    pil = to_pil(images)
-    if image_size:
+    pil, kwargs = to_pil(images), {}
+    if image_size:  # and pin the processor's own resize bounds there (Qwen's: 28 px per merged vision token)
         pil = [image.resize((image_size, image_size), Image.BICUBIC) for image in pil]
+        kwargs["size"] = {"shortest_edge": image_size * image_size, "longest_edge": image_size * image_size}
     texts = [processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) for messages in conversations]
-    return processor(text=texts, images=pil, padding=True, return_tensors="pt")
+    return processor(text=texts, images=pil, padding=True, return_tensors="pt", **kwargs)
 
 
 @dataclass
@@ -119,8 +120,9 @@ class Refiner:
     VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
     def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60,
-                 preview_size=None):
+                 preview_size=None, fast_decode=None):
         self.model, self.processor = model, processor
+        self.fast_decode, self._caches, self._step = fast_decode, {}, None  # see generate()
         self.temperature, self.max_new_tokens, self.do_sample = temperature, max_new_tokens, do_sample
         self.max_words, self.preview_size = max_words, preview_size
         tokenizer = processor.tokenizer
@@ -173,25 +175,8 @@ class Refiner:
 
     @torch.no_grad()
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        from transformers import GenerationConfig
-
         inputs = self._inputs(previews, user_prompts, current_prompts, step, num_steps)
-        device = self.model.device
-        config = GenerationConfig(
-            do_sample=self.do_sample, temperature=self.temperature if self.do_sample else None, top_k=None, top_p=None,
-            max_new_tokens=self.max_new_tokens, eos_token_id=self.eos_ids, pad_token_id=self.pad_id,
-            suppress_tokens=self.suppressed, output_logits=True, return_dict_in_generate=True,
-        )
-        out = self.model.generate(**{k: v.to(device) for k, v in inputs.items()}, generation_config=config)
-        completion = out.sequences[:, inputs["input_ids"].shape[1]:].cpu()  # (B, T)
-        # mask: tokens up to and including the first end token
-        is_end = torch.isin(completion, torch.tensor(self.eos_ids))
-        after_end = (is_end.cumsum(1) - is_end.long()) > 0
-        mask = ~after_end
-        logits = torch.stack(out.logits, 1).cpu()  # (B, T, V) raw logits at each generated position
-        logprobs = torch.log_softmax(self._policy_logits(logits), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
-        logprobs = logprobs.masked_fill(~mask, 0.0)
-        completion = completion.masked_fill(~mask, self.pad_id)
+        completion, logprobs, mask = self.generate(inputs)
         answers = self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
         prompts, fallback = [], []
         for answer, current in zip(answers, current_prompts):
@@ -199,6 +184,102 @@ class Refiner:
             fallback.append(parsed is None)
             prompts.append(current if parsed is None else parsed)
         return RefinerOutput(prompts, answers, torch.tensor(fallback), dict(inputs), completion, mask.long(), logprobs)
+
+    # -------------------------------------------------------------------------
+    # decoding: our own loop, so that nothing of the vocabulary size is kept and the decode step
+    # can run on a static KV cache, compiled once per shape
+
+    @torch.no_grad()
+    def generate(self, inputs, max_new_tokens=None, min_new_tokens=0):
+        """Sample (or, do_sample=False, take the argmax of) pi(token) until every row has ended or
+        max_new_tokens. Returns CPU tensors: completion (B, T), padded after each row's end token;
+        logprobs (B, T), log pi of the chosen tokens, computed step by step (lean: the (B, T, vocab)
+        logits are never kept); mask (B, T) bool, True up to and including the end token.
+        min_new_tokens: end tokens are banned before it (bench.py forces answer lengths with it).
+
+        Multinomial sampling on softmax(logits / temperature) with the vision tokens banned, one
+        draw per row and step (finished rows too): the same draws, in the same order, as
+        transformers' generate makes for this policy, so the same seed gives the same tokens."""
+        max_new_tokens = max_new_tokens or self.max_new_tokens
+        rows = inputs["input_ids"].shape[0]
+        fast = self.fast_decoding
+        if fast:  # pad to a bucket: rows to a power of two, columns to a multiple of PROMPT_BUCKET
+            inputs = pad_to_bucket(inputs, self.pad_id)
+        device = self.model.device
+        batch = {k: v.to(device) for k, v in inputs.items()}
+        positions = self._rope_model().get_rope_index(
+            batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
+            attention_mask=batch["attention_mask"])[0]  # (3, B, L): the multimodal rope positions
+        mask = batch["attention_mask"]
+        columns = mask.shape[1]
+        if fast:  # a static cache reused across calls; the mask spans it, future columns 0
+            cache, step = self._static_cache(mask.shape[0], columns + max_new_tokens), self._compiled_step()
+            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], max_new_tokens)], 1)
+        else:
+            from transformers import DynamicCache
+
+            cache, step = DynamicCache(config=self.model.config), self._decode_step
+        # prefill (eager: its shapes change with the images), then one token per step
+        logits = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        next_position = positions[..., -1:] + 1  # (3, B, 1): text continues after the last position
+        eos = torch.tensor(self.eos_ids, device=device)
+        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=device)
+        tokens, logprobs = [], []
+        for t in range(max_new_tokens):
+            scores = self._policy_logits(logits.to(torch.float32, copy=True))  # (B, V), a copy: a CUDA graph reuses its output
+            if t < min_new_tokens:
+                scores[:, eos] = -math.inf
+            token = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if self.do_sample else scores.argmax(-1)
+            logprobs.append(torch.log_softmax(scores, -1).gather(1, token[:, None]).squeeze(1))
+            token = token.masked_fill(done, self.pad_id)
+            tokens.append(token)
+            done |= torch.isin(token, eos)
+            if t + 1 == max_new_tokens or bool(done.all()):
+                break
+            if fast:
+                mask[:, columns + t] = 1
+            else:
+                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+            logits = step(token[:, None], next_position + t, mask, cache)
+        completion = torch.stack(tokens, 1)[:rows].cpu()
+        is_end = torch.isin(completion, eos.cpu())
+        keep = (is_end.cumsum(1) - is_end.long()) == 0  # up to and including the first end token
+        logprobs = torch.stack(logprobs, 1)[:rows].cpu().masked_fill(~keep, 0.0)
+        return completion.masked_fill(~keep, self.pad_id), logprobs, keep
+
+    def _decode_step(self, token, position, mask, cache):
+        """One decoding step: (B, 1) tokens at (3, B, 1) positions -> (B, V) logits."""
+        return self.model(input_ids=token, position_ids=position, attention_mask=mask, past_key_values=cache,
+                          use_cache=True).logits[:, -1]
+
+    @property
+    def fast_decoding(self):
+        """fast_decode None (the default): on where the model is on a GPU."""
+        return self.model.device.type == "cuda" if self.fast_decode is None else self.fast_decode
+
+    def _rope_model(self):
+        """The Qwen2.5-VL model under the LM head (and under a PEFT wrapper): it knows the rope positions."""
+        model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
+        return model.model
+
+    def _static_cache(self, rows, length):
+        """The StaticCache of this shape, made once and reset for every call (a compiled step is
+        specialised to its tensors' shapes and addresses: a new cache would recompile)."""
+        from transformers import StaticCache
+
+        if (rows, length) not in self._caches:
+            self._caches[rows, length] = StaticCache(config=self.model.config, max_cache_len=length)
+        cache = self._caches[rows, length]
+        cache.reset()
+        return cache
+
+    def _compiled_step(self):
+        """The decode step under torch.compile, made once: CUDA graphs on a GPU ("reduce-overhead":
+        a decode step of a 3B model is bound by kernel launches), inductor's default on a CPU."""
+        if self._step is None:
+            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
+            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
+        return self._step
 
     def token_logprobs(self, inputs, completion_ids, completion_mask):
         """Teacher-forced log pi(completion | inputs): (B, T); differentiable (no no_grad here)."""
@@ -215,11 +296,41 @@ class Refiner:
         return logprobs.gather(-1, completion_ids.to(device).unsqueeze(-1)).squeeze(-1) * completion_mask.to(device)
 
 
-def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, **kwargs):
-    """'none' -> None (plain sampling); otherwise a Refiner."""
+PROMPT_BUCKET = 128  # fast decoding pads prompts to a multiple of this many tokens (few shapes to compile)
+
+
+def pad_to_bucket(inputs, pad_id, bucket=PROMPT_BUCKET):
+    """Processor outputs padded for the fast decode path: rows to the next power of two (copies of
+    the last row; callers drop them), columns on the left to a multiple of `bucket` (padding, mask 0).
+    Left padding moves no position (the rope positions count unmasked tokens only)."""
+    rows = inputs["input_ids"].shape[0]
+    extra = (1 << (rows - 1).bit_length()) - rows
+    if extra:
+        inputs = select_rows(inputs, list(range(rows)) + [rows - 1] * extra)
+    columns = inputs["input_ids"].shape[1]
+    pad = -columns % bucket
+    out = dict(inputs)
+    for key, value in (("input_ids", pad_id), ("attention_mask", 0), ("mm_token_type_ids", 0)):
+        if key in inputs:
+            out[key] = torch.nn.functional.pad(inputs[key], (pad, 0), value=value)
+    return out
+
+
+FAST_DECODE = {"auto": None, "on": True, "off": False}  # auto: on where the refiner runs on a GPU
+
+
+def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, fast_decode="auto", preview_size=0, **kwargs):
+    """'none' -> None (plain sampling); otherwise a Refiner. The scripts' --fast-decode and
+    --preview-size (0: the refiner's default, 448 px for hub models) are checked here."""
     if name in (None, "", "none"):
         return None
-    return Refiner.from_pretrained(name, adapter=adapter, device=device, dtype=dtype, **kwargs)
+    if fast_decode not in FAST_DECODE:
+        raise UserError(f"--fast-decode must be one of {', '.join(FAST_DECODE)}, got '{fast_decode}'")
+    if preview_size and preview_size < 28:
+        raise UserError(f"--preview-size must be 0 (the refiner's default) or >= 28 px, got {preview_size}")
+    if preview_size:
+        kwargs["preview_size"] = preview_size
+    return Refiner.from_pretrained(name, adapter=adapter, device=device, dtype=dtype, fast_decode=FAST_DECODE[fast_decode], **kwargs)
 
 
 # -----------------------------------------------------------------------------

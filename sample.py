@@ -57,6 +57,8 @@ class Config:
     lrm: str | None = field(default=None, metadata={"help": "latent reward model folder (train_reward.py) that scores the --search candidates"})
     preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
+    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
+    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
     seed: int = field(default=0, metadata={"help": "seed of the initial noise (and of the refiner's sampling)"})
     out: str = field(default="out/sample", metadata={"help": "output folder"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
@@ -127,6 +129,7 @@ def main():
     refiner = refiners.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
+        fast_decode=config.fast_decode, preview_size=config.preview_size,
     )
     search = None
     if config.search > 1:

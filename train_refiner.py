@@ -78,6 +78,8 @@ class Config:
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey image instead of x0_hat (the no-visual-feedback ablation)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy (also used in its log-probs)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest refiner answer in tokens"})
+    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
+    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
     lora_targets: str = field(default=",".join(refiners.LORA_TARGETS), metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
@@ -103,7 +105,7 @@ class Config:
 
 
 # fields that may change when resuming (everything else must match the checkpoint)
-RESUME_MAY_CHANGE = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing", "threads"}
+RESUME_MAY_CHANGE = {"steps", "resume", "monitor_every", "save_every", "device", "gradient_checkpointing", "threads", "fast_decode"}
 
 
 def check_config(config):
@@ -398,7 +400,7 @@ def train(config, reward=None, monitor_reward=None):
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
     base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
-                               max_new_tokens=config.max_new_tokens)
+                               max_new_tokens=config.max_new_tokens, fast_decode=config.fast_decode, preview_size=config.preview_size)
     if isinstance(base.model, PeftModel):
         raise common.UserError(f"--refiner '{config.refiner}' is an adapter folder: start from a base refiner (use --resume to continue a run)")
     use_checkpointing = config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and device.type == "cuda")

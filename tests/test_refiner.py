@@ -113,3 +113,137 @@ def test_refiner_errors(tmp_path):
     assert refiners.load_refiner("none") is None
     with pytest.raises(common.UserError):
         refiners.load_refiner(str(tmp_path / "missing"))
+
+
+# -----------------------------------------------------------------------------
+# decoding: our loop against transformers' generate; the fast path (static cache, buckets, compile)
+
+STATES = (PREVIEWS, USER, ["a large circle", "a square", "a triangle"], 5, 10)
+
+
+def hf_generate(refiner, inputs):
+    """transformers' generate with the policy's settings, keeping the raw logits of every step: the
+    reference of the tests below. top_k=0 and top_p=1.0 must be explicit: None takes the model's
+    generation_config, then transformers' default top_k=50."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(
+        do_sample=refiner.do_sample, temperature=refiner.temperature if refiner.do_sample else None, top_k=0, top_p=1.0,
+        max_new_tokens=refiner.max_new_tokens, eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id,
+        suppress_tokens=refiner.suppressed, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = refiner.model.generate(**inputs, generation_config=config)
+    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
+    logprobs = torch.log_softmax(refiner._policy_logits(torch.stack(out.logits, 1)), -1).gather(-1, tokens[..., None])[..., 0]
+    return tokens, logprobs
+
+
+@pytest.mark.parametrize("do_sample", [True, False])
+def test_decode_loop_matches_transformers_generate(tiny_refiner_dir, do_sample):
+    """Same seed -> the same tokens as generate (the same multinomial draws, in the same order)
+    and the same log-probs, computed as decoding goes instead of from the kept logits."""
+    refiner = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=12, do_sample=do_sample, temperature=0.7)
+    inputs = refiner._inputs(*STATES)
+    torch.manual_seed(3)
+    tokens, logprobs, mask = refiner.generate(inputs)
+    torch.manual_seed(3)
+    ref_tokens, ref_logprobs = hf_generate(refiner, inputs)
+    assert torch.equal(tokens[mask], ref_tokens[mask]) and tokens.shape == ref_tokens.shape
+    assert mask.sum() > 6
+    torch.testing.assert_close(logprobs[mask], ref_logprobs[mask], rtol=0, atol=1e-6)
+
+
+def test_the_models_generation_config_does_not_change_the_policy(tiny_refiner_dir):
+    """A hub model's generation_config.json can set top_k / top_p / repetition_penalty (Qwen's
+    Instruct releases do): generate() applies them, and then its samples do not come from the
+    policy whose log-probs GRPO trains. The refiner's own loop samples softmax(logits / T) alone."""
+    refiner = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=8)
+    inputs = refiner._inputs(*STATES)
+    torch.manual_seed(5)
+    before = refiner.generate(inputs)
+    refiner.model.generation_config.update(top_k=1, top_p=0.001, repetition_penalty=1.05, do_sample=True)
+    torch.manual_seed(5)
+    after = refiner.generate(inputs)
+    assert all(torch.equal(a, b) for a, b in zip(before, after))
+    torch.manual_seed(5)
+    assert not torch.equal(hf_generate_with_model_defaults(refiner, inputs)[:, :before[0].shape[1]], before[0])
+
+
+def hf_generate_with_model_defaults(refiner, inputs):
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=refiner.temperature, top_k=None, top_p=None, max_new_tokens=refiner.max_new_tokens,
+                              eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id, suppress_tokens=refiner.suppressed)
+    with torch.no_grad():
+        return refiner.model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:]
+
+
+def test_min_new_tokens_forces_the_answer_length(refiner):
+    """bench.py forces answer lengths: no end token before min_new_tokens."""
+    tokens, logprobs, mask = refiner.generate(refiner._inputs(*STATES), max_new_tokens=10, min_new_tokens=10)
+    assert tokens.shape == (3, 10) and mask.all()
+    assert not torch.isin(tokens, torch.tensor(refiner.eos_ids)).any()
+
+
+def test_bucket_padding_keeps_every_position(refiner):
+    """Rows padded to a power of two, columns (on the left) to a multiple of 128: the real tokens'
+    rope positions are those of the unpadded batch."""
+    inputs = refiner._inputs(*STATES)
+    padded = refiners.pad_to_bucket(inputs, refiner.pad_id)
+    assert padded["input_ids"].shape[0] == 4 and padded["input_ids"].shape[1] % refiners.PROMPT_BUCKET == 0
+    assert torch.equal(padded["input_ids"][:3, -inputs["input_ids"].shape[1]:], inputs["input_ids"])
+    rope = refiner._rope_model().get_rope_index
+
+    def positions(x):
+        return rope(x["input_ids"], x["mm_token_type_ids"], image_grid_thw=x["image_grid_thw"], attention_mask=x["attention_mask"])[0]
+
+    torch.testing.assert_close(positions(padded)[:, :3, -inputs["input_ids"].shape[1]:], positions(inputs), rtol=0, atol=0)
+
+
+@pytest.mark.slow
+def test_fast_decode_same_greedy_tokens_compiled_once_per_shape(tiny_refiner_dir):
+    """The fast path (static KV cache, bucketed shapes, torch.compile, on the CPU here) gives the
+    same greedy tokens as the default loop, log-probs that teacher forcing reproduces, and new
+    prompts, refinement steps and batch sizes within a bucket do not compile again."""
+    from torch._dynamo.utils import counters
+
+    plain = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=16, do_sample=False, fast_decode="off")
+    fast = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=16, do_sample=False, fast_decode="on")
+    assert fast.fast_decoding and not plain.fast_decoding
+    first = [(PREVIEWS, USER, USER, 1, 4), (PREVIEWS[:2], USER[:2], ["a red circle on a blue background", "a square"], 3, 4)]
+    again = [(PREVIEWS[1:], USER[1:], ["a large blue triangle on a green background"] * 2, 2, 10),  # 2 rows: bucket of 2
+             (PREVIEWS[:1].repeat(4, 1, 1, 1), USER[:1] * 4, ["a circle"] * 4, 7, 10)]  # 4 rows: bucket of 3 rows
+    for round, states in enumerate((first, again)):
+        graphs = counters["stats"]["unique_graphs"]
+        for state in states:
+            inputs = plain._inputs(*state)
+            tokens, logprobs, mask = plain.generate(inputs, min_new_tokens=16)
+            fast_tokens, fast_logprobs, fast_mask = fast.generate(inputs, min_new_tokens=16)
+            assert torch.equal(fast_tokens, tokens) and mask.all() and fast_mask.all()
+            torch.testing.assert_close(fast_logprobs, logprobs, rtol=0, atol=1e-5)
+        if round == 1:
+            assert counters["stats"]["unique_graphs"] == graphs  # nothing compiled again
+    torch.manual_seed(0)
+    fast.do_sample = True
+    out = fast.refine(*STATES)
+    with torch.no_grad():
+        recomputed = fast.token_logprobs(out.inputs, out.completion_ids, out.completion_mask)
+    assert (recomputed - out.logprobs).abs().max() < 1e-4
+
+
+def test_preview_size_sets_the_vision_tokens(tiny_refiner_dir):
+    """--preview-size: the tiny processor's 56 px give 2x2 merged vision tokens, 112 px 4x4."""
+    refiner = refiners.load_refiner(str(tiny_refiner_dir))
+    image_pad = refiner.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    counts = {}
+    for size in (0, 112):
+        refiner = refiners.load_refiner(str(tiny_refiner_dir), preview_size=size)
+        counts[size] = int((refiner._inputs(*STATES)["input_ids"][0] == image_pad).sum())
+    assert counts == {0: 4, 112: 16}
+
+
+def test_decoding_flag_errors(tiny_refiner_dir):
+    with pytest.raises(common.UserError, match="--fast-decode"):
+        refiners.load_refiner(str(tiny_refiner_dir), fast_decode="yes")
+    with pytest.raises(common.UserError, match="--preview-size"):
+        refiners.load_refiner(str(tiny_refiner_dir), preview_size=10)
