@@ -59,12 +59,12 @@ import toy
 # -----------------------------------------------------------------------------
 # config
 
-ROWS = ("1", "2", "3", "4", "5", "6", "7", "8")
+ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")
 
 
 @dataclass
 class Config:
-    rows: str = field(default="1,2,3,4,5,6,7,8", metadata={"help": "comma-separated rows to run (see the module docstring): 1..8"})
+    rows: str = field(default="1,2,3,4,5,6,7,8,9,10,11", metadata={"help": "comma-separated rows to run (see the module docstring): 1..11"})
     backbone: str = field(default="toy", metadata={"help": "toy backbone of the toy-size sampling rows 3a and 4: toy | toy-sdxl | toy-sd3"})
     repeats: int = field(default=3, metadata={"help": "timed repeats per variant (>= 3); the median is reported"})
     warmup: int = field(default=1, metadata={"help": "untimed warm-up calls per variant before the repeats"})
@@ -81,6 +81,15 @@ class Config:
     max_new_tokens: int = field(default=96, metadata={"help": "longest refiner answer in tokens (the Refiner's default)"})
     lrm_draws: int = field(default=8, metadata={"help": "noise-ensemble draws of row 1c (the lrm reward's default)"})
     memory_batch: int = field(default=8, metadata={"help": "row 6: pairs per train_reward step and trajectories per train_refiner minibatch"})
+    full_backbones: str = field(default="sd15,sdxl", metadata={"help": "row 9: sd15 (512 px, 50 steps, CFG 7.5) and/or sdxl (1024 px, 50 steps, CFG 5)"})
+    batches: str = field(default="1,4,8", metadata={"help": "rows 9, 10: images (= refiner rows) per call"})
+    answer_lengths: str = field(default="16,32,64", metadata={"help": "row 9: refiner answers forced to these lengths in tokens"})
+    fast_decode: str = field(default="both", metadata={"help": "rows 9, 10: the refiner's decode path: both | on | off"})
+    preview_sizes: str = field(default="448,224", metadata={"help": "row 10: refiner preview sides in px; the first is the decode rows' one"})
+    decode_tokens: int = field(default=32, metadata={"help": "row 10: tokens timed after the first (ms per token)"})
+    rollout_rows: int = field(default=16, metadata={"help": "row 11: refiner rows of one rollout call (B*G)"})
+    rollout_tokens: int = field(default=64, metadata={"help": "row 11: answer length in tokens (forced)"})
+    rollout_preview: int = field(default=448, metadata={"help": "row 11: refiner preview side in px"})
     device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
     threads: int = field(default=0, metadata={"help": "CPU threads of torch (0 = its default, one per core)"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
@@ -97,15 +106,23 @@ def check_config(cfg):
     if cfg.quick:
         cfg.size, cfg.sampling_steps, cfg.max_new_tokens, cfg.lrm_draws = "tiny", 4, 8, 2
         cfg.prompts_per_step, cfg.group_size, cfg.memory_batch = 1, 2, 2
+        cfg.batches, cfg.answer_lengths, cfg.decode_tokens, cfg.preview_sizes = "2", "8", 4, "56,28"
+        cfg.rollout_rows, cfg.rollout_tokens, cfg.rollout_preview = 4, 8, 56
     rows = common.parse_list(cfg.rows, "--rows", ROWS)
     if cfg.repeats < 3:
         raise common.UserError(f"--repeats must be >= 3 (a median of fewer is not a measurement), got {cfg.repeats}")
     if cfg.size not in ("full", "tiny"):
         raise common.UserError(f"--size must be full or tiny, got '{cfg.size}'")
+    if cfg.fast_decode not in DECODE_MODES:
+        raise common.UserError(f"--fast-decode must be one of {', '.join(DECODE_MODES)}, got '{cfg.fast_decode}'")
+    for flag, minimum in (("batches", 1), ("answer_lengths", 1), ("preview_sizes", 28)):
+        common.parse_ints(getattr(cfg, flag), "--" + flag.replace("_", "-"), minimum)
+    common.parse_list(cfg.full_backbones, "--full-backbones", FULL_BACKBONES)
     if cfg.preview_decoder not in common.PreviewDecoder.KINDS:
         raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
     common.require(cfg, positive=("batch", "sampling_steps", "refine_steps", "prompts_per_step", "group_size", "max_new_tokens",
-                                  "lrm_draws", "memory_batch"), non_negative=("threads", "warmup"))
+                                  "lrm_draws", "memory_batch", "decode_tokens", "rollout_rows", "rollout_tokens"),
+                   non_negative=("threads", "warmup", "rollout_preview"))
     if not cfg.backbone.startswith("toy") or cfg.backbone not in common.BACKBONES:
         raise common.UserError(f"--backbone must be a toy backbone: {', '.join(b for b in common.BACKBONES if b.startswith('toy'))}")
     for name in ("resolution", "flow_resolution"):
@@ -479,27 +496,32 @@ class TimedRefiner:
         return out
 
 
-def overhead_times(cfg, backbone, refiner, decoder, num_steps, guidance, device):
-    """Plain vs refined sampling of the same batch from the same initial latents.
+def overhead_times(cfg, backbone, refiners_by_label, decoder, num_steps, guidance, device, batch=None):
+    """Plain vs refined sampling (one variant per refiner of {label: refiner}) of the same batch
+    from the same initial latents, timed side by side.
 
-    Returns (times, notes): the notes say how much of a refined run the refiner's generate took."""
-    prompts = [PROMPT] * cfg.batch
-    latents = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
+    Returns (times, notes): times[label] and times["plain"]; notes[label] says how much of a
+    refined run the refiner's calls took and how long its answers were."""
+    batch = batch or cfg.batch
+    prompts = [PROMPT] * batch
+    latents = torch.randn((batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed))
     latents = latents.to(device, backbone.denoiser.dtype)
-    timed = TimedRefiner(refiner)
+    timed = {label: TimedRefiner(refiner) for label, refiner in refiners_by_label.items()}
 
-    def sample(refined):
+    def sample(refiner):
         torch.manual_seed(cfg.seed)  # the refiner's token sampling
-        return common.refined_sample(backbone, prompts, timed if refined else None, refine_steps=cfg.refine_steps,
+        return common.refined_sample(backbone, prompts, refiner, refine_steps=cfg.refine_steps,
                                      num_steps=num_steps, guidance=guidance, generator=torch.Generator().manual_seed(cfg.seed),
                                      latents=latents, preview_decoder=decoder)
 
     if decoder.kind == "linear":
         decoder(latents)  # the linear map is fitted on its first preview: before timing
-    times = time_side_by_side({"plain": lambda: sample(False), "refined": lambda: sample(True)}, cfg.repeats, cfg.warmup, device)
+    variants = {"plain": functools.partial(sample, None)}
+    variants.update({label: functools.partial(sample, refiner) for label, refiner in timed.items()})
+    times = time_side_by_side(variants, cfg.repeats, cfg.warmup, device)
     runs = cfg.repeats + cfg.warmup
-    notes = (f"refiner generate {timed.seconds / runs:.3f}s of a refined run, {timed.tokens / max(1, timed.answers):.0f} "
-             f"tokens per answer (max {cfg.max_new_tokens})")
+    notes = {label: f"refiner calls {t.seconds / runs:.3f}s of a refined run, {t.tokens / max(1, t.answers):.0f} tokens per answer "
+                    f"(max {t.refiner.max_new_tokens})" for label, t in timed.items()}
     return times, notes
 
 
@@ -508,7 +530,8 @@ def row_refined_overhead(cfg, device, dtype, tmp):
     toy_dtype = torch.float32 if device.type == "cpu" else dtype
     backbone, refiner, which = toy_models(cfg, device, toy_dtype)
     decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
-    times, notes = overhead_times(cfg, backbone, refiner, decoder, cfg.sampling_steps, backbone.spec.guidance, device)
+    times, notes = overhead_times(cfg, backbone, {"refined": refiner}, decoder, cfg.sampling_steps, backbone.spec.guidance, device)
+    notes = notes["refined"]
     ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
     rows.append(ratio_row("3a", f"sampling, toy size: refined (K={cfg.refine_steps}) vs plain", ("plain", times["plain"]),
                           ("refined", times["refined"]), ratio, "report (overhead; <= 1.3x is the full-size target)", device,
@@ -523,7 +546,8 @@ def row_refined_overhead(cfg, device, dtype, tmp):
     backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
     refiner = random_qwen_refiner(cfg.size, device, dtype, cfg.max_new_tokens, cfg.seed)
     decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
-    times, notes = overhead_times(cfg, backbone, refiner, decoder, 50, 7.5, device)
+    times, notes = overhead_times(cfg, backbone, {"refined": refiner}, decoder, 50, 7.5, device)
+    notes = notes["refined"]
     ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
     rows.append(ratio_row("3b", compared, ("plain", times["plain"]), ("refined", times["refined"]), ratio, "<= 1.3x", device,
                           f"{cfg.size} size, {dtype}; batch {cfg.batch}, 50 steps, CFG 7.5, {backbone.spec.size} px, preview "
@@ -538,7 +562,8 @@ def flow_overhead_row(cfg, refiner, device, dtype, tmp, resolution=1024):
     """Row 3c: refined vs plain on SD3.5-Medium (random weights, its model card's 40 steps, CFG 4.5)."""
     backbone = random_sd35m(cfg.size, resolution, device, dtype, cfg.seed)
     decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
-    times, notes = overhead_times(cfg, backbone, refiner, decoder, 40, 4.5, device)
+    times, notes = overhead_times(cfg, backbone, {"refined": refiner}, decoder, 40, 4.5, device)
+    notes = notes["refined"]
     ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
     return ratio_row("3c", f"sampling, full size (SD3.5-M + Qwen2.5-VL-3B): refined (K={cfg.refine_steps}) vs plain",
                      ("plain", times["plain"]), ("refined", times["refined"]), ratio, "<= 1.3x", device,
@@ -773,10 +798,203 @@ def memory_row(row, compared, baseline, candidate, device, notes):
 
 
 # -----------------------------------------------------------------------------
+# rows 9-11: the refiner at the paper's cost -- refined vs plain over batch x answer length x
+# decode path (SD1.5 512 px, SDXL 1024 px), the refiner's prefill and ms per token, and the
+# memory of a GRPO rollout's refiner call (the lean loop vs generate keeping every step's logits)
+
+# stable-diffusion-xl-base-1.0: unet/config.json (2.57 B), vae (SD1.5's layout), CLIP-L + OpenCLIP bigG text towers
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), transformer_layers_per_block=(1, 2, 10),
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True, addition_embed_type="text_time",
+    addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+)
+SDXL_VAE = dict(SD15_VAE, sample_size=1024, scaling_factor=0.13025)
+
+
+def random_sdxl(size, resolution, device, dtype, seed=0):
+    """A common.Backbone: SDXL-base's architecture with random weights (size full) or the tiny test one."""
+    from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    if size == "tiny":
+        pipe, resolution = toy.tiny_sdxl_pipeline(toy.TOY_WORDS, image_size=64, seed=seed), 64
+    else:
+        tokenizer = toy.tiny_clip_tokenizer(toy.TOY_WORDS)
+        ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(seed)
+        pipe = StableDiffusionXLPipeline(
+            vae=AutoencoderKL(**SDXL_VAE), text_encoder=CLIPTextModel(CLIPTextConfig(**SD15_TEXT, **ids)).eval(),
+            text_encoder_2=CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT, **ids)).eval(), tokenizer=tokenizer,
+            tokenizer_2=tokenizer, unet=UNet2DConditionModel(**SDXL_UNET), scheduler=sd15_scheduler(),
+        )
+    pipe.to(device, dtype)
+    pipe.set_progress_bar_config(disable=True)
+    spec = common.BackboneSpec(source=f"random {size} SDXL architecture", steps=50, guidance=5.0, size=resolution)
+    return common.Backbone(pipe, f"sdxl-random-{size}", spec)
+
+
+FULL_BACKBONES = {"sd15": ("SD1.5", random_sd15, 512), "sdxl": ("SDXL", random_sdxl, 1024)}
+DECODE_MODES = {"both": ("off", "on"), "off": ("off",), "on": ("on",)}
+GPU_COMMAND = "python bench.py --rows 9,10,11 --device cuda"
+
+
+def refiner_view(refiner, **changes):
+    """Another Refiner over the same model and processor (answer length, decode path, preview size)."""
+    settings = dict(temperature=refiner.temperature, max_new_tokens=refiner.max_new_tokens, do_sample=refiner.do_sample,
+                    preview_size=refiner.preview_size, fast_decode=refiner.fast_decode, min_new_tokens=refiner.min_new_tokens)
+    return refiners.Refiner(refiner.model, refiner.processor, **{**settings, **changes})
+
+
+def grid_target(backbone, batch, tokens):
+    """The issue's GPU targets for refined / plain: 32-token answers; SD1.5 batch 8 and 1, SDXL any batch."""
+    if tokens != 32:
+        return None
+    if backbone == "sdxl":
+        return 1.15
+    return {8: 1.3, 1: 1.5}.get(batch)
+
+
+def row_refined_grid(cfg, device, dtype, tmp):
+    """Row 9: refined (K refinements, answers forced to each length) vs plain, per backbone and batch."""
+    backbones, batches = common.parse_list(cfg.full_backbones, "--full-backbones", FULL_BACKBONES), common.parse_ints(cfg.batches, "--batches", minimum=1)
+    lengths, modes = common.parse_ints(cfg.answer_lengths, "--answer-lengths", minimum=1), DECODE_MODES[cfg.fast_decode]
+    if device.type != "cuda" and cfg.size == "full":
+        return [skipped_row("9", "sampling, full size (SD1.5 512 px, SDXL 1024 px) + Qwen2.5-VL-3B: refined vs plain over batch x "
+                            "answer length x decode path", "<= 1.3x / 1.5x / 1.15x", device, f"needs a GPU (CUDA): {GPU_COMMAND}")]
+    refiner = random_qwen_refiner(cfg.size, device, dtype, max(lengths), cfg.seed)
+    rows = []
+    for key in backbones:
+        name, build, resolution = FULL_BACKBONES[key]
+        backbone = build(cfg.size, resolution, device, dtype, cfg.seed)
+        decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
+        steps, guidance = backbone.spec.steps, backbone.spec.guidance
+        for batch in batches:
+            variants = {f"{n} tokens, fast {mode}": refiner_view(refiner, max_new_tokens=n, min_new_tokens=n, fast_decode=mode == "on")
+                        for n in lengths for mode in modes}
+            times, notes = overhead_times(cfg, backbone, variants, decoder, steps, guidance, device, batch=batch)
+            for label in variants:
+                ratio = statistics.median(times[label]) / statistics.median(times["plain"])
+                target = grid_target(key, batch, int(label.split()[0]))
+                rows.append(ratio_row(
+                    "9", f"{name} {backbone.spec.size} px, batch {batch}: refined (K={cfg.refine_steps}, {label}) vs plain",
+                    ("plain", times["plain"]), (label, times[label]), ratio, f"<= {target}x" if target else "report", device,
+                    f"{cfg.size} size, {dtype}; {steps} steps, CFG {guidance}, preview {cfg.preview_decoder}, refiner previews "
+                    f"{refiner.preview_size} px; {notes[label]}", None if target is None else ratio <= target))
+        del backbone, decoder
+        free_memory()
+    return rows
+
+
+def row_refiner_decoding(cfg, device, dtype, tmp):
+    """Row 10: the refiner's prefill per call at each preview size, and its ms per generated token
+    on the default loop vs the fast path. A call that generates 1 token is the prefill (+ one
+    sampling step); (time of 1 + N tokens - time of 1) / N is the decode time per token."""
+    batches, sizes, n = common.parse_ints(cfg.batches, "--batches", minimum=1), common.parse_ints(cfg.preview_sizes, "--preview-sizes", minimum=28), cfg.decode_tokens
+    modes = DECODE_MODES[cfg.fast_decode]
+    refiner = random_qwen_refiner(cfg.size, device, dtype, n + 1, cfg.seed)
+    image_pad = refiner.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    rows = []
+    for batch in batches:
+        previews = torch.rand((batch, 3, 512, 512), generator=torch.Generator().manual_seed(cfg.seed))
+        inputs = {size: refiner_view(refiner, preview_size=size)._inputs(previews, [PROMPT] * batch, [PROMPT] * batch, 10, 50)
+                  for size in sizes}
+        views = {mode: refiner_view(refiner, fast_decode=mode == "on") for mode in modes}
+        variants = {f"prefill {size} px": functools.partial(views[modes[0]].generate, inputs[size], 1, 1) for size in sizes}
+        for mode in modes:  # decode timed at the first preview size
+            variants[f"{mode} 1"] = functools.partial(views[mode].generate, inputs[sizes[0]], 1, 1)
+            variants[f"{mode} {1 + n}"] = functools.partial(views[mode].generate, inputs[sizes[0]], 1 + n, 1 + n)
+        times = time_side_by_side(variants, cfg.repeats, cfg.warmup, device)
+        tokens = {size: f"{int((inputs[size]['input_ids'][0] == image_pad).sum())} vision of {inputs[size]['input_ids'].shape[1]} tokens"
+                  for size in sizes}
+        common_notes = f"{cfg.size} size, {dtype}; batch {batch}; decode path {modes[0]} for the prefill"
+        for size in sizes[1:]:
+            base, cand = times[f"prefill {sizes[0]} px"], times[f"prefill {size} px"]
+            rows.append(ratio_row("10a", f"refiner prefill per call, batch {batch}: preview {sizes[0]} px vs {size} px",
+                                  (f"{sizes[0]} px", base), (f"{size} px", cand), statistics.median(base) / statistics.median(cand),
+                                  "report", device, f"{common_notes}; {sizes[0]} px: {tokens[sizes[0]]}, {size} px: {tokens[size]}"))
+        per_token = {mode: [(long - short) / n for long, short in zip(times[f"{mode} {1 + n}"], times[f"{mode} 1"])] for mode in modes}
+        if len(modes) == 2:
+            ratio = statistics.median(per_token["off"]) / statistics.median(per_token["on"])
+            rows.append(ratio_row("10b", f"refiner s per generated token, batch {batch}: default loop (dynamic cache) vs fast "
+                                  "(static cache, compiled)", ("default", per_token["off"]), ("fast", per_token["on"]), ratio, "report",
+                                  device, f"{cfg.size} size, {dtype}; preview {sizes[0]} px ({tokens[sizes[0]]}); (t(1+{n}) - t(1)) / {n} "
+                                  "tokens per repeat; the compile happens in the warm-up"))
+    return rows
+
+
+def generate_keeping_logits(refiner, inputs, tokens):
+    """What Refiner.refine did before its own loop: transformers' generate with output_logits=True,
+    then the chosen tokens' log-probs from the stacked (rows, tokens, vocab) logits."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(do_sample=True, temperature=refiner.temperature, top_k=0, top_p=1.0, max_new_tokens=tokens,
+                              min_new_tokens=tokens, eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id,
+                              suppress_tokens=refiner.suppressed, output_logits=True, return_dict_in_generate=True)
+    with torch.no_grad():
+        out = refiner.model.generate(**{k: v.to(refiner.model.device) for k, v in inputs.items()}, generation_config=config)
+        completion = out.sequences[:, inputs["input_ids"].shape[1]:]
+        logits = torch.stack(out.logits, 1)
+        return torch.log_softmax(refiner._policy_logits(logits), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1).cpu()
+
+
+def peak_rss_gib(fn, interval=0.001):
+    """Peak resident memory (GiB) of this process while fn() runs, sampled every `interval` s (CPU)."""
+    import os
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * page
+
+    peak, done = [rss()], threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(interval)
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        watcher.join()
+    return max(peak[0], rss()) / 2**30
+
+
+def row_rollout_memory(cfg, device, dtype, tmp):
+    """Row 11: the peak memory of one refiner call of a GRPO rollout (B*G rows, answers forced to
+    --rollout-tokens): generate keeping every step's logits (the old way) vs the lean loop."""
+    rows, tokens = cfg.rollout_rows, cfg.rollout_tokens
+    refiner = refiner_view(random_qwen_refiner(cfg.size, device, dtype, tokens, cfg.seed), preview_size=cfg.rollout_preview or None)
+    previews = torch.rand((rows, 3, 512, 512), generator=torch.Generator().manual_seed(cfg.seed))
+    inputs = refiner._inputs(previews, [PROMPT] * rows, [PROMPT] * rows, 10, 50)
+    measure = functools.partial(peak_memory, device=device) if device.type == "cuda" else peak_rss_gib
+    free_memory()
+    resident = peak_rss_gib(lambda: None) if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**30
+    peaks = {"kept": measure(functools.partial(generate_keeping_logits, refiner, inputs, tokens)),
+             "lean": measure(functools.partial(refiner.generate, inputs, tokens, tokens))}
+    vocab = refiner.model.config.get_text_config().vocab_size
+    logits_gib = rows * tokens * vocab * 4 / 2**30
+    what = "peak RSS of the process" if device.type != "cuda" else "peak allocated GPU memory"
+    return [memory_row("11", f"GRPO rollout refiner call, {rows} rows x {tokens} tokens: generate keeping the logits vs the lean loop",
+                       ("generate + logits", peaks["kept"]), ("lean loop", peaks["lean"]), device,
+                       f"{cfg.size} size, {dtype}; {what}, weights included ({resident:.2f} GiB before the calls); one (rows, tokens, "
+                       f"vocab {vocab}) fp32 tensor = {logits_gib:.2f} GiB; preview {refiner.preview_size} px; decode path "
+                       f"{'fast' if refiner.fast_decoding else 'default'} for the lean loop")]
+
+
+# -----------------------------------------------------------------------------
 # main: run the rows, print the table, write the JSON
 
 ROW_FUNCTIONS = {"1": row_lrm_vs_pixel, "2": row_preview_decoders, "3": row_refined_overhead, "4": row_grpo_batching,
-                 "5": row_lrm_cached_latents, "6": row_peak_memory, "7": row_flow_parameters, "8": row_flow_lrm_vs_pixel}
+                 "5": row_lrm_cached_latents, "6": row_peak_memory, "7": row_flow_parameters, "8": row_flow_lrm_vs_pixel,
+                 "9": row_refined_grid, "10": row_refiner_decoding, "11": row_rollout_memory}
 
 
 def format_row(row):

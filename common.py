@@ -79,6 +79,19 @@ def require(config, positive=(), non_negative=()):
                 raise UserError(f"{flag(name)} must be {word}, got {value}")
 
 
+def parse_ints(text, flag, minimum=None):
+    """A comma-separated flag of integers, e.g. '1,4,8' -> [1, 4, 8]; UserError if one is not an
+    integer or (with `minimum`) is below it, or as parse_list."""
+    try:
+        values = [int(item) for item in parse_list(text, flag)]
+    except ValueError:
+        values = None
+    if values is None or (minimum is not None and min(values) < minimum):
+        at_least = "" if minimum is None else f" >= {minimum}"
+        raise UserError(f"{flag} must be comma-separated integers{at_least}, got '{text}'")
+    return values
+
+
 def parse_list(text, flag, choices=None):
     """A comma-separated flag -> its entries, e.g. 'a, b,c' -> ['a', 'b', 'c']. UserError if it
     names nothing, repeats an entry, or (with `choices`) names one outside them."""

@@ -112,20 +112,7 @@ def reward_specs(text):
 
 def search_counts(text):
     """'2,4,8' -> [2, 4, 8]: candidate counts of --search ('' -> none)."""
-    try:
-        counts = [int(s) for s in common.parse_list(text, "--search")] if text.strip() else []
-    except ValueError:
-        counts = [0]
-    if any(m < 2 for m in counts):
-        raise common.UserError(f"--search takes comma-separated candidate counts >= 2, got '{text}'")
-    return counts
-
-
-def parse_seeds(text):
-    try:
-        return [int(s) for s in common.parse_list(text, "--seeds")]
-    except ValueError:
-        raise common.UserError(f"--seeds must be comma-separated integers, got '{text}'") from None
+    return common.parse_ints(text, "--search", minimum=2) if text.strip() else []
 
 
 def backbone_labels(names, variant=""):
@@ -150,7 +137,7 @@ def check(config):
         raise common.UserError("--preference-data needs --lrm (the latent reward model whose accuracy it measures)")
     if search_counts(config.search) and (config.lrm is None or config.refiner == "none"):
         raise common.UserError("--search needs --lrm DIR (the candidates' scorer) and a --refiner (their proposer)")
-    parse_seeds(config.seeds)
+    common.parse_ints(config.seeds, "--seeds")
     reward_specs(config.rewards)
     for name in common.parse_list(config.backbones, "--backbones"):
         common.backbone_spec(name)  # unknown alias / missing folder -> UserError before any loading
@@ -662,7 +649,7 @@ def main():
         torch.set_num_threads(config.threads)
     device = common.pick_device(config.device)
     dtype = common.pick_dtype(config.dtype, device)
-    seeds = parse_seeds(config.seeds)
+    seeds = common.parse_ints(config.seeds, "--seeds")
     searched = bool(search_counts(config.search))  # the search and best-of-M arms run
     specs = reward_specs(config.rewards)
     backbone_names = common.parse_list(config.backbones, "--backbones")

@@ -120,8 +120,8 @@ class Refiner:
     VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
     def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60,
-                 preview_size=None, fast_decode=None):
-        self.model, self.processor = model, processor
+                 preview_size=None, fast_decode=None, min_new_tokens=0):
+        self.model, self.processor, self.min_new_tokens = model, processor, min_new_tokens  # min: bench.py forces lengths
         self.fast_decode, self._caches, self._step = fast_decode, {}, None  # see generate()
         self.temperature, self.max_new_tokens, self.do_sample = temperature, max_new_tokens, do_sample
         self.max_words, self.preview_size = max_words, preview_size
@@ -176,7 +176,7 @@ class Refiner:
     @torch.no_grad()
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         inputs = self._inputs(previews, user_prompts, current_prompts, step, num_steps)
-        completion, logprobs, mask = self.generate(inputs)
+        completion, logprobs, mask = self.generate(inputs, min_new_tokens=self.min_new_tokens)
         answers = self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
         prompts, fallback = [], []
         for answer, current in zip(answers, current_prompts):
@@ -195,7 +195,7 @@ class Refiner:
         max_new_tokens. Returns CPU tensors: completion (B, T), padded after each row's end token;
         logprobs (B, T), log pi of the chosen tokens, computed step by step (lean: the (B, T, vocab)
         logits are never kept); mask (B, T) bool, True up to and including the end token.
-        min_new_tokens: end tokens are banned before it (bench.py forces answer lengths with it).
+        min_new_tokens: end tokens are not chosen before it (bench.py forces answer lengths with it).
 
         Multinomial sampling on softmax(logits / temperature) with the vision tokens banned, one
         draw per row and step (finished rows too): the same draws, in the same order, as
@@ -227,9 +227,10 @@ class Refiner:
         tokens, logprobs = [], []
         for t in range(max_new_tokens):
             scores = self._policy_logits(logits.to(torch.float32, copy=True))  # (B, V), a copy: a CUDA graph reuses its output
-            if t < min_new_tokens:
-                scores[:, eos] = -math.inf
-            token = torch.multinomial(scores.softmax(-1), 1).squeeze(1) if self.do_sample else scores.argmax(-1)
+            allowed = scores
+            if t < min_new_tokens:  # the ban shapes the choice only; log-probs stay the policy's (as teacher forcing gives)
+                allowed = scores.index_fill(1, eos, -math.inf)
+            token = torch.multinomial(allowed.softmax(-1), 1).squeeze(1) if self.do_sample else allowed.argmax(-1)
             logprobs.append(torch.log_softmax(scores, -1).gather(1, token[:, None]).squeeze(1))
             token = token.masked_fill(done, self.pad_id)
             tokens.append(token)
@@ -277,6 +278,8 @@ class Refiner:
         """The decode step under torch.compile, made once: CUDA graphs on a GPU ("reduce-overhead":
         a decode step of a 3B model is bound by kernel launches), inductor's default on a CPU."""
         if self._step is None:
+            # every (rows, prompt bucket + max_new_tokens) is one specialisation; allow more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             mode = "reduce-overhead" if self.model.device.type == "cuda" else None
             self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
         return self._step
