@@ -530,12 +530,13 @@ def row_refined_overhead(cfg, device, dtype, tmp):
     toy_dtype = torch.float32 if device.type == "cpu" else dtype
     backbone, refiner, which = toy_models(cfg, device, toy_dtype)
     decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
-    times, notes = overhead_times(cfg, backbone, {"refined": refiner}, decoder, cfg.sampling_steps, backbone.spec.guidance, device)
-    notes = notes["refined"]
-    ratio = statistics.median(times["refined"]) / statistics.median(times["plain"])
-    rows.append(ratio_row("3a", f"sampling, toy size: refined (K={cfg.refine_steps}) vs plain", ("plain", times["plain"]),
-                          ("refined", times["refined"]), ratio, "report (overhead; <= 1.3x is the full-size target)", device,
-                          f"{which}; batch {cfg.batch}, {cfg.sampling_steps} steps, preview {cfg.preview_decoder}; {notes}"))
+    variants = {f"refined, fast {mode}": refiner_view(refiner, fast_decode=mode == "on") for mode in DECODE_MODES[cfg.fast_decode]}
+    times, notes = overhead_times(cfg, backbone, variants, decoder, cfg.sampling_steps, backbone.spec.guidance, device)
+    for label in variants:
+        ratio = statistics.median(times[label]) / statistics.median(times["plain"])
+        rows.append(ratio_row("3a", f"sampling, toy size: refined (K={cfg.refine_steps}, {label.split(', ')[1]} decode) vs plain",
+                              ("plain", times["plain"]), (label, times[label]), ratio, "report (overhead; <= 1.3x is the full-size target)",
+                              device, f"{which}; batch {cfg.batch}, {cfg.sampling_steps} steps, preview {cfg.preview_decoder}; {notes[label]}"))
     del backbone, refiner, decoder
     free_memory()
     compared = f"sampling, full size (SD1.5 + Qwen2.5-VL-3B): refined (K={cfg.refine_steps}) vs plain"
@@ -901,11 +902,13 @@ def row_refiner_decoding(cfg, device, dtype, tmp):
         inputs = {size: refiner_view(refiner, preview_size=size)._inputs(previews, [PROMPT] * batch, [PROMPT] * batch, 10, 50)
                   for size in sizes}
         views = {mode: refiner_view(refiner, fast_decode=mode == "on") for mode in modes}
-        variants = {f"prefill {size} px": functools.partial(views[modes[0]].generate, inputs[size], 1, 1) for size in sizes}
+        variants = {}
         for mode in modes:  # decode timed at the first preview size
             variants[f"{mode} 1"] = functools.partial(views[mode].generate, inputs[sizes[0]], 1, 1)
             variants[f"{mode} {1 + n}"] = functools.partial(views[mode].generate, inputs[sizes[0]], 1 + n, 1 + n)
+        variants.update({f"prefill {size} px": functools.partial(views[modes[0]].generate, inputs[size], 1, 1) for size in sizes[1:]})
         times = time_side_by_side(variants, cfg.repeats, cfg.warmup, device)
+        times[f"prefill {sizes[0]} px"] = times[f"{modes[0]} 1"]  # the same call
         tokens = {size: f"{int((inputs[size]['input_ids'][0] == image_pad).sum())} vision of {inputs[size]['input_ids'].shape[1]} tokens"
                   for size in sizes}
         common_notes = f"{cfg.size} size, {dtype}; batch {batch}; decode path {modes[0]} for the prefill"

@@ -163,3 +163,20 @@ def test_rollout_memory_variants_do_the_same_work():
     assert mask.all() and kept.shape == lean.shape == (3, 8)
     torch.testing.assert_close(lean, kept, rtol=0, atol=1e-6)
     assert bench.peak_rss_gib(lambda: torch.ones(64, 2**20).sum()) > 0.2  # the 256 MiB tensor is seen
+
+
+def test_decoding_rows_follow_their_flags(tmp_path):
+    """Rows 9-11 at tiny size take their grid from the flags (which --quick would override)."""
+    cfg = bench.parse_config(["--size", "tiny", "--threads", "1", "--full-backbones", "sd15", "--batches", "1",
+                              "--answer-lengths", "3", "--fast-decode", "off", "--preview-sizes", "56,28", "--decode-tokens", "2",
+                              "--rollout-rows", "2", "--rollout-tokens", "5", "--rollout-preview", "28"])
+    bench.check_config(cfg)
+    cpu = torch.device("cpu")
+    grid = bench.row_refined_grid(cfg, cpu, torch.float32, str(tmp_path))
+    assert [row["candidate"]["label"] for row in grid] == ["3 tokens, fast off"] and "batch 1" in grid[0]["compared"]
+    assert "3 tokens per answer" in grid[0]["notes"]  # the answers were forced to the length
+    decoding = bench.row_refiner_decoding(cfg, cpu, torch.float32, str(tmp_path))
+    assert [row["row"] for row in decoding] == ["10a"]  # one decode path: no default-vs-fast row
+    assert "56 px: 4 vision" in decoding[0]["notes"] and "28 px: 1 vision" in decoding[0]["notes"]
+    memory = bench.row_rollout_memory(cfg, cpu, torch.float32, str(tmp_path))
+    assert "2 rows x 5 tokens" in memory[0]["compared"] and "preview 28 px" in memory[0]["notes"]
