@@ -927,19 +927,23 @@ def row_refiner_decoding(cfg, device, dtype, tmp):
     return rows
 
 
-def generate_keeping_logits(refiner, inputs, tokens):
+def generate_keeping_logits(refiner, inputs, max_new_tokens, min_new_tokens=0, top_k=0, top_p=1.0):
     """What Refiner.refine did before its own loop: transformers' generate with output_logits=True,
-    then the chosen tokens' log-probs from the stacked (rows, tokens, vocab) logits."""
+    then the chosen tokens' log-probs from the stacked (rows, tokens, vocab) logits. Returns
+    (tokens, log-probs) on the CPU. top_k / top_p None: generate fills them from the model's
+    generation_config, then with its own default top_k 50 (what the old refine did)."""
     from transformers import GenerationConfig
 
-    config = GenerationConfig(do_sample=True, temperature=refiner.temperature, top_k=0, top_p=1.0, max_new_tokens=tokens,
-                              min_new_tokens=tokens, eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id,
-                              suppress_tokens=refiner.suppressed, output_logits=True, return_dict_in_generate=True)
+    config = GenerationConfig(
+        do_sample=refiner.do_sample, temperature=refiner.temperature if refiner.do_sample else None, top_k=top_k, top_p=top_p,
+        max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens, eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id,
+        suppress_tokens=refiner.suppressed, output_logits=True, return_dict_in_generate=True)
     with torch.no_grad():
         out = refiner.model.generate(**{k: v.to(refiner.model.device) for k, v in inputs.items()}, generation_config=config)
         completion = out.sequences[:, inputs["input_ids"].shape[1]:]
         logits = torch.stack(out.logits, 1)
-        return torch.log_softmax(refiner._policy_logits(logits), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1).cpu()
+        logprobs = torch.log_softmax(refiner._policy_logits(logits), -1).gather(-1, completion.unsqueeze(-1)).squeeze(-1)
+    return completion.cpu(), logprobs.cpu()
 
 
 def peak_rss_gib(fn, interval=0.001):
@@ -980,7 +984,7 @@ def row_rollout_memory(cfg, device, dtype, tmp):
     measure = functools.partial(peak_memory, device=device) if device.type == "cuda" else peak_rss_gib
     free_memory()
     resident = peak_rss_gib(lambda: None) if device.type != "cuda" else torch.cuda.memory_allocated(device) / 2**30
-    peaks = {"kept": measure(functools.partial(generate_keeping_logits, refiner, inputs, tokens)),
+    peaks = {"kept": measure(functools.partial(generate_keeping_logits, refiner, inputs, tokens, tokens)),
              "lean": measure(functools.partial(refiner.generate, inputs, tokens, tokens))}
     vocab = refiner.model.config.get_text_config().vocab_size
     logits_gib = rows * tokens * vocab * 4 / 2**30

@@ -157,7 +157,7 @@ def test_rollout_memory_variants_do_the_same_work():
     refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, 8)
     inputs = refiner._inputs(torch.rand(3, 3, 32, 32), ["a circle"] * 3, ["a red circle"] * 3, 2, 10)
     torch.manual_seed(0)
-    kept = bench.generate_keeping_logits(refiner, inputs, 8)
+    _, kept = bench.generate_keeping_logits(refiner, inputs, 8, 8)
     torch.manual_seed(0)
     tokens, lean, mask = refiner.generate(inputs, 8, 8)
     assert mask.all() and kept.shape == lean.shape == (3, 8)

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+import bench
 import common
 import refiners
 
@@ -121,23 +122,6 @@ def test_refiner_errors(tmp_path):
 STATES = (PREVIEWS, USER, ["a large circle", "a square", "a triangle"], 5, 10)
 
 
-def hf_generate(refiner, inputs):
-    """transformers' generate with the policy's settings, keeping the raw logits of every step: the
-    reference of the tests below. top_k=0 and top_p=1.0 must be explicit: None takes the model's
-    generation_config, then transformers' default top_k=50."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(
-        do_sample=refiner.do_sample, temperature=refiner.temperature if refiner.do_sample else None, top_k=0, top_p=1.0,
-        max_new_tokens=refiner.max_new_tokens, eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id,
-        suppress_tokens=refiner.suppressed, output_logits=True, return_dict_in_generate=True)
-    with torch.no_grad():
-        out = refiner.model.generate(**inputs, generation_config=config)
-    tokens = out.sequences[:, inputs["input_ids"].shape[1]:]
-    logprobs = torch.log_softmax(refiner._policy_logits(torch.stack(out.logits, 1)), -1).gather(-1, tokens[..., None])[..., 0]
-    return tokens, logprobs
-
-
 @pytest.mark.parametrize("do_sample", [True, False])
 def test_decode_loop_matches_transformers_generate(tiny_refiner_dir, do_sample):
     """Same seed -> the same tokens as generate (the same multinomial draws, in the same order)
@@ -147,7 +131,7 @@ def test_decode_loop_matches_transformers_generate(tiny_refiner_dir, do_sample):
     torch.manual_seed(3)
     tokens, logprobs, mask = refiner.generate(inputs)
     torch.manual_seed(3)
-    ref_tokens, ref_logprobs = hf_generate(refiner, inputs)
+    ref_tokens, ref_logprobs = bench.generate_keeping_logits(refiner, inputs, refiner.max_new_tokens)  # the reference
     assert torch.equal(tokens[mask], ref_tokens[mask]) and tokens.shape == ref_tokens.shape
     assert mask.sum() > 6
     torch.testing.assert_close(logprobs[mask], ref_logprobs[mask], rtol=0, atol=1e-6)
@@ -166,16 +150,8 @@ def test_the_models_generation_config_does_not_change_the_policy(tiny_refiner_di
     after = refiner.generate(inputs)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     torch.manual_seed(5)
-    assert not torch.equal(hf_generate_with_model_defaults(refiner, inputs)[:, :before[0].shape[1]], before[0])
-
-
-def hf_generate_with_model_defaults(refiner, inputs):
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(do_sample=True, temperature=refiner.temperature, top_k=None, top_p=None, max_new_tokens=refiner.max_new_tokens,
-                              eos_token_id=refiner.eos_ids, pad_token_id=refiner.pad_id, suppress_tokens=refiner.suppressed)
-    with torch.no_grad():
-        return refiner.model.generate(**inputs, generation_config=config)[:, inputs["input_ids"].shape[1]:]
+    with_defaults = bench.generate_keeping_logits(refiner, inputs, refiner.max_new_tokens, top_k=None, top_p=None)[0]
+    assert not torch.equal(with_defaults[:, :before[0].shape[1]], before[0])
 
 
 def test_min_new_tokens_forces_the_answer_length(refiner):
