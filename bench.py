@@ -52,8 +52,10 @@ import torch
 
 import common
 import lrm
+import promptloop
 import refiners
 import rewards
+import runs
 import toy
 
 # -----------------------------------------------------------------------------
@@ -63,7 +65,7 @@ ROWS = ("1", "2", "3", "4", "5", "6", "7", "8", "9", "10", "11")
 
 
 @dataclass
-class Config:
+class Config(common.RunFlags):
     rows: str = field(default="1,2,3,4,5,6,7,8,9,10,11", metadata={"help": "comma-separated rows to run (see the module docstring): 1..11"})
     backbone: str = field(default="toy", metadata={"help": "toy backbone of the toy-size sampling rows 3a and 4: toy | toy-sdxl | toy-sd3"})
     repeats: int = field(default=3, metadata={"help": "timed repeats per variant (>= 3); the median is reported"})
@@ -90,10 +92,6 @@ class Config:
     rollout_rows: int = field(default=16, metadata={"help": "row 11: refiner rows of one rollout call (B*G)"})
     rollout_tokens: int = field(default=64, metadata={"help": "row 11: answer length in tokens (forced)"})
     rollout_preview: int = field(default=448, metadata={"help": "row 11: refiner preview side in px"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    threads: int = field(default=0, metadata={"help": "CPU threads of torch (0 = its default, one per core)"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
-    seed: int = field(default=0, metadata={"help": "seed of the random weights, latents and noise"})
     out: str = field(default="runs/bench", metadata={"help": "output folder: metrics.json"})
 
 
@@ -118,8 +116,8 @@ def check_config(cfg):
     for flag, minimum in (("batches", 1), ("answer_lengths", 1), ("preview_sizes", 28)):
         common.parse_ints(getattr(cfg, flag), "--" + flag.replace("_", "-"), minimum)
     common.parse_list(cfg.full_backbones, "--full-backbones", FULL_BACKBONES)
-    if cfg.preview_decoder not in common.PreviewDecoder.KINDS:
-        raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
+    if cfg.preview_decoder not in promptloop.PreviewDecoder.KINDS:
+        raise common.UserError(f"--preview-decoder must be one of {', '.join(promptloop.PreviewDecoder.KINDS)}")
     common.require(cfg, positive=("batch", "sampling_steps", "refine_steps", "prompts_per_step", "group_size", "max_new_tokens",
                                   "lrm_draws", "memory_batch", "decode_tokens", "rollout_rows", "rollout_tokens"),
                    non_negative=("threads", "warmup", "rollout_preview"))
@@ -264,7 +262,12 @@ def random_sd35m(size, resolution, device, dtype, seed=0, t5=True):
     """A common.Backbone: SD3.5-Medium's architecture with random weights (size full: MMDiT-X 2.2 B,
     CLIP-L, CLIP-G, T5-XXL, 16-channel VAE) or the tiny test one. t5=False: no T5 (SD3's option)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     if size == "tiny":
         pipe = toy.tiny_sd3_pipeline(toy.TOY_WORDS, image_size=64, seed=seed, t5=t5)
@@ -387,7 +390,7 @@ def toy_models(cfg, device, dtype):
 def make_preview_decoder(kind, backbone, folder):
     taesd = kind == "taesd" and backbone.spec.taesd is None
     source = random_taesd_folder(Path(folder) / f"taesd-{backbone.name}", backbone.pipe.vae.config) if taesd else None
-    return common.PreviewDecoder(kind, backbone, taesd_source=source)
+    return promptloop.PreviewDecoder(kind, backbone, taesd_source=source)
 
 
 # -----------------------------------------------------------------------------
@@ -398,7 +401,7 @@ def lrm_vs_pixel_times(cfg, model, scorers, device, dtype):
     """Times of the LRM (1 draw, cfg.lrm_draws draws) and of the VAE decode + each pixel scorer on the
     same random latents, side by side; a pixel reward's time = the decode of that round + the scorer."""
     backbone = model.backbone
-    decoder = common.PreviewDecoder("vae", backbone)  # the full VAE decode a pixel reward needs
+    decoder = promptloop.PreviewDecoder("vae", backbone)  # the full VAE decode a pixel reward needs
     latents = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
     prompts = [PROMPT] * cfg.batch
     images = {}
@@ -463,7 +466,7 @@ def row_flow_lrm_vs_pixel(cfg, device, dtype, tmp):
 
 def row_preview_decoders(cfg, device, dtype, tmp):
     backbone = random_sd15(cfg.size, cfg.resolution, device, dtype, cfg.seed)
-    decoders = {kind: make_preview_decoder(kind, backbone, tmp) for kind in common.PreviewDecoder.KINDS}
+    decoders = {kind: make_preview_decoder(kind, backbone, tmp) for kind in promptloop.PreviewDecoder.KINDS}
     x0 = torch.randn((cfg.batch, *common.latent_shape(backbone)), generator=torch.Generator().manual_seed(cfg.seed)).to(device, dtype)
     decoders["linear"](x0)  # the linear map is fitted once, on the first preview (one VAE decode), before timing
     times = time_side_by_side({kind: (lambda d=d: d(x0)) for kind, d in decoders.items()}, cfg.repeats, cfg.warmup, device)
@@ -510,7 +513,7 @@ def overhead_times(cfg, backbone, refiners_by_label, decoder, num_steps, guidanc
 
     def sample(refiner):
         torch.manual_seed(cfg.seed)  # the refiner's token sampling
-        return common.refined_sample(backbone, prompts, refiner, refine_steps=cfg.refine_steps,
+        return promptloop.refined_sample(backbone, prompts, refiner, refine_steps=cfg.refine_steps,
                                      num_steps=num_steps, guidance=guidance, generator=torch.Generator().manual_seed(cfg.seed),
                                      latents=latents, preview_decoder=decoder)
 
@@ -591,7 +594,7 @@ def row_grpo_batching(cfg, device, dtype, tmp):
 
     def rollout(indices, policy=refiner):
         torch.manual_seed(cfg.seed)
-        return common.refined_sample(backbone, [rows[i] for i in indices], policy, refine_steps=k, num_steps=cfg.sampling_steps,
+        return promptloop.refined_sample(backbone, [rows[i] for i in indices], policy, refine_steps=k, num_steps=cfg.sampling_steps,
                                      generator=torch.Generator().manual_seed(cfg.seed), latents=latents[indices],
                                      preview_decoder=decoder)
 
@@ -757,7 +760,13 @@ def parameter_count(build):
 
 def row_flow_parameters(cfg, device, dtype, tmp):
     from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     clip_l = parameter_count(lambda: CLIPTextModelWithProjection(CLIPTextConfig(**SD15_TEXT)))
     clip_l_plain = parameter_count(lambda: CLIPTextModel(CLIPTextConfig(**SD15_TEXT)))  # FLUX: no projection
@@ -1023,12 +1032,9 @@ def format_row(row):
 def main():
     cfg = parse_config()
     rows = check_config(cfg)
-    device = common.pick_device(cfg.device)
-    dtype = common.pick_dtype(cfg.dtype, device)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    device, dtype = common.setup_run(cfg)
     torch.set_flush_denormal(True)  # random weights must not hit the slow denormal path on CPU
-    common.seed_everything(cfg.seed)
+    runs.seed_everything(cfg.seed)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     print(f"bench: rows {','.join(rows)} | size {cfg.size} | repeats {cfg.repeats} after {cfg.warmup} warm-up | {device_name(device)}, {dtype}")

@@ -34,7 +34,9 @@ import torch.nn.functional as F
 
 import common
 import lrm
+import promptloop
 import refiners
+import runs
 import toy
 from toy import TOY_COLOURS, TOY_SIZES, TOY_WORDS, toy_caption
 
@@ -123,7 +125,7 @@ def text_conditioning(pipe, captions, drop):
     is_sdxl = common.pipeline_family(pipe) == "sdxl"
     if not is_sdxl:
         captions = ["" if d else c for c, d in zip(captions, drop.tolist())]
-    embeds = common.encode_prompts(pipe, captions)
+    embeds = promptloop.encode_prompts(pipe, captions)
     hidden = embeds["prompt_embeds"]
     if not is_sdxl:
         return dict(encoder_hidden_states=hidden)
@@ -256,7 +258,7 @@ def train_toy_flow_backbone(pipe, images, captions, steps, batch_size=32, lr=1e-
         drop = torch.rand(batch_size, generator=generator) < caption_dropout
         batch_captions = ["" if d else uninformative_background(captions[i], generator) if sig < background_sigma else captions[i]
                           for i, sig, d in zip(index.tolist(), sigma.tolist(), drop.tolist())]
-        text = common.encode_prompts(pipe, batch_captions, text_length)
+        text = promptloop.encode_prompts(pipe, batch_captions, text_length)
         prediction = transformer(hidden_states=noisy, timestep=sigma * 1000, encoder_hidden_states=text["prompt_embeds"],
                                  pooled_projections=text["pooled_prompt_embeds"], return_dict=False)[0]
         return F.mse_loss(prediction, noise - x0)
@@ -276,7 +278,7 @@ def prompt_following(backbone, n=60, seed=0, num_steps=None, guidance=None, batc
     for start in range(0, n, batch_size):
         chunk = prompts[start:start + batch_size]
         generator = torch.Generator().manual_seed(seed + start)
-        images = common.refined_sample(backbone, chunk, num_steps=num_steps, guidance=guidance,
+        images = promptloop.refined_sample(backbone, chunk, num_steps=num_steps, guidance=guidance,
                                        generator=generator).images
         found += toy.toy_analyze(images)
     rates = {}
@@ -335,7 +337,7 @@ def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
     result = {}
     for name, refiner in (("plain", None), ("blind", ScriptedRefiner(False)), ("seeing", ScriptedRefiner(True))):
         generator = torch.Generator().manual_seed(seed)
-        sample = common.refined_sample(backbone, prompts, refiner=refiner, refine_steps=refine_steps, generator=generator)
+        sample = promptloop.refined_sample(backbone, prompts, refiner=refiner, refine_steps=refine_steps, generator=generator)
         result[name] = round(float(toy.toy_aesthetic(sample.images).mean()), 4)
         result[name + "_faithful"] = round(float(toy.toy_faithfulness(sample.images, prompts).mean()), 4)
     return result
@@ -521,7 +523,7 @@ def toy_pairs(backbones, n_pairs, config, seed, split, log=print):
         slots = [(i, j) for i in range(n_prompts) for j in range(config.images_per_prompt) if model_of[i][j] == name]
         for start in range(0, len(slots), 128):
             chunk = slots[start:start + 128]
-            sample = common.refined_sample(backbones[name], [captions[i] for i, _ in chunk],
+            sample = promptloop.refined_sample(backbones[name], [captions[i] for i, _ in chunk],
                                            num_steps=config.pair_steps, generator=generator)
             for (i, j), image in zip(chunk, sample.images):
                 images[i, j] = image
@@ -684,12 +686,12 @@ class PreviewRecorder:
 
 def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16):
     """x0_hat previews of `backbone` sampling `prompts` (its default steps, VAE previews), as
-    common.refined_sample shows them to a refiner: list of (preview, step, num_steps), grouped
+    promptloop.refined_sample shows them to a refiner: list of (preview, step, num_steps), grouped
     by batch, then refinement, then prompt."""
     recorder = PreviewRecorder()
     for start in range(0, len(prompts), batch_size):
         generator = torch.Generator().manual_seed(seed + start)
-        common.refined_sample(backbone, prompts[start:start + batch_size], recorder, refine_steps, generator=generator)
+        promptloop.refined_sample(backbone, prompts[start:start + batch_size], recorder, refine_steps, generator=generator)
     return recorder.states
 
 
@@ -889,7 +891,7 @@ def main(args=None):
                    non_negative=("threads", "caption_dropout", "background_settles", "guidance", "label_noise", "tie_margin"))
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    common.seed_everything(config.seed)
+    runs.seed_everything(config.seed)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.json"

@@ -1,21 +1,21 @@
 """
-common.py: what the promptloop scripts share.
+common.py: what the promptloop scripts share, and nothing else.
 
-    CLI helpers        one-line user errors, config parsing, list flags, device / dtype
-    backbones          load SD1.5 / SDXL / SD3.5 / FLUX.1 / toy pipelines by alias, hub id or folder
-    refined sampling   drive the stock diffusers pipeline, rewrite the prompt at K steps
-    refiner            the Qwen2.5-VL policy: chat messages, batched generation, log-probs
-    prompt sources     toy prompts, text files, Pick-a-Pic captions (parquet or hub)
-    training utils     seeding, atomic checkpoints, resume, log.jsonl, torchrun/DDP
+    CLI helpers   one-line user errors, config parsing, the flag groups several scripts share,
+                  list flags, device / dtype
+    backbones     load SD1.5 / SDXL / SD3.5 / FLUX.1 / toy pipelines by alias, hub id or folder, and
+                  their family hooks (what refined sampling needs to know of a family: latent
+                  packing, the text inputs a refinement swaps, noise levels, FLUX's pooled embedding)
+    pictures      fonts and PIL conversion for the pictures the scripts draw
 
-The large concepts have modules of their own: rewards.py (the reward registry), lrm.py (the
-latent reward model), toy.py (the toy world). Nothing here runs on import, and importing it is
-light: the heavy libraries are imported inside the functions that need them.
+The large concepts have modules of their own: promptloop.py (refined sampling: the method),
+refiners.py (the MLLM policy), search.py (LRM-guided search, best-of-n), rewards.py (the reward
+registry), lrm.py (the latent reward model), runs.py (prompt sources, seeding, checkpoints, DDP),
+toy.py (the toy world). Nothing here runs on import, and importing it is light: the heavy
+libraries are imported inside the functions that need them.
 """
 
 import contextlib
-import functools
-import inspect
 import json
 import math
 import os
@@ -26,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 REPO_DIR = Path(__file__).resolve().parent
@@ -49,6 +48,13 @@ def run_cli(main):
         sys.exit(130)
 
 
+def first_line(error):
+    """The first line of an exception's message (its type's name if it has none): what a UserError
+    quotes of a library's error."""
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
 def flag(name):
     """A config field's command-line flag: steps_per_epoch -> --steps-per-epoch."""
     return "--" + name.replace("_", "-")
@@ -61,7 +67,10 @@ def parse_config(config_class, args=None):
 
     from transformers import HfArgumentParser
 
-    (config,) = HfArgumentParser(config_class).parse_args_into_dataclasses(args=args)
+    try:
+        (config,) = HfArgumentParser(config_class).parse_args_into_dataclasses(args=args)
+    except ValueError as e:  # an argument no field takes (argparse's own errors exit 2 with usage)
+        raise UserError(first_line(e)) from e
     for f in fields(config):
         value = getattr(config, f.name)
         if isinstance(value, float) and not math.isfinite(value):
@@ -77,6 +86,37 @@ def require(config, positive=(), non_negative=()):
             value = getattr(config, name)
             if value is not None and (value <= 0 if low == 0 else value < 0):
                 raise UserError(f"{flag(name)} must be {word}, got {value}")
+
+
+@dataclass
+class RunFlags:
+    """Flags of every script that runs models (mixed into its Config)."""
+
+    seed: int = field(default=0, metadata={"help": "random seed (the script's docstring says what it draws)"})
+    device: str = field(default="auto", metadata={"help": "auto (the GPU if there is one) | cpu | cuda | cuda:N"})
+    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (one per core). Numbers of RL runs depend on it: state it with them"})
+
+
+@dataclass
+class SamplingFlags:
+    """Flags of the scripts that run refined sampling (sample.py, train_refiner.py, evaluate.py)."""
+
+    t5: bool = field(default=True, metadata={"help": "SD3 only: --t5 false loads it without its T5 encoder (much less memory)"})
+    preview_decoder: str = field(default="vae", metadata={"help": "how the refiner's preview of x0_hat is decoded: vae | taesd | linear"})
+    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
+    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
+
+
+def setup_run(config):
+    """Apply a RunFlags config: torch's CPU threads; returns (device, dtype)."""
+    require(config, non_negative=("threads",))
+    if config.dtype not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{config.dtype}'")
+    if config.threads > 0:
+        torch.set_num_threads(config.threads)
+    device = pick_device(config.device)
+    return device, pick_dtype(config.dtype, device)
 
 
 def parse_ints(text, flag, minimum=None):
@@ -106,17 +146,23 @@ def parse_list(text, flag, choices=None):
     return items
 
 
+DTYPES = {"auto": None, "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def pick_device(name="auto"):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    try:
+        return torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"--device: {first_line(e)}") from e
 
 
 def pick_dtype(name, device):
     """'auto' = bf16 on GPU (fp16 for the SD VAE is fragile), fp32 on CPU."""
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    return DTYPES[name]
 
 
 # -----------------------------------------------------------------------------
@@ -166,6 +212,95 @@ PIPELINE_FAMILIES = {
 }
 
 
+@dataclass(frozen=True)
+class Family:
+    """What refined sampling (promptloop.refined_sample) needs to know of a pipeline family: its hooks.
+
+    text_inputs:   the callback tensors that carry the prompt, which a refinement swaps (the pooled
+                   embedding under the name the pipeline's loop gives it)
+    flow_matching: x = (1 - sigma) x0 + sigma eps (SD3, FLUX), not a DDPM schedule"""
+
+    text_inputs: tuple
+    flow_matching: bool = False
+
+    def pack(self, latents):
+        """(B, C, h, w) latents -> what the pipeline's loop holds (the same, but for FLUX)."""
+        return latents
+
+    def unpack(self, latents, side):
+        return latents
+
+    def noise_level(self, scheduler, step):
+        """The noise level of the latents that step `step` denoises: DDPM timestep (int) or flow sigma."""
+        if self.flow_matching:
+            return float(scheduler.sigmas[scheduler.step_index])
+        return int(scheduler.timesteps[step])
+
+    def sampling_kwargs(self, backbone, guidance, true_cfg, negative_prompt):
+        """The pipeline call's guidance arguments: classifier-free guidance with the negative
+        prompt when guidance > 1 (true_cfg is FLUX's alone); SD3's T5 length."""
+        if true_cfg != 1.0:
+            raise UserError(f"true CFG is FLUX's; backbone '{backbone.name}' uses --guidance for classifier-free guidance")
+        kwargs = dict(guidance_scale=guidance, negative_prompt=negative_prompt if guidance > 1 else None)
+        if self.flow_matching and backbone.spec.text_length is not None:
+            kwargs["max_sequence_length"] = backbone.spec.text_length
+        return kwargs
+
+    @contextlib.contextmanager
+    def text_swap(self, denoiser):
+        """Context for a sampling run whose text conditioning a refinement swaps: yields
+        `swapped(updates, encoded)`, told each swap (the callback's updates, encode_prompts' output)."""
+        yield lambda updates, encoded: None
+
+
+class FluxFamily(Family):
+    """FLUX: latents packed 2x2 into tokens; guidance distilled into the transformer, so CFG is
+    `true_cfg_scale` (two passes); the pooled CLIP embedding enters through a forward pre-hook."""
+
+    def pack(self, latents):
+        return pack_latents(latents)
+
+    def unpack(self, latents, side):
+        return unpack_latents(latents, side)
+
+    def sampling_kwargs(self, backbone, guidance, true_cfg, negative_prompt):
+        kwargs = dict(guidance_scale=guidance, negative_prompt=negative_prompt if true_cfg > 1 else None, true_cfg_scale=true_cfg)
+        if backbone.spec.text_length is not None:
+            kwargs["max_sequence_length"] = backbone.spec.text_length
+        return kwargs
+
+    @contextlib.contextmanager
+    def text_swap(self, denoiser):
+        # FluxPipeline hands prompt_embeds to callback_on_step_end but not pooled_prompt_embeds,
+        # which it passes to the transformer as `pooled_projections` on every step. This forward
+        # pre-hook (a public torch mechanism; nothing in the pipeline changes) puts the refined
+        # prompts' pooled CLIP embedding there, on the calls whose text tokens are the refined
+        # prompts' -- the tensor the callback returned -- and not on true CFG's negative pass.
+        refined = {}
+
+        def pooled_projections(module, args, kwargs):
+            if "embeds" in refined and kwargs.get("encoder_hidden_states") is refined["embeds"]:
+                kwargs["pooled_projections"] = refined["pooled"].to(kwargs["pooled_projections"].dtype)
+            return args, kwargs
+
+        def swapped(updates, encoded):
+            refined.update(embeds=updates["prompt_embeds"], pooled=encoded["pooled_prompt_embeds"])
+
+        hook = denoiser.register_forward_pre_hook(pooled_projections, with_kwargs=True)
+        try:
+            yield swapped
+        finally:
+            hook.remove()
+
+
+FAMILIES = {
+    "sd": Family(("prompt_embeds",)),
+    "sdxl": Family(("prompt_embeds", "add_text_embeds")),
+    "sd3": Family(("prompt_embeds", "pooled_prompt_embeds"), flow_matching=True),
+    "flux": FluxFamily(("prompt_embeds",), flow_matching=True),
+}
+
+
 FOLDER_DEFAULTS = {  # sampling defaults of a diffusers folder without a promptloop.json
     "sd": dict(steps=30, guidance=7.5), "sdxl": dict(steps=30, guidance=5.0),
     "sd3": dict(steps=28, guidance=7.0), "flux": dict(steps=28, guidance=3.5),
@@ -187,9 +322,14 @@ class Backbone:
         return pipeline_family(self.pipe)
 
     @property
+    def hooks(self):
+        """The family's hooks (Family): what refined sampling needs to know of this pipeline."""
+        return FAMILIES[self.family]
+
+    @property
     def flow_matching(self):
         """SD3 / FLUX: a flow-matching transformer (x = (1 - sigma) x0 + sigma eps), not a DDPM UNet."""
-        return self.family in ("sd3", "flux")
+        return self.hooks.flow_matching
 
     @property
     def denoiser(self):
@@ -265,8 +405,7 @@ def load_backbone(name, device="cpu", dtype=torch.float32, unet=None, lora=None,
         if lora is not None:
             pipe.load_lora_weights(lora)
     except (OSError, ValueError, EnvironmentError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot load backbone '{name}' ({spec.source}): {first_line}") from e
+        raise UserError(f"cannot load backbone '{name}' ({spec.source}): {first_line(e)}") from e
     if pipeline_family(pipe) is None:
         raise UserError(f"backbone '{name}' is a {type(pipe).__name__}; promptloop drives {', '.join(PIPELINE_FAMILIES)}")
     if not t5 and pipeline_family(pipe) != "sd3":
@@ -309,402 +448,9 @@ def unpack_latents(tokens, side):
     return tokens.view(b, half, half, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, channels // 4, side, side)
 
 
+
 # -----------------------------------------------------------------------------
-# refined sampling
-
-
-def refinement_schedule(num_steps, refine_steps):
-    """Denoising step indices *before* which the prompt is rewritten, evenly spaced.
-
-    Refinement before step s uses the denoised estimate x0_hat available after step s-1, so s
-    ranges over 1..num_steps-1: nothing can be refined before the first step (no estimate yet)
-    or after the last (nothing left to steer). K is capped at num_steps-1; N=1 or K=0 means
-    plain sampling. E.g. N=50, K=5 -> [8, 17, 25, 33, 42]; N=4, K=5 -> [1, 2, 3]."""
-    if refine_steps < 0:
-        raise UserError(f"refine steps must be >= 0, got {refine_steps}")
-    if num_steps < 1:
-        raise UserError(f"sampling steps must be >= 1, got {num_steps}")
-    k = min(refine_steps, num_steps - 1)
-    return sorted({min(num_steps - 1, max(1, round(j * num_steps / (k + 1)))) for j in range(1, k + 1)})
-
-
-@contextlib.contextmanager
-def capture_denoised(scheduler):
-    """Record the denoised estimate x0_hat of each scheduler step, without changing the step.
-
-    Schedulers such as DDIM/Euler return `pred_original_sample`; for those that do not
-    (PNDM, DPM-Solver, the flow-matching Euler of SD3/FLUX) it is computed from the model output. The wrapper keeps
-    the original signature (functools.wraps), so the pipeline still passes eta / generator."""
-    original = scheduler.step
-    record = {}
-
-    @functools.wraps(original)
-    def step(model_output, timestep, sample, *args, return_dict=True, **kwargs):
-        out = original(model_output, timestep, sample, *args, return_dict=True, **kwargs)
-        x0 = getattr(out, "pred_original_sample", None)
-        record["x0"] = x0 if x0 is not None else _denoised_from_model_output(scheduler, model_output, timestep, sample)
-        return out if return_dict else (out.prev_sample,)
-
-    scheduler.step = step
-    try:
-        yield record
-    finally:
-        del scheduler.step  # the instance attribute shadowed the class method
-
-
-def _denoised_from_model_output(scheduler, model_output, timestep, sample):
-    if not hasattr(scheduler, "alphas_cumprod"):
-        # flow matching (SD3, FLUX): x_t = (1 - sigma) x0 + sigma * noise and the model predicts the
-        # velocity v = noise - x0, so x0 = x_t - sigma * v; the step just taken advanced step_index
-        sigma = scheduler.sigmas[scheduler.step_index - 1].to(sample.device)
-        return sample.float() - sigma.float() * model_output.float()
-    alpha_bar = scheduler.alphas_cumprod.to(sample.device)[int(timestep)].to(sample.dtype)
-    kind = scheduler.config.prediction_type
-    if kind == "epsilon":
-        return (sample - (1 - alpha_bar).sqrt() * model_output) / alpha_bar.sqrt()
-    if kind == "v_prediction":
-        return alpha_bar.sqrt() * sample - (1 - alpha_bar).sqrt() * model_output
-    return model_output  # "sample"
-
-
-class PreviewDecoder:
-    """Latent x0_hat -> RGB preview in [0, 1], shape (B, 3, h, w).
-
-    vae    the backbone's own VAE (full quality, the most expensive)
-    taesd  AutoencoderTiny (madebyollin/taesd, taesdxl, taesd3, taef1): ~16x cheaper than the VAE
-    linear a C->3 affine map (C = 4 latent channels, 16 for SD3/FLUX) fitted once by least squares
-           against the backbone's VAE on the first preview it sees; previews at latent
-           resolution, essentially free
-    Latents are the denoiser's: (z - shift) * scale for VAE latents z (shift 0 for SD1.5/SDXL).
-    """
-
-    KINDS = ("vae", "taesd", "linear")
-
-    def __init__(self, kind, backbone, taesd_source=None):
-        if kind not in self.KINDS:
-            raise UserError(f"unknown preview decoder '{kind}': use one of {', '.join(self.KINDS)}")
-        self.kind, self.backbone = kind, backbone
-        self.vae = backbone.pipe.vae
-        self.linear_map = None  # (5, 3) once fitted
-        if kind == "taesd":
-            from diffusers import AutoencoderTiny
-
-            source = taesd_source or backbone.spec.taesd
-            if source is None:
-                raise UserError(f"no TAESD decoder known for backbone '{backbone.name}'; use --preview-decoder vae|linear")
-            try:
-                self.tiny = AutoencoderTiny.from_pretrained(source, dtype=self.vae.dtype).to(self.vae.device)
-            except OSError as e:
-                raise UserError(f"cannot load TAESD '{source}': {str(e).splitlines()[0]}") from e
-
-    @staticmethod
-    @torch.no_grad()
-    def _decode(vae, x0):
-        """As the pipelines decode: z = x0 / scale + shift. TAESD for SD1.5/SDXL has scale 1 (it
-        takes the UNet's latents as they are); TAESD3 / TAEF1 carry their VAE's scale and shift."""
-        z = x0.to(vae.dtype) / vae.config.scaling_factor + (getattr(vae.config, "shift_factor", None) or 0.0)
-        return (vae.decode(z, return_dict=False)[0].float() / 2 + 0.5).clamp(0, 1)
-
-    def _vae_decode(self, x0):
-        return self._decode(self.vae, x0)
-
-    @torch.no_grad()
-    def __call__(self, x0):
-        if self.kind == "vae":
-            return self._vae_decode(x0)
-        if self.kind == "taesd":
-            return self._decode(self.tiny, x0)
-        x = x0.float()
-        if self.linear_map is None:
-            self.linear_map = fit_linear_preview(x, self._vae_decode(x0))
-        b, _, h, w = x.shape
-        rgb = _affine_features(x) @ self.linear_map.to(x.device)  # (B*h*w, 3)
-        return rgb.reshape(b, h, w, 3).permute(0, 3, 1, 2).clamp(0, 1)
-
-
-def _affine_features(latents):
-    """(B, C, h, w) -> (B*h*w, C+1): each latent pixel's channels and a 1."""
-    b, c, h, w = latents.shape
-    return torch.cat([latents.permute(0, 2, 3, 1).reshape(-1, c), torch.ones(b * h * w, 1, device=latents.device, dtype=latents.dtype)], 1)
-
-
-def fit_linear_preview(latents, images):
-    """Least-squares affine map latent channels -> RGB: (C+1, 3). Images are pooled to latent size."""
-    h, w = latents.shape[-2:]
-    target = F.adaptive_avg_pool2d(images.float(), (h, w)).permute(0, 2, 3, 1).reshape(-1, 3)
-    return torch.linalg.lstsq(_affine_features(latents.float()).cpu(), target.cpu()).solution  # (C+1, 3)
-
-
-@dataclass
-class RefinedSample:
-    images: torch.Tensor  # (B, 3, H, W) in [0, 1], exactly what the pipeline returned
-    latents: torch.Tensor  # (B, C, h, w) final latents (what a latent reward scores)
-    schedule: list  # denoising steps before which the prompt was rewritten
-    prompts: list  # prompts[k][b]: prompt in force from schedule[k] on (prompts[0] = user prompts)
-    previews: list = field(default_factory=list)  # previews[k]: (B, 3, h, w) seen at refinement k
-    states: list = field(default_factory=list)  # states[k]: (B, C, h, w) noisy latents x_t when refinement k was made
-    state_levels: list = field(default_factory=list)  # their noise level: DDPM timestep (int) or flow sigma (float)
-    refiner_outputs: list = field(default_factory=list)  # what the refiner returned at each refinement
-    candidates: list = field(default_factory=list)  # search: candidates[k] = {"prompts": [[M prompts] per image], "scores": (B, M), "chosen": (B,)}
-
-    @property
-    def final_prompts(self):
-        return self.prompts[-1]
-
-    def rows(self, rows):
-        """This sample restricted to `rows` (B',): best-of-n keeps each prompt's best image."""
-        rows = torch.as_tensor(rows).long()
-        return RefinedSample(
-            self.images[rows], self.latents[rows], self.schedule, [[p[r] for r in rows.tolist()] for p in self.prompts],
-            [x[rows] for x in self.previews], [x[rows] for x in self.states], self.state_levels,
-            [out.rows(rows) for out in self.refiner_outputs])
-
-    def score(self, reward):
-        """A reward (rewards.py) of each sample: (B,) float32 on the CPU, NaN where not finite. The reward
-        sees the user prompts, the final refined prompts, every refinement's answers[k][b] (None
-        without a refiner) and the final latents."""
-        answers = [out.answers for out in self.refiner_outputs] or None
-        scores = reward(self.images, self.prompts[0], refined_prompts=self.final_prompts, answers=answers, latents=self.latents)
-        scores = torch.as_tensor(scores).detach().float().cpu().reshape(-1)
-        if len(scores) != len(self.images):
-            raise ValueError(f"a reward returned {len(scores)} scores for {len(self.images)} images")
-        return scores
-
-
-def encode_prompts(pipe, prompts, text_length=None):
-    """Positive prompt embeddings with the pipeline's own `encode_prompt`, as its call computes them.
-
-    Returns {"prompt_embeds": (B, L, D)} plus the pooled text embedding (B, D2) under the name the
-    pipeline's loop gives it: "add_text_embeds" (SDXL), "pooled_prompt_embeds" (SD3, FLUX).
-    text_length: T5 tokens for SD3/FLUX (their `max_sequence_length`; None = the call's default)."""
-    family = pipeline_family(pipe)
-    device = pipe._execution_device
-    if family in ("sd3", "flux"):
-        text_length = text_length or inspect.signature(pipe.__call__).parameters["max_sequence_length"].default
-        lora_scale = (getattr(pipe, "_joint_attention_kwargs", None) or {}).get("scale")
-        if family == "sd3":
-            embeds, _, pooled, _ = pipe.encode_prompt(
-                prompts, None, None, device=device, num_images_per_prompt=1, do_classifier_free_guidance=False,
-                clip_skip=getattr(pipe, "_clip_skip", None), max_sequence_length=text_length, lora_scale=lora_scale)
-        else:
-            embeds, pooled, _ = pipe.encode_prompt(prompts, None, device=device, num_images_per_prompt=1,
-                                                   max_sequence_length=text_length, lora_scale=lora_scale)
-        return {"prompt_embeds": embeds, "pooled_prompt_embeds": pooled}
-    kwargs = dict(device=device, num_images_per_prompt=1, do_classifier_free_guidance=False)
-    lora_scale = (pipe.cross_attention_kwargs or {}).get("scale") if hasattr(pipe, "cross_attention_kwargs") else None
-    clip_skip = getattr(pipe, "clip_skip", None) if hasattr(pipe, "_clip_skip") else None
-    if family == "sdxl":
-        embeds, _, pooled, _ = pipe.encode_prompt(prompts, lora_scale=lora_scale, clip_skip=clip_skip, **kwargs)
-        return {"prompt_embeds": embeds, "add_text_embeds": pooled}
-    embeds, _ = pipe.encode_prompt(prompts, lora_scale=lora_scale, clip_skip=clip_skip, **kwargs)
-    return {"prompt_embeds": embeds}
-
-
-# single-step samplers: the next state depends on the current latents only, so a search may copy one
-# candidate's latents over the others (multistep ones, PNDM or DPM-Solver, keep a history per row)
-SEARCH_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "LCMScheduler", "FlowMatchEulerDiscreteScheduler")
-
-
-def best_candidates(scores):
-    """(B, m) scores of each image's m candidates -> (B,) index of the best; a NaN score ranks last."""
-    return scores.nan_to_num(-math.inf).argmax(1)
-
-
-@dataclass
-class Search:
-    """Reward-guided refinement at sampling time (refined_sample's `search`; sample.py --search M).
-
-    At each refinement the refiner proposes m candidate prompts per image in one batched call (B*m
-    rows, each image's m copies sharing its state); every candidate is continued to the next
-    refinement point -- the last one to the end of sampling -- in the same batched loop; `score`
-    judges the latents reached and each image keeps its best candidate: its latents replace the
-    other copies' and the next refinement starts from them. No decode is needed when `score` is a
-    latent reward model (lrm.search_scorer).
-      score(latents (R, C, h, w), user_prompts (R,), level, group) -> (R,) scores, higher is better;
-      level: the latents' noise level (DDPM timestep or flow sigma, as RefinedSample.state_levels),
-      None for the final clean latents; group = m: the rows come as each image's m candidates (a
-      scorer that draws noise should give them the same draws).
-    Cost: every step runs m rows per image (m x the denoiser evaluations, the same as best-of-m),
-    the copies before the first refinement identical (a pipeline's batch is fixed for its loop).
-    m = 1 is plain refined sampling, bit for bit, and never calls `score`."""
-
-    m: int
-    score: object
-
-
-def refined_sample(
-    backbone,
-    prompts,
-    refiner=None,
-    refine_steps=5,
-    num_steps=None,
-    guidance=None,
-    generator=None,
-    latents=None,
-    negative_prompt=None,
-    preview_decoder="vae",
-    blank_preview=False,
-    size=None,
-    true_cfg=1.0,
-    search=None,
-):
-    """Sample `prompts` with the stock pipeline; a refiner rewrites them at K evenly spaced steps.
-
-    The pipeline runs its own loop; `callback_on_step_end` (a public diffusers hook) swaps the
-    text conditioning after a refinement. At refinement k (before step s_k):
-      x0_hat (from the step just taken) -> preview decoder -> refiner(previews, user prompts,
-      current prompts, s_k, N) -> new prompts -> encode_prompt -> new prompt_embeds (+ pooled).
-    The CFG negative half and SDXL's time ids are kept as the pipeline built them.
-    With refiner=None the call is exactly the stock pipeline call (bit-identical images).
-
-    refiner: any object with `refine(previews, user_prompts, current_prompts, step, num_steps)`
-             returning an object with `.prompts` (see Refiner).
-    blank_preview: show the refiner a grey image instead of x0_hat (the no-feedback ablation).
-    latents: initial noise (B, C, h, w) (latent_shape; FLUX's are packed here, as its pipeline wants).
-    guidance: the backbone's guidance (BackboneSpec.guidance); true_cfg: FLUX only, its two-pass
-             classifier-free guidance with `negative_prompt` (`true_cfg_scale`; 1 = off).
-    search:  a Search: m candidate refinements per image, each image keeps its best-scored one.
-    """
-    pipe, family = backbone.pipe, backbone.family
-    prompts = list(prompts)
-    if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
-        raise UserError("every prompt must be a non-empty string")
-    if true_cfg != 1.0 and family != "flux":
-        raise UserError(f"true CFG is FLUX's; backbone '{backbone.name}' uses --guidance for classifier-free guidance")
-    num_steps = num_steps or backbone.spec.steps
-    guidance = backbone.spec.guidance if guidance is None else guidance
-    size = image_side(backbone, size)  # what the pipeline would pick itself, checked
-    schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
-    b, m = len(prompts), search.m if search is not None and schedule else 1
-    if m > 1:
-        if type(pipe.scheduler).__name__ not in SEARCH_SCHEDULERS:
-            raise UserError(f"search needs a single-step sampler ({', '.join(SEARCH_SCHEDULERS)}); "
-                            f"backbone '{backbone.name}' samples with {type(pipe.scheduler).__name__}")
-        if latents is None:  # the noise the pipeline would draw for the B images, then m copies of each
-            from diffusers.utils.torch_utils import randn_tensor
-
-            latents = randn_tensor((b, *latent_shape(backbone, size)), generator=generator, device=backbone.device,
-                                   dtype=backbone.denoiser.dtype)
-        latents = latents.repeat_interleave(m, 0)
-        if isinstance(generator, list):  # one per row, as the pipeline checks (stochastic samplers draw from it)
-            generator = [g for g in generator for _ in range(m)]
-    rows = [p for p in prompts for _ in range(m)]  # row r is image r // m (m = 1: the prompts themselves)
-    if isinstance(negative_prompt, str):
-        negative_prompt = [negative_prompt] * len(rows)  # the pipeline wants one per prompt
-    elif negative_prompt is not None:
-        negative_prompt = [p for p in negative_prompt for _ in range(m)]
-    uses_negative = true_cfg > 1 if family == "flux" else guidance > 1
-    latent_side = size // pipe.vae_scale_factor
-    if latents is not None:  # the pipeline moves given latents to its device but keeps their dtype
-        latents = latents.to(backbone.device, backbone.denoiser.dtype)
-        latents = pack_latents(latents) if family == "flux" else latents
-    result = RefinedSample(images=None, latents=None, schedule=schedule, prompts=[prompts])
-    decoder = preview_decoder if isinstance(preview_decoder, PreviewDecoder) else None
-    if schedule and decoder is None and not blank_preview:
-        decoder = PreviewDecoder(preview_decoder, backbone)
-    text_length = backbone.spec.text_length if backbone.flow_matching else None
-    flux_pooled = {}  # FLUX: the refined prompts' token embeddings and their pooled CLIP embedding
-    pending = []  # search: the last refinement's candidates, until their lookahead ends
-
-    def unpacked(x):
-        return unpack_latents(x, latent_side) if family == "flux" else x
-
-    def put_in_force(out, scores=None):
-        """A refinement's prompts now in force: all of them, or (search) each image's best candidate.
-        Returns the row each image continues from, repeated for its m copies."""
-        best = torch.zeros(b, dtype=torch.long)
-        if scores is not None:
-            best = best_candidates(scores)
-            result.candidates.append({"prompts": [out.prompts[i * m:(i + 1) * m] for i in range(b)], "scores": scores, "chosen": best})
-        if out is not None:
-            out = out.rows(torch.arange(b) * m + best) if m > 1 else out
-            result.refiner_outputs.append(out)
-            result.prompts.append(list(out.prompts))
-        return (torch.arange(b) * m + best).repeat_interleave(m)
-
-    def choose(latents, level):
-        """Search: score each image's m candidates, keep the best (before the first refinement: its first copy)."""
-        if not pending:
-            return put_in_force(None)
-        scores = torch.as_tensor(search.score(latents, rows, level, m)).float().cpu().reshape(b, m)
-        return put_in_force(pending.pop(), scores)
-
-    def on_step_end(pipe, i, t, tensors):
-        result.latents = unpacked(tensors["latents"])
-        if i + 1 not in schedule:
-            return {}
-        scheduler, updates = pipe.scheduler, {}
-        level = float(scheduler.sigmas[scheduler.step_index]) if backbone.flow_matching else int(scheduler.timesteps[i + 1])
-        x0 = unpacked(denoised["x0"])
-        if m > 1:  # the candidates of the last refinement have looked ahead to here
-            keep = choose(result.latents, level)
-            result.latents, x0 = result.latents[keep], x0[keep]
-            updates["latents"] = pack_latents(result.latents) if family == "flux" else result.latents
-        previews = torch.full((b, 3, 64, 64), 0.5) if blank_preview else decoder(x0[::m])  # one per image
-        current = [p for p in result.prompts[-1] for _ in range(m)]
-        out = refiner.refine(previews.float().cpu().repeat_interleave(m, 0), rows, current, i + 1, num_steps)
-        result.previews.append(previews.float().cpu())
-        result.states.append(result.latents[::m].float().cpu())  # what step i + 1 will denoise
-        result.state_levels.append(level)
-        if m > 1:
-            pending.append(out)
-        else:
-            put_in_force(out)
-        new = encode_prompts(pipe, list(out.prompts), text_length)
-        for key in tensors:
-            if key in new:
-                old, value = tensors[key], new[key].to(tensors[key].dtype)
-                # with CFG the loop holds cat([negative, positive]); keep the negative half
-                updates[key] = torch.cat([old[: len(rows)], value]) if len(old) == 2 * len(rows) else value
-        if family == "flux":
-            flux_pooled.update(embeds=updates["prompt_embeds"], pooled=new["pooled_prompt_embeds"])
-        return updates
-
-    def flux_pooled_projections(module, args, kwargs):
-        # FluxPipeline hands prompt_embeds to callback_on_step_end but not pooled_prompt_embeds,
-        # which it passes to the transformer as `pooled_projections` on every step. This forward
-        # pre-hook (a public torch mechanism; nothing in the pipeline changes) puts the refined
-        # prompts' pooled CLIP embedding there, on the calls whose text tokens are the refined
-        # prompts' -- the tensor the callback returned -- and not on true CFG's negative pass.
-        if "embeds" in flux_pooled and kwargs.get("encoder_hidden_states") is flux_pooled["embeds"]:
-            kwargs["pooled_projections"] = flux_pooled["pooled"].to(kwargs["pooled_projections"].dtype)
-        return args, kwargs
-
-    text_inputs = {"sd": ["prompt_embeds"], "sdxl": ["prompt_embeds", "add_text_embeds"],
-                   "sd3": ["prompt_embeds", "pooled_prompt_embeds"], "flux": ["prompt_embeds"]}[family]
-    call_kwargs = dict(
-        prompt=rows, num_inference_steps=num_steps, guidance_scale=guidance, generator=generator,
-        latents=latents, negative_prompt=negative_prompt if uses_negative else None, output_type="pt",
-        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"] + (text_inputs if schedule else []),
-        height=size, width=size,
-    )
-    if family == "flux":
-        call_kwargs["true_cfg_scale"] = true_cfg
-    if text_length is not None:
-        call_kwargs["max_sequence_length"] = text_length
-    hook = backbone.denoiser.register_forward_pre_hook(flux_pooled_projections, with_kwargs=True) if family == "flux" and schedule else None
-    try:
-        with capture_denoised(pipe.scheduler) as denoised, torch.no_grad():
-            result.images = pipe(**call_kwargs).images.float().cpu()
-    finally:
-        if hook is not None:
-            hook.remove()
-    if m > 1:  # the last refinement's candidates looked ahead to the end: score the final latents
-        keep = choose(result.latents, None)[::m]
-        result.images, result.latents = result.images[keep], result.latents[keep]
-    return result
-
-
-def best_of_sample(backbone, prompts, n, score, latents, **kwargs):
-    """Best-of-n whole images: n independent (refined) samples per prompt in one batched call, from
-    the initial noises `latents` (B, n, C, h, w); `score` (as Search's, level None) picks each
-    prompt's best by its final latents. Returns (the best samples, a RefinedSample of B rows;
-    scores (B, n)). kwargs go to refined_sample (refiner, refine_steps, ...)."""
-    rows = [p for p in prompts for _ in range(n)]
-    sample = refined_sample(backbone, rows, latents=latents.flatten(0, 1), **kwargs)
-    scores = torch.as_tensor(score(sample.latents, rows, None, n)).float().cpu().reshape(len(prompts), n)
-    best = torch.arange(len(prompts)) * n + best_candidates(scores)
-    return sample.rows(best), scores
+# pictures
 
 
 def caption_font(size):
@@ -721,250 +467,3 @@ def to_pil(images):
     """(B, 3, H, W) in [0, 1] -> list of PIL images."""
     array = (images.clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
     return [Image.fromarray(a) for a in array]
-
-
-# -----------------------------------------------------------------------------
-# prompt sources (text file, Pick-a-Pic captions, toy prompts)
-#
-#     toy                          the toy grammar's prompts (toy.toy_prompts; splits train / test;
-#                                  drawn with `seed`, repeating once all are used)
-#     toy-partial | toy-open       those that leave an attribute free | the background free
-#     | toy-full                    | those that name everything (see toy_prompts)
-#     prompts.txt                  one prompt per line, blank lines skipped (one set: `split` unused)
-#     data.parquet | FOLDER        Pick-a-Pic v2 schema, only the `caption` column is read; in a
-#                                  folder the files of the split (parquet_split_files) when there
-#                                  are such files, else all of them
-#     pickapic | HUB_ID            a hub data set via `datasets`, streamed (no full download of
-#                                  the images), e.g. yuvalkirstain/pickapic_v2
-# Captions are stripped, deduplicated (first occurrence kept, source order), non-strings and
-# empty ones skipped and counted.
-
-PROMPT_SOURCES = {"pickapic": "yuvalkirstain/pickapic_v2"}
-CAPTION_COLUMN = "caption"
-
-
-def parquet_split_files(folder, split):
-    """The parquet files of one split in a folder: `{split}.parquet`, `{split}-*.parquet` (the hub's
-    layout, e.g. data/train-00000-of-00645.parquet) or any file in a subfolder named `split`."""
-    files = sorted(Path(folder).rglob("*.parquet"))
-    return [f for f in files if re.fullmatch(rf"{re.escape(split)}(-.*)?\.parquet", f.name) or f.parent.name == split]
-
-
-def _check_caption_column(files):
-    import pyarrow.parquet as pq
-
-    for f in files:
-        try:
-            names = pq.read_schema(f).names
-        except Exception as e:  # pyarrow raises its own ArrowInvalid for files that are not parquet
-            raise UserError(f"cannot read parquet file '{f}': {str(e).strip().splitlines()[0]}") from e
-        if CAPTION_COLUMN not in names:
-            raise UserError(f"'{f}' has no '{CAPTION_COLUMN}' column (columns: {', '.join(names[:8])})")
-
-
-def _caption_rows(source, split):
-    """Iterate the raw caption column of a parquet file/folder or a hub data set."""
-    import datasets
-
-    try:
-        if Path(source).exists():
-            files = [source] if Path(source).is_file() else parquet_split_files(source, split) or sorted(Path(source).rglob("*.parquet"))
-            files = [str(f) for f in files]
-            if not files:
-                raise UserError(f"no parquet files in '{source}'")
-            _check_caption_column(files)
-            rows = datasets.load_dataset("parquet", data_files=files, split="train", columns=[CAPTION_COLUMN])
-        else:
-            rows = datasets.load_dataset(source, split=split, streaming=True, columns=[CAPTION_COLUMN])
-        for row in rows:
-            yield row[CAPTION_COLUMN]
-    except UserError:
-        raise
-    except (OSError, ValueError, KeyError, ImportError, datasets.exceptions.DatasetNotFoundError,
-            datasets.exceptions.DatasetGenerationError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read captions ('{CAPTION_COLUMN}' column) from '{source}' split '{split}': {message}") from e
-
-
-def load_prompts(source, split="train", limit=None, seed=0):
-    """User prompts from a source (see above) -> list[str], at most `limit` (the first ones).
-
-    seed: draws the toy prompts (the other sources are read in their own order)."""
-    if not isinstance(source, str) or not source.strip():
-        raise UserError("empty prompt source: use 'toy', a text file, a parquet file/folder or a hub id")
-    if limit is not None and limit < 1:
-        raise UserError(f"prompt limit must be >= 1, got {limit}")
-    import toy
-
-    source = PROMPT_SOURCES.get(source, source)
-    if source == "toy" or source.startswith("toy-") and source[4:] in toy.TOY_PROMPT_KINDS:
-        try:
-            prompts = toy.toy_prompts(split, limit, seed, kind=source[4:] or "all")
-        except ValueError as e:
-            raise UserError(str(e)) from e
-    elif Path(source).is_file() and not source.endswith(".parquet"):
-        try:
-            lines = Path(source).read_text(encoding="utf-8").splitlines()
-        except (OSError, UnicodeDecodeError) as e:
-            raise UserError(f"cannot read prompt file '{source}': {e}") from e
-        prompts = _distinct_prompts(lines, limit)[0]
-    elif Path(source).exists() or is_hub_id(source):  # parquet or hub id
-        prompts, skipped = _distinct_prompts(_caption_rows(source, split), limit)
-        if skipped:
-            print(f"prompts: skipped {skipped} empty or non-text captions in '{source}'", file=sys.stderr)
-    else:
-        raise UserError(f"prompt source '{source}' not found: use 'toy', a text file, a parquet file/folder or a hub id")
-    if not prompts:
-        raise UserError(f"no prompts in '{source}' (split '{split}')")
-    return prompts
-
-
-def _distinct_prompts(rows, limit):
-    """Stripped, deduplicated strings in order; stops at `limit`. Returns (prompts, skipped)."""
-    seen, prompts, skipped = set(), [], 0
-    for row in rows:
-        text = " ".join(row.split()) if isinstance(row, str) else ""
-        if not text:
-            skipped += 1
-            continue
-        if text not in seen:
-            seen.add(text)
-            prompts.append(text)
-            if limit is not None and len(prompts) >= limit:
-                break
-    return prompts, skipped
-
-
-# -----------------------------------------------------------------------------
-# training utilities
-
-
-def seed_everything(seed):
-    import random
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def save_checkpoint(path, state):
-    """Atomic: write to a temp file in the same folder, then rename over the old one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def resume_checkpoint(path, config, may_change):
-    """The checkpoint `--resume` continues from; UserError if there is none (a typo in --out must not
-    start a fresh run silently, as nanoGPT and HF Trainer refuse too) or if it was written with a
-    different config, apart from the fields in `may_change` (run length, logging, device, ...)."""
-    from dataclasses import asdict
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"--resume: no checkpoint at {path}")
-    state = load_checkpoint(path)
-    changed = sorted(k for k, v in asdict(config).items() if k not in may_change and state["config"].get(k) != v)
-    if changed:
-        raise UserError(f"--resume: {path} was written with a different {', '.join(changed)}")
-    return state
-
-
-def trim_log(path, step):
-    """Keep the lines of log.jsonl up to `step` (a resumed run redoes the steps after its checkpoint);
-    step 0, a fresh run, keeps none. A line cut short by a kill, or one without a step, is dropped."""
-    path = Path(path)
-    kept = []
-    for line in path.read_text().splitlines() if path.is_file() and step > 0 else []:
-        try:
-            if json.loads(line)["step"] <= step:
-                kept.append(line + "\n")
-        except (ValueError, KeyError, TypeError):
-            continue
-    path.write_text("".join(kept))
-
-
-@dataclass
-class Distributed:
-    rank: int
-    world_size: int
-    device: torch.device
-
-    @property
-    def is_main(self):
-        return self.rank == 0
-
-
-def setup_distributed(device="auto"):
-    """Plain DDP under torchrun (RANK/WORLD_SIZE/LOCAL_RANK set); a single process otherwise.
-
-    nccl on GPUs (one per process), gloo on CPU."""
-    if "RANK" not in os.environ:
-        return Distributed(0, 1, pick_device(device))
-    import torch.distributed as dist
-
-    local_rank = int(os.environ["LOCAL_RANK"])
-    use_cuda = torch.cuda.is_available() and device != "cpu"
-    if use_cuda:
-        torch.cuda.set_device(local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return Distributed(dist.get_rank(), dist.get_world_size(), torch.device(f"cuda:{local_rank}" if use_cuda else "cpu"))
-
-
-def barrier(dist_info):
-    if dist_info.world_size > 1:
-        torch.distributed.barrier()
-
-
-def all_sum(value, dist_info):
-    """Sum of a float over ranks (token counts, reward sums)."""
-    tensor = torch.tensor(float(value), dtype=torch.float64, device=dist_info.device)
-    if dist_info.world_size > 1:
-        torch.distributed.all_reduce(tensor)
-    return tensor.item()
-
-
-def all_reduce_gradients(params, dist_info):
-    """Average gradients over ranks (what DDP does; done by hand where a model also runs generate()
-    and peft's disable_adapter(), which DDP's forward wrapper does not cover)."""
-    if dist_info.world_size == 1:
-        return
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
-        torch.distributed.all_reduce(p.grad, op=torch.distributed.ReduceOp.SUM)
-        p.grad /= dist_info.world_size
-
-
-def all_gather(values, dist_info):
-    """(N,) on each rank -> (world * N,) everywhere, on the CPU (for logging over all ranks)."""
-    if dist_info.world_size == 1:
-        return values
-    gathered = [torch.zeros_like(values, device=dist_info.device) for _ in range(dist_info.world_size)]
-    torch.distributed.all_gather(gathered, values.to(dist_info.device))
-    return torch.cat(gathered).cpu()
-
-
-def rank_divergence(params, dist_info):
-    """Largest |w_rank - w_rank0| over all parameters and ranks: 0.0 when the ranks are in sync."""
-    if dist_info.world_size == 1:
-        return 0.0
-    flat = torch.cat([p.detach().float().flatten() for p in params]).to(dist_info.device)
-    reference = flat.clone()
-    torch.distributed.broadcast(reference, 0)
-    gap = (flat - reference).abs().max()
-    torch.distributed.all_reduce(gap, op=torch.distributed.ReduceOp.MAX)
-    return gap.item()
-
-
-def cleanup_distributed(dist_info):
-    if dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        dist.destroy_process_group()

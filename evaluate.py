@@ -35,7 +35,7 @@ per noise bucket next to the pixel rewards' accuracy on the same pairs.
 
 With --lrm and --search 2,4,8 it adds, per M, two arms at M x the denoiser evaluations: "search M"
 (at each refinement M candidate prompts, each continued to the next refinement point, the one
-whose latents the LRM scores best kept: common.Search) and "best-of-M" (M whole refined images
+whose latents the LRM scores best kept: search.Search) and "best-of-M" (M whole refined images
 from M initial noises, the first the other arms' noise, the LRM's pick by final latents). Their
 table (in results.md; search.csv) gives every arm's mean and its paired difference
 from the refined and the baseline arm; search.png plots reward against denoiser evaluations.
@@ -63,12 +63,15 @@ from tqdm import tqdm
 
 import common
 import lrm
+import promptloop
 import refiners
 import rewards
+import runs
+import search
 
 
 @dataclass
-class Config:
+class Config(common.RunFlags, common.SamplingFlags):
     backbones: str = field(default="toy,toy-sdxl", metadata={"help": "comma-separated: sd15 | sdxl | sdxl-turbo | sd35m | sd35l | flux-dev | flux-schnell | toy | toy-sdxl | toy-sd3 | hub id | diffusers folder"})
     refiner: str = field(default="toy-refiner", metadata={"help": "qwen2.5-vl-3b | toy-refiner | hub id | folder (model or PEFT adapter) | none (baseline only)"})
     adapter: str | None = field(default=None, metadata={"help": "PEFT LoRA adapter folder put over --refiner (e.g. from train_refiner.py)"})
@@ -83,13 +86,9 @@ class Config:
     size: int | None = field(default=None, metadata={"help": "image side in pixels (default: each backbone's own)"})
     unet: str | None = field(default=None, metadata={"help": "aligned UNet put over every backbone: dpo-sd15 | dpo-sdxl | hub id | folder"})
     lora: str | None = field(default=None, metadata={"help": "diffusers LoRA (folder or hub id) loaded on every backbone"})
-    t5: bool = field(default=True, metadata={"help": "--t5 false loads SD3 backbones without their T5 encoder (an error for other backbones)"})
-    preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey preview (the no-feedback ablation)"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
     max_new_tokens: int = field(default=96, metadata={"help": "refiner answer budget in tokens (a cut-off answer is unusable: current prompt kept)"})
-    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
-    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
     batch_size: int = field(default=8, metadata={"help": "prompts per pipeline call"})
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
     sheet_prompts: int = field(default=4, metadata={"help": "prompts shown in samples.png (first seed)"})
@@ -98,11 +97,7 @@ class Config:
     preference_data: str | None = field(default=None, metadata={"help": "preference pairs (Pick-a-Pic v2 schema: hub id or parquet) for --lrm"})
     preference_split: str = field(default="test", metadata={"help": "split of --preference-data"})
     preference_limit: int = field(default=256, metadata={"help": "number of preference pairs (0 = all)"})
-    seed: int = field(default=0, metadata={"help": "seed of the prompt selection"})
     out: str = field(default="out/eval", metadata={"help": "output folder"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (one per core)"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
 
 
 def reward_specs(text):
@@ -131,8 +126,8 @@ def check(config):
                    non_negative=("refine_steps", "limit", "temperature", "guidance", "sheet_prompts", "preference_limit", "threads"))
     if not 0 < config.confidence < 1:
         raise common.UserError(f"--confidence must be in (0, 1), got {config.confidence}")
-    if config.preview_decoder not in common.PreviewDecoder.KINDS:
-        raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
+    if config.preview_decoder not in promptloop.PreviewDecoder.KINDS:
+        raise common.UserError(f"--preview-decoder must be one of {', '.join(promptloop.PreviewDecoder.KINDS)}")
     if config.preference_data is not None and config.lrm is None:
         raise common.UserError("--preference-data needs --lrm (the latent reward model whose accuracy it measures)")
     if search_counts(config.search) and (config.lrm is None or config.refiner == "none"):
@@ -254,17 +249,17 @@ def sampling_arms(backbone, refiner, config, score=None):
         preview_decoder=config.preview_decoder, blank_preview=config.blank_preview,
     )
 
-    def plain(arm_refiner, search=None):
-        return lambda prompts, seed, indices, **more: common.refined_sample(
-            backbone, prompts, arm_refiner, generator=image_generators(seed, indices), search=search, **(kwargs | more))
+    def plain(arm_refiner, hook=None):
+        return lambda prompts, seed, indices, **more: promptloop.refined_sample(
+            backbone, prompts, arm_refiner, generator=image_generators(seed, indices), hook=hook, **(kwargs | more))
 
     def best_of(m):
-        return lambda prompts, seed, indices, **more: common.best_of_sample(
+        return lambda prompts, seed, indices, **more: search.best_of_sample(
             backbone, prompts, m, score, candidate_noise(backbone, seed, indices, m, config.size), refiner=refiner, **(kwargs | more))[0]
 
     arms = {"baseline": (plain(None), 1)} | ({"refined": (plain(refiner), 1)} if refiner is not None else {})
     for m in search_counts(config.search):
-        arms[f"search {m}"] = (plain(refiner, common.Search(m, score)), m)
+        arms[f"search {m}"] = (plain(refiner, search.Search(m, score)), m)
         arms[f"best-of-{m}"] = (best_of(m), m)
     return arms
 
@@ -645,15 +640,12 @@ def lrm_table(rows):
 def main():
     config = common.parse_config(Config)
     check(config)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
-    device = common.pick_device(config.device)
-    dtype = common.pick_dtype(config.dtype, device)
+    device, dtype = common.setup_run(config)
     seeds = common.parse_ints(config.seeds, "--seeds")
     searched = bool(search_counts(config.search))  # the search and best-of-M arms run
     specs = reward_specs(config.rewards)
     backbone_names = common.parse_list(config.backbones, "--backbones")
-    prompts = common.load_prompts(config.prompts, config.split, config.limit or None, config.seed)  # UserError if none
+    prompts = runs.load_prompts(config.prompts, config.split, config.limit or None, config.seed)  # UserError if none
     # every reward is built (and every spec checked) before the first image is drawn
     scorers = {label: rewards.build_reward(spec, device, dtype) for label, spec in specs.items()}
     for label, reward in scorers.items():
@@ -685,7 +677,7 @@ def main():
             backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=config.sheet_prompts, score=score
         )
         num_steps = config.steps or backbone.spec.steps
-        schedule = common.refinement_schedule(num_steps, config.refine_steps) if refiner is not None else []
+        schedule = promptloop.refinement_schedule(num_steps, config.refine_steps) if refiner is not None else []
         records += mine
         timing[label] = {"source": name, "seconds": seconds, "images": len(mine), "fallbacks": fallbacks, "refinements": refinements,
                          "steps": num_steps, "schedule": schedule, "evaluations": evaluations}

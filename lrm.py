@@ -27,7 +27,9 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import UserError, encode_prompts, is_hub_id, load_backbone, pack_latents, parquet_split_files
+from common import UserError, is_hub_id, load_backbone, pack_latents
+from promptloop import encode_prompts
+from runs import parquet_split_files
 
 # Pick-a-Pic v2 (Kirstain et al. 2023): a caption, two JPEGs (bytes), label_0/label_1 in
 # {1/0, 0/1, 0.5/0.5 = tie}; has_label / are_different flag rows that carry no preference.

@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import toy
 from common import BACKBONES, UserError, is_hub_id, pick_device, to_pil
 from refiners import chat_inputs, parse_answer
 
@@ -144,11 +143,17 @@ def structure_reward(arg, device, dtype):
     return _uses(fn, "answers")
 
 
-def toy_reward(name, score):
+TOY_REWARDS = ("toy-aesthetic", "toy-faithful")  # toy.TOY_REWARDS, named here so that the toy world loads only when asked for
+
+
+def toy_reward(name):
     """Factory of the toy reward `name` (toy.TOY_REWARDS): a weight-free pixel score."""
 
     def factory(arg, device, dtype):
         _no_arg(name, arg)
+        import toy
+
+        score = toy.TOY_REWARDS[name]
         return _uses(lambda images, prompts, **_: score(images, prompts), "images")
 
     return factory
@@ -554,7 +559,7 @@ REWARDS = {
     "jpeg-incompressibility": functools.partial(jpeg_reward, sign=1.0),
     "length": length_reward,
     "structure": structure_reward,
-    **{name: toy_reward(name, score) for name, score in toy.TOY_REWARDS.items()},
+    **{name: toy_reward(name) for name in TOY_REWARDS},
     "lrm": lrm_factory,
 }
 

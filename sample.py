@@ -16,7 +16,7 @@ and `trajectory.json`.
 With --search M --lrm DIR the refiner proposes M candidate prompts at each refinement, each is
 continued to the next refinement point (the last to the end), a latent reward model
 (train_reward.py) scores the latents they reach and each image keeps its best candidate
-(common.Search): no decode, no pixel reward in the loop, M x the denoiser evaluations. Every
+(search.Search): no decode, no pixel reward in the loop, M x the denoiser evaluations. Every
 candidate and its score goes into trajectory.json and trajectory.png.
 
 Left out on purpose: negative-prompt refinement (the refiner rewrites the positive prompt
@@ -35,11 +35,13 @@ from PIL import Image, ImageDraw
 
 import common
 import lrm
+import promptloop
 import refiners
+import search
 
 
 @dataclass
-class Config:
+class Config(common.RunFlags, common.SamplingFlags):
     prompt: list[str] = field(default_factory=list, metadata={"help": "user prompt; repeat the flag or give several for one batch", "action": "extend"})
     backbone: str = field(default="toy", metadata={"help": "sd15 | sdxl | sdxl-turbo | sd35m | sd35l | flux-dev | flux-schnell | toy | toy-sdxl | toy-sd3 | hub id | diffusers folder"})
     refiner: str = field(default="toy-refiner", metadata={"help": "qwen2.5-vl-3b | toy-refiner | hub id | folder (model or PEFT adapter) | none"})
@@ -50,19 +52,12 @@ class Config:
     steps: int | None = field(default=None, metadata={"help": "N sampling steps (default: the backbone's, e.g. 50 for sd15, 4 for sdxl-turbo)"})
     guidance: float | None = field(default=None, metadata={"help": "CFG scale (default: the backbone's; 0 for sdxl-turbo); FLUX: its distilled guidance"})
     true_cfg: float = field(default=1.0, metadata={"help": "FLUX only: classifier-free guidance scale with --negative-prompt (two passes per step; 1 = off)"})
-    t5: bool = field(default=True, metadata={"help": "SD3 only: --t5 false loads it without its T5 encoder (much less memory)"})
     size: int | None = field(default=None, metadata={"help": "image side in pixels (default: the backbone's)"})
     negative_prompt: str | None = field(default=None, metadata={"help": "negative prompt (used with CFG)"})
     search: int = field(default=1, metadata={"help": "M candidate prompts per refinement, the best kept by --lrm's score of the latents they reach (1 = off)"})
     lrm: str | None = field(default=None, metadata={"help": "latent reward model folder (train_reward.py) that scores the --search candidates"})
-    preview_decoder: str = field(default="vae", metadata={"help": "vae | taesd | linear: how the refiner's preview is decoded"})
     temperature: float = field(default=1.0, metadata={"help": "refiner sampling temperature; 0 = greedy"})
-    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
-    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
-    seed: int = field(default=0, metadata={"help": "seed of the initial noise (and of the refiner's sampling)"})
     out: str = field(default="out/sample", metadata={"help": "output folder"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda | cuda:N"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
 
 
 def check(config):
@@ -75,8 +70,8 @@ def check(config):
         raise common.UserError("--search needs a refiner to propose candidate prompts")
     if config.true_cfg < 1:
         raise common.UserError(f"--true-cfg must be >= 1 (1 = off), got {config.true_cfg}")
-    if config.preview_decoder not in common.PreviewDecoder.KINDS:
-        raise common.UserError(f"--preview-decoder must be one of {', '.join(common.PreviewDecoder.KINDS)}")
+    if config.preview_decoder not in promptloop.PreviewDecoder.KINDS:
+        raise common.UserError(f"--preview-decoder must be one of {', '.join(promptloop.PreviewDecoder.KINDS)}")
 
 
 # -----------------------------------------------------------------------------
@@ -123,27 +118,26 @@ def slug(text, n=40):
 def main():
     config = common.parse_config(Config)
     check(config)
-    device = common.pick_device(config.device)
-    dtype = common.pick_dtype(config.dtype, device)
+    device, dtype = common.setup_run(config)
     backbone = common.load_backbone(config.backbone, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
     refiner = refiners.load_refiner(
         config.refiner, adapter=config.adapter, device=device, dtype=dtype,
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
         fast_decode=config.fast_decode, preview_size=config.preview_size,
     )
-    search = None
+    hook = None  # promptloop.Hook: plain refined sampling
     if config.search > 1:
-        search = common.Search(config.search, lrm.search_scorer(lrm.load_lrm(config.lrm, device, dtype), backbone))
+        hook = search.Search(config.search, lrm.search_scorer(lrm.load_lrm(config.lrm, device, dtype), backbone))
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(config.seed)  # the refiner samples with the global generator
     generator = torch.Generator(device).manual_seed(config.seed)
     t0 = time.time()
-    result = common.refined_sample(
+    result = promptloop.refined_sample(
         backbone, config.prompt, refiner, refine_steps=config.refine_steps, num_steps=config.steps,
         guidance=config.guidance, generator=generator, negative_prompt=config.negative_prompt,
-        preview_decoder=config.preview_decoder, size=config.size, true_cfg=config.true_cfg, search=search,
+        preview_decoder=config.preview_decoder, size=config.size, true_cfg=config.true_cfg, hook=hook,
     )
     seconds = time.time() - t0
 
@@ -173,7 +167,7 @@ def main():
     (out / "trajectory.json").write_text(json.dumps(record, indent=2))
     if result.schedule:
         label = f"{config.backbone} + {config.refiner}, seed {config.seed}, {num_steps} steps, refined before steps {result.schedule}"
-        label += f", best of {config.search} candidates by the LRM (*)" if search else ""
+        label += f", best of {config.search} candidates by the LRM (*)" if hook else ""
         trajectory_picture(result, label).save(out / "trajectory.png")
     elif refiner is not None:
         print(f"note: {num_steps} sampling step(s) leave no room for refinement; plain sampling was run")

@@ -21,7 +21,6 @@ import re
 
 import torch
 
-
 # -----------------------------------------------------------------------------
 # the toy grammar
 #
@@ -302,7 +301,12 @@ def tiny_qwen_processor(words=(), image_pixels=56 * 56):
 
     `image_pixels` bounds the resized image (multiples of 28 px per side), so a
     56x56 preview becomes 2x2 merged vision tokens."""
-    from transformers import Qwen2_5_VLProcessor, Qwen2Tokenizer, Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+    from transformers import (
+        Qwen2_5_VLProcessor,
+        Qwen2Tokenizer,
+        Qwen2VLImageProcessor,
+        Qwen2VLVideoProcessor,
+    )
 
     vocab, merges = _byte_level_vocab(["Ġ" + w for w in words])
     for special in QWEN_SPECIAL_TOKENS:

@@ -49,15 +49,17 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 import common
 import lrm
+import promptloop
 import refiners
 import rewards
+import runs
 
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
-class Config:
+class Config(common.RunFlags, common.SamplingFlags):
     backbone: str = field(default="sd15", metadata={"help": "diffusion backbone: alias (sd15, sdxl, sdxl-turbo, sd35m, sd35l, flux-dev, flux-schnell, toy, toy-sdxl, toy-sd3), hub id or diffusers folder"})
     refiner: str = field(default="qwen2.5-vl-3b", metadata={"help": "base refiner (MLLM): alias (qwen2.5-vl-3b, toy-refiner), hub id or folder"})
     reward: str = field(default="imagereward", metadata={"help": "training reward: a name or a weighted sum, e.g. imagereward:1,length:0.1"})
@@ -72,14 +74,10 @@ class Config:
     refine_steps: int = field(default=2, metadata={"help": "K: refinements per trajectory in training (the paper: 2 in training, 5 at inference)"})
     sampling_steps: int = field(default=0, metadata={"help": "denoising steps (0 = the backbone's default)"})
     guidance: float = field(default=-1.0, metadata={"help": "CFG scale (negative = the backbone's default); FLUX: its distilled guidance"})
-    t5: bool = field(default=True, metadata={"help": "SD3 only: --t5 false loads it without its T5 encoder (much less memory)"})
     size: int = field(default=0, metadata={"help": "image side in pixels (0 = the backbone's default)"})
-    preview_decoder: str = field(default="vae", metadata={"help": "how the refiner sees x0_hat: vae, taesd or linear"})
     blank_preview: bool = field(default=False, metadata={"help": "show the refiner a grey image instead of x0_hat (the no-visual-feedback ablation)"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature of the policy (also used in its log-probs)"})
     max_new_tokens: int = field(default=64, metadata={"help": "longest refiner answer in tokens"})
-    fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
-    preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
     lora_rank: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: float = field(default=32.0, metadata={"help": "LoRA alpha (scale = alpha / rank)"})
     lora_targets: str = field(default=",".join(refiners.LORA_TARGETS), metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
@@ -96,12 +94,8 @@ class Config:
     monitor_every: int = field(default=10, metadata={"help": "score the held-out prompts every N steps (0 = only at start and end)"})
     monitor_prompts: int = field(default=16, metadata={"help": "number of held-out prompts (one trajectory each, fixed noise)"})
     save_every: int = field(default=10, metadata={"help": "checkpoint + adapter every N steps (and at the end)"})
-    seed: int = field(default=0, metadata={"help": "random seed (rollouts of step s on rank r are seeded from (seed, s, r))"})
     out: str = field(default="runs/refiner", metadata={"help": "output folder: adapter, checkpoint.pt, log.jsonl, metrics.json"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/checkpoint.pt"})
-    device: str = field(default="auto", metadata={"help": "auto, cpu or cuda"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (one per core). Numbers of RL runs depend on it: state it with them"})
-    dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), fp32, bf16 or fp16"})
 
 
 # fields that may change when resuming (everything else must match the checkpoint)
@@ -239,7 +233,7 @@ def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
 
 def sample(backbone, refiner, rows, latents, generator, config, preview_decoder):
     """refined_sample with the run's sampling settings: the rollouts and the held-out monitor."""
-    return common.refined_sample(
+    return promptloop.refined_sample(
         backbone, rows, refiner, refine_steps=config.refine_steps, num_steps=config.sampling_steps or None,
         guidance=None if config.guidance < 0 else config.guidance, generator=generator, latents=latents,
         preview_decoder=preview_decoder, blank_preview=config.blank_preview, size=config.size or None,
@@ -298,7 +292,7 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
         for mb in range(config.minibatches):
             idx = order[mb * size: (mb + 1) * size].tolist()
             masks = [out.completion_mask[idx] * valid[idx].unsqueeze(1) for out in outputs]  # (n_mb, T_k)
-            num_tokens = max(1.0, common.all_sum(sum(m.sum().item() for m in masks), dist_info))
+            num_tokens = max(1.0, runs.all_sum(sum(m.sum().item() for m in masks), dist_info))
             optimizer.zero_grad(set_to_none=True)
             total, kls, clips = 0.0, [], []
             for k, out in enumerate(outputs):
@@ -312,7 +306,7 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
                 total += loss.item()
                 kls.append(s["kl"])
                 clips.append(s["clip_fraction"])
-            common.all_reduce_gradients(params, dist_info)
+            runs.all_reduce_gradients(params, dist_info)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if not torch.isfinite(grad_norm):  # NaN/inf loss or gradient on any rank: never applied
                 stats["skipped"] += 1
@@ -360,11 +354,11 @@ def load_prompt_sets(config):
     """(train, held-out) prompts; --prompts defaults to the backbone's own prompts: the toy grammar
     for a toy backbone (offline), Pick-a-Pic v2's captions otherwise."""
     source = config.prompts or ("toy" if config.backbone.startswith("toy") else "pickapic")
-    train = common.load_prompts(source, "train", config.max_prompts or None, config.seed)
+    train = runs.load_prompts(source, "train", config.max_prompts or None, config.seed)
     if config.heldout_prompts:
-        heldout = common.load_prompts(config.heldout_prompts, "test", config.monitor_prompts, config.seed)
+        heldout = runs.load_prompts(config.heldout_prompts, "test", config.monitor_prompts, config.seed)
     else:
-        heldout = common.load_prompts(source, "test", config.monitor_prompts, config.seed)
+        heldout = runs.load_prompts(source, "test", config.monitor_prompts, config.seed)
         if set(heldout) & set(train):  # a source without splits (a text file): hold prompts out of it
             rng = random.Random(config.seed)
             heldout = rng.sample(train, min(config.monitor_prompts, len(train) // 5))
@@ -380,20 +374,20 @@ def train(config, reward=None, monitor_reward=None):
     check_config(config)
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    dist_info = common.setup_distributed(config.device)
+    dist_info = runs.setup_distributed(config.device)
     device = dist_info.device
     dtype = common.pick_dtype(config.dtype, device)
     out_dir = Path(config.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint_path = out_dir / "checkpoint.pt"
-    state = common.resume_checkpoint(checkpoint_path, config, RESUME_MAY_CHANGE) if config.resume else None
+    state = runs.resume_checkpoint(checkpoint_path, config, RESUME_MAY_CHANGE) if config.resume else None
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
     reward = reward or rewards.build_reward(config.reward, device, dtype)
     others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
     train_prompts, heldout_prompts = load_prompt_sets(config)
-    common.seed_everything(config.seed)  # same LoRA init on every rank
+    runs.seed_everything(config.seed)  # same LoRA init on every rank
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
     # the critic: the LRM scoring this sampler's states (search_scorer checks it can read them)
     critic = lrm.search_scorer(lrm.load_lrm(config.critic, device, dtype), backbone) if config.critic else None
@@ -408,7 +402,7 @@ def train(config, reward=None, monitor_reward=None):
         base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = refiners.add_lora(base, config.lora_rank, config.lora_alpha, common.parse_list(config.lora_targets, "--lora-targets"))
     refiner = base
-    preview_decoder = None if config.blank_preview else common.PreviewDecoder(config.preview_decoder, backbone)
+    preview_decoder = None if config.blank_preview else promptloop.PreviewDecoder(config.preview_decoder, backbone)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
 
     start_step = 0
@@ -424,7 +418,7 @@ def train(config, reward=None, monitor_reward=None):
             dist.broadcast(p.data, 0)
     log_path = out_dir / "log.jsonl"
     if dist_info.is_main:  # keep only the log lines the checkpoint covers (a killed run may have more)
-        common.trim_log(log_path, start_step)
+        runs.trim_log(log_path, start_step)
     log(f"train prompts {len(train_prompts)} | held-out {len(heldout_prompts)} | trainable LoRA parameters "
         f"{sum(p.numel() for p in params):,} | world {dist_info.world_size} | device {device} {dtype}")
 
@@ -452,7 +446,7 @@ def train(config, reward=None, monitor_reward=None):
     for step in range(start_step + 1, config.steps + 1):
         t0 = time.time()
         seed = step_seed(config.seed, step, dist_info.rank)
-        common.seed_everything(seed)  # the refiner samples its tokens with the global generator
+        runs.seed_everything(seed)  # the refiner samples its tokens with the global generator
         generator = torch.Generator().manual_seed(seed)
         # each rank draws its own B prompts
         prompts = random.Random(seed).choices(train_prompts, k=config.prompts_per_step)
@@ -471,16 +465,16 @@ def train(config, reward=None, monitor_reward=None):
         logprob_gap = max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old))
         stats = update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator)
 
-        all_rewards = common.all_gather(scores, dist_info)
+        all_rewards = runs.all_gather(scores, dist_info)
         finite = all_rewards[torch.isfinite(all_rewards)]
         record = dict(
             step=step,
             reward_mean=finite.mean().item() if len(finite) else math.nan,
             reward_std=finite.std().item() if len(finite) > 1 else math.nan,
-            nonfinite_rewards=int(common.all_sum((~valid).sum().item(), dist_info)),
-            zero_variance_groups=int(common.all_sum(zero_variance.sum().item(), dist_info)),
+            nonfinite_rewards=int(runs.all_sum((~valid).sum().item(), dist_info)),
+            zero_variance_groups=int(runs.all_sum(zero_variance.sum().item(), dist_info)),
             groups=config.prompts_per_step * dist_info.world_size,
-            fallback_rate=common.all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info) / dist_info.world_size,
+            fallback_rate=runs.all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info) / dist_info.world_size,
             logprob_gap=logprob_gap,
             **stats,
             seconds=time.time() - t0,
@@ -497,10 +491,10 @@ def train(config, reward=None, monitor_reward=None):
         if config.monitor_every and step % config.monitor_every == 0 and step < config.steps:
             heldout(step)
         if step % config.save_every == 0 or step == config.steps:
-            divergence = common.rank_divergence(params, dist_info)
+            divergence = runs.rank_divergence(params, dist_info)
             if dist_info.is_main:
                 refiners.save_adapter(refiner.model, out_dir, refiners.base_model_name(config.refiner))
-                common.save_checkpoint(checkpoint_path, dict(
+                runs.save_checkpoint(checkpoint_path, dict(
                     lora=get_peft_model_state_dict(refiner.model), optimizer=optimizer.state_dict(),
                     step=step, config=asdict(config), rng=torch.get_rng_state(),
                 ))
@@ -516,7 +510,7 @@ def train(config, reward=None, monitor_reward=None):
         metrics = {**previous, **metrics, "steps": config.steps, "world_size": dist_info.world_size, "config": asdict(config)}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log(f"saved adapter and metrics in {out_dir}")
-    common.cleanup_distributed(dist_info)
+    runs.cleanup_distributed(dist_info)
     return metrics
 
 

@@ -44,20 +44,20 @@ import torch
 
 import common
 import lrm
+import runs
 
 # -----------------------------------------------------------------------------
 # config
 
 
 @dataclass
-class Config:
+class Config(common.RunFlags):
     data: str = field(default="toy_world/pickapic-toy", metadata={"help": "preference pairs in the Pick-a-Pic v2 schema: a parquet file, a folder of {split}.parquet / {split}-*.parquet, or a hub id (e.g. yuvalkirstain/pickapic_v2, streamed)"})
     val_data: str | None = field(default=None, metadata={"help": "validation pairs (same forms as --data); default: --data. If both are the same single file, every 10th row is held out"})
     train_split: str = field(default="train", metadata={"help": "split of --data to train on"})
     val_split: str = field(default="validation", metadata={"help": "split of --val-data to validate on (Pick-a-Pic v2: validation_unique)"})
     backbone: str = field(default="toy", metadata={"help": "diffusion backbone whose denoiser gives the features: alias (sd15, sdxl, sd35m, flux-dev, toy, toy-sd3, ...) or diffusers folder"})
     out: str = field(default="runs/lrm", metadata={"help": "output folder (model, checkpoint, logs, metrics)"})
-    seed: int = field(default=0, metadata={"help": "random seed (data order, noise, init)"})
     steps: int = field(default=600, metadata={"help": "optimizer steps"})
     batch_size: int = field(default=32, metadata={"help": "pairs per step, over all processes"})
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate (AdamW)"})
@@ -83,9 +83,6 @@ class Config:
     val_draws: int = field(default=1, metadata={"help": "noise draws (t, eps) per validation pair and noise bucket; more give steadier accuracy and ECE"})
     ensemble_t_max: int = field(default=400, metadata={"help": "noise ensembling: t ~ U[0, ensemble_t_max)"})
     ensemble_levels: list[float] = field(default_factory=list, metadata={"help": "noise ensembling at these fixed sigmas instead (draws cycle through them; DiNa-LRM: 0.2 0.5 0.7); validation reports both"})
-    device: str = field(default="auto", metadata={"help": "auto | cpu | cuda"})
-    dtype: str = field(default="auto", metadata={"help": "backbone dtype: auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16"})
-    threads: int = field(default=0, metadata={"help": "torch CPU threads; 0 = torch's default (1 is fastest for toy models on a busy machine)"})
     resume: bool = field(default=False, metadata={"help": "continue from OUT/ckpt.pt"})
 
 
@@ -144,7 +141,7 @@ def load_split(cfg, backbone, dist, source, split, resolution, max_pairs, holdou
         tmp = Path(f"{path}.{os.getpid()}.tmp")  # one per process: two runs may share a cache folder
         save_file({"latents_0": latents_0, "latents_1": latents_1, "labels": pairs["labels"]}, str(tmp), metadata=metadata)
         tmp.replace(path)  # atomic: a killed encode leaves no half-written cache
-    common.barrier(dist)
+    runs.barrier(dist)
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as f:
@@ -229,17 +226,17 @@ def eval_line(step, result):
 def main():
     cfg = common.parse_config(Config)
     check_config(cfg)
-    dist = common.setup_distributed(cfg.device)
+    dist = runs.setup_distributed(cfg.device)
     if cfg.batch_size % dist.world_size:
         raise common.UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
-    common.seed_everything(cfg.seed)
+    runs.seed_everything(cfg.seed)
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     out = Path(cfg.out)
     device, dtype = dist.device, common.pick_dtype(cfg.dtype, dist.device)
     ckpt_path = out / "ckpt.pt"
     out.mkdir(parents=True, exist_ok=True)
-    state = common.resume_checkpoint(ckpt_path, cfg, RESUME_MAY_CHANGE) if cfg.resume else None
+    state = runs.resume_checkpoint(ckpt_path, cfg, RESUME_MAY_CHANGE) if cfg.resume else None
 
     # --- backbone, data
     backbone = common.load_backbone(cfg.backbone, device, dtype)
@@ -279,17 +276,17 @@ def main():
 
     def save(step):
         if dist.is_main:
-            common.save_checkpoint(ckpt_path, dict(
+            runs.save_checkpoint(ckpt_path, dict(
                 model=model.trainable_state_dict(), optimizer=optimizer.state_dict(), step=step,
                 rng=torch.get_rng_state(), config=asdict(cfg), eval_history=history,
             ))
-        common.barrier(dist)
+        runs.barrier(dist)
 
     # --- training loop
     local = cfg.batch_size // dist.world_size
     log = None
     if dist.is_main:
-        common.trim_log(out / "log.jsonl", start_step)  # on resume the steps after the checkpoint are redone
+        runs.trim_log(out / "log.jsonl", start_step)  # on resume the steps after the checkpoint are redone
         log = open(out / "log.jsonl", "a")
     skipped_steps, step_times = 0, []
     for step in range(start_step, cfg.steps):
@@ -333,7 +330,7 @@ def main():
                 history.append(dict(step=step + 1, **result))
                 print(eval_line(step + 1, result), flush=True)
                 log.write(json.dumps(dict(step=step + 1, eval=result)) + "\n")
-            common.barrier(dist)
+            runs.barrier(dist)
         if (step + 1) % cfg.save_every == 0 or step + 1 == cfg.steps:
             save(step + 1)
 
@@ -355,8 +352,8 @@ def main():
             metrics["noise_ceiling"] = json.loads(labels_info.read_text()).get(cfg.val_split, {}).get("noise_ceiling")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
         log.close()
-    common.barrier(dist)
-    common.cleanup_distributed(dist)
+    runs.barrier(dist)
+    runs.cleanup_distributed(dist)
 
 
 if __name__ == "__main__":

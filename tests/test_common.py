@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import common
+import promptloop
+import runs
 
 
 @dataclass
@@ -37,22 +39,22 @@ def test_require_names_the_first_bad_field():
 def test_resume_refuses_a_missing_checkpoint_and_a_changed_config(tmp_path):
     path = tmp_path / "ckpt.pt"
     with pytest.raises(common.UserError, match="no checkpoint"):
-        common.resume_checkpoint(path, _Config(), {"steps"})
-    common.save_checkpoint(path, {"config": {"steps": 10, "lr": 1e-3, "every": 0, "size": None}, "step": 4})
-    assert common.resume_checkpoint(path, _Config(steps=20), {"steps"})["step"] == 4  # steps may change
+        runs.resume_checkpoint(path, _Config(), {"steps"})
+    runs.save_checkpoint(path, {"config": {"steps": 10, "lr": 1e-3, "every": 0, "size": None}, "step": 4})
+    assert runs.resume_checkpoint(path, _Config(steps=20), {"steps"})["step"] == 4  # steps may change
     with pytest.raises(common.UserError, match="different lr"):
-        common.resume_checkpoint(path, _Config(lr=1e-2), {"steps"})
+        runs.resume_checkpoint(path, _Config(lr=1e-2), {"steps"})
 
 
 def test_trim_log_keeps_the_checkpointed_steps_and_drops_a_cut_line(tmp_path):
     log = tmp_path / "log.jsonl"
     lines = [json.dumps({"step": s, "loss": 1.0 / (s + 1)}) for s in (0, 1, 2, 3, 4)]
     log.write_text("\n".join(lines) + '\n{"step": 5, "lo')  # the last line cut short by a kill
-    common.trim_log(log, 3)
+    runs.trim_log(log, 3)
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [0, 1, 2, 3]
-    common.trim_log(log, 0)  # a fresh run keeps nothing
+    runs.trim_log(log, 0)  # a fresh run keeps nothing
     assert log.read_text() == ""
-    common.trim_log(tmp_path / "missing.jsonl", 3)  # no log yet: an empty one
+    runs.trim_log(tmp_path / "missing.jsonl", 3)  # no log yet: an empty one
     assert (tmp_path / "missing.jsonl").read_text() == ""
 
 
@@ -69,7 +71,7 @@ def test_parquet_split_files_do_not_mix_similar_split_names(tmp_path):
                  "validation_unique.parquet", "test.parquet"):
         (tmp_path / "data").mkdir(exist_ok=True)
         (tmp_path / "data" / name).write_bytes(b"")
-    names = lambda split: [f.name for f in common.parquet_split_files(tmp_path, split)]  # noqa: E731
+    names = lambda split: [f.name for f in runs.parquet_split_files(tmp_path, split)]  # noqa: E731
     assert names("train") == ["train-00000-of-00002.parquet", "train-00001-of-00002.parquet"]
     assert names("validation") == ["validation.parquet"]
     assert names("validation_unique") == ["validation_unique.parquet"]
@@ -84,7 +86,7 @@ def test_image_side_and_latent_shape(sd15):
         with pytest.raises(common.UserError, match=f"multiple of {f}"):
             common.image_side(sd15, bad)
     with pytest.raises(common.UserError, match=f"multiple of {f}"):
-        common.refined_sample(sd15, ["a circle"], num_steps=1, size=f + 1)
+        promptloop.refined_sample(sd15, ["a circle"], num_steps=1, size=f + 1)
 
 
 def test_refined_sample_scores_with_every_input_a_reward_reads(sd15):
@@ -94,7 +96,7 @@ def test_refined_sample_scores_with_every_input_a_reward_reads(sd15):
         seen.update(prompts=prompts, refined_prompts=refined_prompts, answers=answers, latents=latents)
         return images.mean((1, 2, 3))
 
-    result = common.refined_sample(sd15, ["a circle", "a square"], num_steps=2, generator=torch.Generator().manual_seed(0))
+    result = promptloop.refined_sample(sd15, ["a circle", "a square"], num_steps=2, generator=torch.Generator().manual_seed(0))
     scores = result.score(reward)
     torch.testing.assert_close(scores, result.images.mean((1, 2, 3)))
     assert seen["prompts"] == ["a circle", "a square"] and seen["answers"] is None

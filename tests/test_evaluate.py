@@ -16,6 +16,7 @@ import torch
 import common
 import evaluate
 import lrm
+import promptloop
 import refiners
 import rewards
 
@@ -326,8 +327,8 @@ def test_search_arms_share_the_noise_and_cost_m_evaluations(sd15):
     prompts = ["a red circle", "a blue square", "a large triangle"]
     noise = evaluate.candidate_noise(sd15, 1, [0, 2], 3)
     assert noise.shape == (2, 3, *common.latent_shape(sd15)) and not torch.equal(noise[:, 0], noise[:, 1])
-    drawn = common.refined_sample(sd15, [prompts[0], prompts[2]], None, num_steps=2, generator=evaluate.image_generators(1, [0, 2]))
-    given = common.refined_sample(sd15, [prompts[0], prompts[2]], None, num_steps=2, latents=noise[:, 0])
+    drawn = promptloop.refined_sample(sd15, [prompts[0], prompts[2]], None, num_steps=2, generator=evaluate.image_generators(1, [0, 2]))
+    given = promptloop.refined_sample(sd15, [prompts[0], prompts[2]], None, num_steps=2, latents=noise[:, 0])
     assert torch.equal(drawn.images, given.images)
 
     scorers = {"toy-aesthetic": rewards.build_reward("toy-aesthetic")}

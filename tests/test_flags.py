@@ -16,12 +16,22 @@ import pytest
 import torch
 from PIL import Image
 from safetensors.torch import load_file
+from test_train_refiner import lowercase_reward, policy_dir, tiny_args  # noqa: F401 (policy_dir: a fixture)
+from test_train_reward import (  # noqa: F401 (fixtures)
+    base_args,
+    cache,
+    pairs_dir,
+    run_train,
+    sd3_dir,
+    sd15_dir,
+    write_pairs,
+)
 
 import common
 import lrm
+import promptloop
+import runs
 import toy
-from test_train_refiner import lowercase_reward, policy_dir, tiny_args  # noqa: F401 (policy_dir: a fixture)
-from test_train_reward import base_args, cache, pairs_dir, run_train, sd3_dir, sd15_dir, write_pairs  # noqa: F401 (fixtures)
 
 TESTS = Path(__file__).resolve().parent
 SCRIPTS = {"sample": "Config", "train_reward": "Config", "train_refiner": "Config", "evaluate": "Config",
@@ -227,7 +237,7 @@ def test_heldout_prompts_max_prompts_and_monitor_rewards(refiner_runs):
     run = refiner_runs["default"]
     (unrefined, start, rollout, end) = run["calls"]  # steps 1, --monitor-every 0
     assert unrefined[1] == start[1] == end[1] == HELDOUT
-    assert len(rollout[1]) == 4 and set(rollout[1]) <= set(common.load_prompts("toy", "train", 3, 0))
+    assert len(rollout[1]) == 4 and set(rollout[1]) <= set(runs.load_prompts("toy", "train", 3, 0))
     assert "train prompts 3 |" in run["stdout"]
     faithful = toy.toy_faithfulness(end[0], end[1]).mean().item()
     assert run["metrics"]["heldout_end"]["toy-faithful"] == pytest.approx(faithful, abs=1e-6)
@@ -296,7 +306,7 @@ def test_confidence_sets_the_interval_width_and_split_the_prompts(tiny_sd15_dir,
         return json.loads((out / "results.json").read_text()), (out / "results.md").read_text()
 
     (narrow, narrow_md), (wide, _) = run("0.5"), run("0.95")
-    assert [r["prompt"] for r in narrow["images"]] == common.load_prompts("toy", "train", 4, 0)
+    assert [r["prompt"] for r in narrow["images"]] == runs.load_prompts("toy", "train", 4, 0)
     (a,), (b,) = narrow["rows"], wide["rows"]
     assert a["n"] == b["n"] == 4 and a["baseline_mean"] == b["baseline_mean"]
     ratio = (a["baseline_high"] - a["baseline_low"]) / (b["baseline_high"] - b["baseline_low"])
@@ -324,7 +334,7 @@ def test_threads_of_train_refiner_and_evaluate(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    monkeypatch.setattr(common, "setup_distributed", _stop)  # the first thing after the threads
+    monkeypatch.setattr(runs, "setup_distributed", _stop)  # the first thing after the threads
     monkeypatch.setattr(common, "pick_device", _stop)
     with pytest.raises(_Stop):
         train_refiner.train(common.parse_config(train_refiner.Config, tiny_args("b", "r", tmp_path, "--threads", "3")))
@@ -397,7 +407,7 @@ def toy_build(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy-world")
     size = ["--out", str(out), "--image-size", "16"]
     seen = dict(settled=0, drops=[], pair_steps=[])
-    uninformative, conditioning, refined_sample = btw.uninformative_background, btw.text_conditioning, common.refined_sample
+    uninformative, conditioning, refined_sample = btw.uninformative_background, btw.text_conditioning, promptloop.refined_sample
 
     def settled(caption, generator):
         seen["settled"] += 1
@@ -424,9 +434,9 @@ def toy_build(tmp_path_factory):
             btw.main(["--stages", "backbones", *size, "--no-parallel", "--dataset-size", "16", "--vae-steps", "2",
                       "--unet-steps", "3", "--batch-size", "4", "--eval-samples", "2", "--sample-steps", "3",
                       "--background-settles", "1000", "--caption-dropout", "1.0"])
-            monkeypatch.setattr(common, "refined_sample", recording_sample)
+            monkeypatch.setattr(promptloop, "refined_sample", recording_sample)
             default = pairs()
-            monkeypatch.setattr(common, "refined_sample", refined_sample)
+            monkeypatch.setattr(promptloop, "refined_sample", refined_sample)
             exact = pairs("--label-noise", "0", "--tie-margin", "0")
             ties = pairs("--tie-margin", "10")
             btw.main(["--stages", "refiner", *size, "--refiner-steps", "2"])

@@ -14,6 +14,7 @@ from diffusers import AutoencoderTiny, FlowMatchEulerDiscreteScheduler, FluxPipe
 from test_sampling import PROMPTS, ScriptedRefiner, preview_decoder_inputs, seeded
 
 import common
+import promptloop
 import toy
 
 STEPS = 6
@@ -29,7 +30,7 @@ def stock_images(backbone, guidance, true_cfg=1.0, negative=None):
 
 
 def sample(backbone, refiner, guidance, true_cfg=1.0, negative=None, refine_steps=2):
-    return common.refined_sample(backbone, PROMPTS, refiner, refine_steps=refine_steps, num_steps=STEPS, guidance=guidance,
+    return promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=refine_steps, num_steps=STEPS, guidance=guidance,
                                  generator=seeded(), size=SIZE, true_cfg=true_cfg, negative_prompt=negative)
 
 
@@ -146,7 +147,7 @@ def test_flow_matching_denoised_estimate_is_exact():
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
     scheduler.set_timesteps(10)
     x0, noise = torch.randn(2, 16, 8, 8), torch.randn(2, 16, 8, 8)
-    with common.capture_denoised(scheduler) as record:
+    with promptloop.capture_denoised(scheduler) as record:
         for i, t in enumerate(scheduler.timesteps[:4]):
             sigma = scheduler.sigmas[i]
             x_t = (1 - sigma) * x0 + sigma * noise
@@ -185,14 +186,14 @@ def test_taesd3_and_linear_previews(tmp_path):
     AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4, latent_channels=16,
                     num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1), **toy.SD3_VAE_SCALE,
                     ).save_pretrained(tmp_path / "taesd3")
-    decoder = common.PreviewDecoder("taesd", backbone, taesd_source=str(tmp_path / "taesd3"))
+    decoder = promptloop.PreviewDecoder("taesd", backbone, taesd_source=str(tmp_path / "taesd3"))
     x0 = torch.randn(2, *common.latent_shape(backbone))
     preview = decoder(x0)
     with torch.no_grad():
         expected = (decoder.tiny.decode(x0 / 1.5305 + 0.0609).sample / 2 + 0.5).clamp(0, 1)
     torch.testing.assert_close(preview, expected)
     assert preview.shape == (2, 3, SIZE, SIZE)
-    linear = common.PreviewDecoder("linear", backbone)
+    linear = promptloop.PreviewDecoder("linear", backbone)
     assert linear(x0).shape == (2, 3, 8, 8) and linear.linear_map.shape == (17, 3)  # 16 channels + 1
 
 
@@ -202,7 +203,7 @@ def test_image_side_and_latent_shape():
     with pytest.raises(common.UserError, match="multiple of 16"):
         common.image_side(flux, 72)  # a multiple of the VAE's 8 but not of 8 x the 2x2 packing
     with pytest.raises(common.UserError, match="true CFG"):
-        common.refined_sample(sd3, PROMPTS, true_cfg=2.0)
+        promptloop.refined_sample(sd3, PROMPTS, true_cfg=2.0)
 
 
 # -----------------------------------------------------------------------------
@@ -224,7 +225,7 @@ def test_folders_load_with_their_family(tiny_sd3_dir, tiny_flux_dir, tmp_path):
     assert (sd3.spec.steps, sd3.spec.guidance) == (28, 7.0)  # the SD3 pipeline's defaults
     no_t5 = common.load_backbone(str(tiny_sd3_dir), t5=False)
     assert no_t5.pipe.text_encoder_3 is None and no_t5.pipe.tokenizer_3 is None
-    assert common.refined_sample(no_t5, PROMPTS[:1], None, num_steps=2).images.shape == (1, 3, SIZE, SIZE)
+    assert promptloop.refined_sample(no_t5, PROMPTS[:1], None, num_steps=2).images.shape == (1, 3, SIZE, SIZE)
     assert common.load_backbone(str(tiny_flux_dir)).family == "flux"
     with pytest.raises(common.UserError, match="only SD3"):
         common.load_backbone(str(tiny_flux_dir), t5=False)
@@ -251,7 +252,7 @@ def test_aliases_load_from_the_hub_cache(tmp_path):
         "out = {}\n"
         "for alias in ('sd35m', 'sd35l', 'flux-dev', 'flux-schnell'):\n"
         "    b = common.load_backbone(alias, t5=not alias.startswith('sd35'))\n"
-        "    images = common.refined_sample(b, ['a red circle'], None, num_steps=2, size=64).images\n"
+        "    images = promptloop.refined_sample(b, ['a red circle'], None, num_steps=2, size=64).images\n"
         "    out[alias] = [b.family, type(b.pipe.text_encoder_3).__name__ if b.family == 'sd3' else None,\n"
         "                  b.pipe.transformer.config.num_layers, list(images.shape)]\n"
         "print(json.dumps(out))\n"

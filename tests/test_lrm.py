@@ -3,11 +3,11 @@ the noise levels of DDPM and flow-matching backbones by hand."""
 
 import pytest
 import torch
+from conftest import WORDS
 
 import common
 import lrm
 import toy
-from conftest import WORDS
 
 
 @pytest.mark.parametrize("builder, sides", [(toy.tiny_sd15_pipeline, [8, 4, 2, 1, 1]), (toy.tiny_sdxl_pipeline, [8, 4, 2, 2])])

@@ -8,13 +8,13 @@ import warnings
 
 import pytest
 import torch
+from conftest import WORDS
 
 import common
 import lrm
 import refiners
 import rewards
 import toy
-from conftest import WORDS
 
 
 def _images(batch=3, size=32, seed=0):
@@ -310,9 +310,8 @@ def _randomised(module, seed=0):
 
 def test_aesthetic_matches_simple_inference(tmp_path):
     import numpy as np
-    from transformers import CLIPConfig, CLIPModel
-
     import rewards_reference
+    from transformers import CLIPConfig, CLIPModel
 
     clip_model, clip_clip = rewards_reference.openai_clip()
     tokenizer = toy.tiny_clip_tokenizer(WORDS)
@@ -363,9 +362,8 @@ def test_aesthetic_clip_covers_openai_vit_l14_at_full_size():
     """openai's ViT-L/14 (clip.load("ViT-L/14"), which simple_inference.py uses) maps tensor for tensor,
     shape for shape, onto transformers' CLIP ViT-L/14 (openai/clip-vit-large-patch14's config), the
     model the aesthetic scorer loads; built on the meta device."""
-    from transformers import CLIPConfig, CLIPModel
-
     import rewards_reference
+    from transformers import CLIPConfig, CLIPModel
 
     clip_model, _ = rewards_reference.openai_clip()
     config = CLIPConfig(  # openai/clip-vit-large-patch14/config.json
@@ -400,7 +398,6 @@ def test_hps_architecture_matches_the_fork_at_full_size():
     """Every tensor of HPSv2's ViT-H-14 (its open_clip fork) exists in open_clip's ViT-H-14 with the
     same shape, and nothing more (built on the meta device: no memory, no download)."""
     import open_clip
-
     import rewards_reference
 
     fork = rewards_reference.hpsv2_open_clip()
@@ -414,7 +411,6 @@ def test_hps_architecture_matches_the_fork_at_full_size():
 
 def test_hps_matches_img_score(tmp_path, monkeypatch):
     import open_clip
-
     import rewards_reference
 
     fork = rewards_reference.hpsv2_open_clip()
@@ -473,9 +469,8 @@ def _v4_invert_attention_mask(self, encoder_attention_mask):
 
 def _reference_imagereward(monkeypatch, tmp_path, med_config, vit=None, tokenizer_dir=None):
     """The official ImageReward(med_config) -- optionally with a smaller ViT and a local tokenizer."""
-    from transformers import BertTokenizer
-
     import rewards_reference
+    from transformers import BertTokenizer
 
     image_reward, vit_module, med, blip_pretrain = rewards_reference.imagereward()
     # med.BertModel calls transformers 4's init_weights(), which under transformers 5 needs state

@@ -67,12 +67,13 @@ def test_sample_without_refiner_sdxl(tiny_sdxl_dir, tmp_path):
 
 def test_sample_every_option(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
     """--unet, --lora, --adapter, --negative-prompt, --guidance, --size, --temperature 0 (greedy), --dtype, --device."""
-    import refiners
-    import toy
     from conftest import WORDS
     from diffusers import StableDiffusionPipeline
     from peft import LoraConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict
+
+    import refiners
+    import toy
 
     toy.tiny_sd15_pipeline(WORDS, seed=1).unet.save_pretrained(tmp_path / "aligned" / "unet")
     unet = toy.tiny_sd15_pipeline(WORDS).unet

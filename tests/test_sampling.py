@@ -4,12 +4,13 @@ import contextlib
 
 import pytest
 import torch
+from conftest import WORDS
 from diffusers import AutoencoderTiny, DDIMScheduler, PNDMScheduler
 
 import common
+import promptloop
 import refiners
 import toy
-from conftest import WORDS
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
 STEPS = 8
@@ -42,19 +43,19 @@ def stock_images(backbone, prompts=PROMPTS, steps=STEPS, guidance=4.0):
 
 
 def test_schedule_evenly_spaced():
-    assert common.refinement_schedule(50, 5) == [8, 17, 25, 33, 42]
-    assert common.refinement_schedule(20, 2) == [7, 13]
-    assert common.refinement_schedule(10, 1) == [5]
+    assert promptloop.refinement_schedule(50, 5) == [8, 17, 25, 33, 42]
+    assert promptloop.refinement_schedule(20, 2) == [7, 13]
+    assert promptloop.refinement_schedule(10, 1) == [5]
 
 
 @pytest.mark.parametrize("steps, k, expected", [(1, 5, []), (4, 5, [1, 2, 3]), (4, 2, [1, 3]), (20, 0, []), (2, 1, [1])])
 def test_schedule_degenerate(steps, k, expected):
-    assert common.refinement_schedule(steps, k) == expected
+    assert promptloop.refinement_schedule(steps, k) == expected
 
 
 def test_schedule_rejects_negative():
     with pytest.raises(common.UserError):
-        common.refinement_schedule(10, -1)
+        promptloop.refinement_schedule(10, -1)
 
 
 # -----------------------------------------------------------------------------
@@ -66,9 +67,9 @@ def test_schedule_rejects_negative():
 def test_no_refiner_and_identity_refiner_are_bit_identical(name, guidance, request):
     backbone = request.getfixturevalue(name)
     reference = stock_images(backbone, guidance=guidance)
-    plain = common.refined_sample(backbone, PROMPTS, None, num_steps=STEPS, guidance=guidance, generator=seeded())
+    plain = promptloop.refined_sample(backbone, PROMPTS, None, num_steps=STEPS, guidance=guidance, generator=seeded())
     refiner = ScriptedRefiner()
-    same = common.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=STEPS, guidance=guidance, generator=seeded())
+    same = promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=STEPS, guidance=guidance, generator=seeded())
     assert torch.equal(plain.images, reference)
     assert torch.equal(same.images, reference)
     assert len(refiner.calls) == 3  # the identity refiner was really called
@@ -80,7 +81,7 @@ def test_bit_identical_with_ancestral_scheduler(sd15):
 
     sd15.pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(sd15.pipe.scheduler.config)
     reference = stock_images(sd15)
-    same = common.refined_sample(sd15, PROMPTS, ScriptedRefiner(), refine_steps=3, num_steps=STEPS, guidance=4.0, generator=seeded())
+    same = promptloop.refined_sample(sd15, PROMPTS, ScriptedRefiner(), refine_steps=3, num_steps=STEPS, guidance=4.0, generator=seeded())
     assert torch.equal(same.images, reference)
 
 
@@ -105,7 +106,7 @@ def test_refined_prompt_embeddings_are_used(name, request):
     script = [["a green triangle", "a small red square"], ["a large blue circle", "a triangle on a red background"]]
     refiner = ScriptedRefiner(script)
     records, handle = record_unet_conditioning(pipe)
-    result = common.refined_sample(backbone, PROMPTS, refiner, refine_steps=2, num_steps=STEPS, guidance=4.0, generator=seeded())
+    result = promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=2, num_steps=STEPS, guidance=4.0, generator=seeded())
     handle.remove()
     assert result.schedule == [3, 5] and [c["step"] for c in refiner.calls] == [3, 5]
     assert refiner.calls[1]["current"] == script[0] and refiner.calls[0]["user"] == PROMPTS
@@ -133,28 +134,28 @@ def test_refined_prompt_embeddings_are_used(name, request):
 
 def test_one_step_has_no_room_for_refinement(sd15):
     refiner = ScriptedRefiner([["a triangle", "a triangle"]])
-    result = common.refined_sample(sd15, PROMPTS, refiner, refine_steps=5, num_steps=1, guidance=4.0, generator=seeded())
+    result = promptloop.refined_sample(sd15, PROMPTS, refiner, refine_steps=5, num_steps=1, guidance=4.0, generator=seeded())
     assert result.schedule == [] and refiner.calls == []
     assert torch.equal(result.images, stock_images(sd15, steps=1))
 
 
 def test_more_refinements_than_steps_is_capped(sd15):
     refiner = ScriptedRefiner()
-    result = common.refined_sample(sd15, PROMPTS, refiner, refine_steps=50, num_steps=4, guidance=4.0, generator=seeded())
+    result = promptloop.refined_sample(sd15, PROMPTS, refiner, refine_steps=50, num_steps=4, guidance=4.0, generator=seeded())
     assert [c["step"] for c in refiner.calls] == [1, 2, 3] == result.schedule
     assert all(c["num_steps"] == 4 for c in refiner.calls)
 
 
 def test_zero_refinements_is_plain_sampling(sd15):
     refiner = ScriptedRefiner()
-    result = common.refined_sample(sd15, PROMPTS, refiner, refine_steps=0, num_steps=STEPS, guidance=4.0, generator=seeded())
+    result = promptloop.refined_sample(sd15, PROMPTS, refiner, refine_steps=0, num_steps=STEPS, guidance=4.0, generator=seeded())
     assert refiner.calls == [] and torch.equal(result.images, stock_images(sd15))
 
 
 def test_group_shares_initial_noise(sd15):
     """Explicit latents: identical prompts with identical noise give identical images (GRPO's common noise)."""
     latents = torch.randn(1, 4, 16, 16, generator=seeded()).repeat(2, 1, 1, 1)
-    result = common.refined_sample(sd15, ["a circle", "a circle"], None, num_steps=4, guidance=4.0, latents=latents)
+    result = promptloop.refined_sample(sd15, ["a circle", "a circle"], None, num_steps=4, guidance=4.0, latents=latents)
     assert torch.equal(result.images[0], result.images[1])
     assert result.latents.shape == (2, 4, 16, 16)
 
@@ -164,14 +165,14 @@ def test_float32_latents_on_a_bf16_backbone(tiny_sd15_dir):
     moves given latents to its device but not to its dtype, so refined_sample must."""
     backbone = common.load_backbone(str(tiny_sd15_dir), dtype=torch.bfloat16)
     latents = torch.randn(2, *common.latent_shape(backbone), generator=seeded())
-    result = common.refined_sample(backbone, ["a circle", "a square"], ScriptedRefiner(), refine_steps=1, num_steps=3,
+    result = promptloop.refined_sample(backbone, ["a circle", "a square"], ScriptedRefiner(), refine_steps=1, num_steps=3,
                                    guidance=4.0, latents=latents, preview_decoder="linear")
     assert result.images.shape == (2, 3, 64, 64) and torch.isfinite(result.images).all()
 
 
 def test_empty_prompt_rejected(sd15):
     with pytest.raises(common.UserError):
-        common.refined_sample(sd15, ["a circle", "  "], None, num_steps=2)
+        promptloop.refined_sample(sd15, ["a circle", "  "], None, num_steps=2)
 
 
 # -----------------------------------------------------------------------------
@@ -181,23 +182,23 @@ def test_empty_prompt_rejected(sd15):
 @contextlib.contextmanager
 def preview_decoder_inputs():
     """Records the x0_hat every PreviewDecoder call receives: {"x0": the last one}."""
-    captured, original = {}, common.PreviewDecoder.__call__
+    captured, original = {}, promptloop.PreviewDecoder.__call__
 
     def spy(self, x0):
         captured["x0"] = x0.clone()
         return original(self, x0)
 
-    common.PreviewDecoder.__call__ = spy
+    promptloop.PreviewDecoder.__call__ = spy
     try:
         yield captured
     finally:
-        common.PreviewDecoder.__call__ = original
+        promptloop.PreviewDecoder.__call__ = original
 
 
 def test_preview_is_decoded_denoised_estimate(sd15):
     refiner = ScriptedRefiner()
     with preview_decoder_inputs() as captured:
-        common.refined_sample(sd15, PROMPTS, refiner, refine_steps=1, num_steps=STEPS, guidance=4.0, generator=seeded())
+        promptloop.refined_sample(sd15, PROMPTS, refiner, refine_steps=1, num_steps=STEPS, guidance=4.0, generator=seeded())
     preview = refiner.calls[0]["previews"]
     vae = sd15.pipe.vae
     with torch.no_grad():
@@ -208,7 +209,7 @@ def test_preview_is_decoded_denoised_estimate(sd15):
 
 def test_blank_preview(sd15):
     refiner = ScriptedRefiner()
-    common.refined_sample(sd15, PROMPTS, refiner, refine_steps=1, num_steps=4, blank_preview=True, generator=seeded())
+    promptloop.refined_sample(sd15, PROMPTS, refiner, refine_steps=1, num_steps=4, blank_preview=True, generator=seeded())
     assert torch.all(refiner.calls[0]["previews"] == 0.5)
 
 
@@ -219,18 +220,18 @@ def test_denoised_estimate_without_pred_original_sample():
     sample, eps = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8)
     t = ddim.timesteps[3]
     expected = ddim.step(eps, t, sample).pred_original_sample
-    torch.testing.assert_close(common._denoised_from_model_output(ddim, eps, t, sample), expected)
+    torch.testing.assert_close(promptloop._denoised_from_model_output(ddim, eps, t, sample), expected)
     pndm = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012, skip_prk_steps=True)
     pndm.set_timesteps(10)
-    with common.capture_denoised(pndm) as record:
+    with promptloop.capture_denoised(pndm) as record:
         pndm.step(eps, pndm.timesteps[0], sample)
-    torch.testing.assert_close(record["x0"], common._denoised_from_model_output(pndm, eps, pndm.timesteps[0], sample))
+    torch.testing.assert_close(record["x0"], promptloop._denoised_from_model_output(pndm, eps, pndm.timesteps[0], sample))
 
 
 def test_linear_preview_fits_vae(sd15):
     latents = torch.randn(3, 4, 16, 16)
-    vae_decoder = common.PreviewDecoder("vae", sd15)
-    linear = common.PreviewDecoder("linear", sd15)
+    vae_decoder = promptloop.PreviewDecoder("vae", sd15)
+    linear = promptloop.PreviewDecoder("linear", sd15)
     fast = linear(latents)
     assert fast.shape == (3, 3, 16, 16) and linear.linear_map.shape == (5, 3)
     pooled = torch.nn.functional.adaptive_avg_pool2d(vae_decoder(latents), (16, 16))
@@ -243,13 +244,13 @@ def test_taesd_preview(sd15, tmp_path):
     # TAESD's layout (4 levels, 1/3/3/3 blocks: 8x upsampling), narrow
     AutoencoderTiny(encoder_block_out_channels=(8,) * 4, decoder_block_out_channels=(8,) * 4,
                     num_encoder_blocks=(1, 3, 3, 3), num_decoder_blocks=(3, 3, 3, 1)).save_pretrained(tmp_path / "taesd")
-    decoder = common.PreviewDecoder("taesd", sd15, taesd_source=str(tmp_path / "taesd"))
+    decoder = promptloop.PreviewDecoder("taesd", sd15, taesd_source=str(tmp_path / "taesd"))
     preview = decoder(torch.randn(2, *common.latent_shape(sd15)))
     assert preview.shape == (2, 3, 64, 64) and preview.min() >= 0 and preview.max() <= 1
     with pytest.raises(common.UserError, match="TAESD"):
-        common.PreviewDecoder("taesd", sd15)  # a local folder has no known TAESD
+        promptloop.PreviewDecoder("taesd", sd15)  # a local folder has no known TAESD
     with pytest.raises(common.UserError):
-        common.PreviewDecoder("jpeg", sd15)
+        promptloop.PreviewDecoder("jpeg", sd15)
 
 
 # -----------------------------------------------------------------------------

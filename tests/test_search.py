@@ -1,14 +1,16 @@
-"""Reward-guided refinement at sampling time (common.Search) and best-of-n: the best-scored
+"""Reward-guided refinement at sampling time (search.Search) and best-of-n: the best-scored
 candidate is kept, candidates are batched, M = 1 is plain refined sampling bit for bit."""
 
 import pytest
 import torch
 from diffusers import PNDMScheduler
+from test_sampling import ScriptedRefiner, seeded
 
 import common
 import lrm
+import promptloop
 import refiners
-from test_sampling import ScriptedRefiner, seeded
+import search
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
 COLOURS = ["red", "blue", "green", "large", "small"]
@@ -52,9 +54,9 @@ def never_called(latents, prompts, level, group):
 def test_one_candidate_is_refined_sampling_bit_for_bit(name, refiner, request):
     backbone = request.getfixturevalue(name)
     runs = []
-    for search in (None, common.Search(1, never_called)):
+    for hook in (None, search.Search(1, never_called)):
         torch.manual_seed(0)  # the refiner samples with the global generator
-        runs.append(common.refined_sample(backbone, PROMPTS, refiner, refine_steps=2, num_steps=5, generator=seeded(), search=search))
+        runs.append(promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=2, num_steps=5, generator=seeded(), hook=hook))
     assert torch.equal(runs[0].images, runs[1].images) and torch.equal(runs[0].latents, runs[1].latents)
     assert runs[0].prompts == runs[1].prompts and not runs[1].candidates
 
@@ -67,9 +69,9 @@ def test_search_keeps_the_best_scored_candidate(name, request):
     backbone, m = request.getfixturevalue(name), 3
     refiner, score = CandidateRefiner(m), ScriptedScore(m)
     steps = 7
-    result = common.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=seeded(), size=64,
-                                   search=common.Search(m, score))
-    b, schedule = len(PROMPTS), common.refinement_schedule(steps, 3)
+    result = promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=seeded(), size=64,
+                                   hook=search.Search(m, score))
+    b, schedule = len(PROMPTS), promptloop.refinement_schedule(steps, 3)
     # batched: one call per refinement, every image's m rows; its copies share one preview and one current prompt
     assert [c["step"] for c in refiner.calls] == schedule and len(score.calls) == len(schedule)
     for call in refiner.calls:
@@ -94,7 +96,7 @@ def test_search_keeps_the_best_scored_candidate(name, request):
                 torch.testing.assert_close(result.latents[i].float().cpu(), kept, rtol=0, atol=0)
     assert result.images.shape[0] == b and [o.prompts for o in result.refiner_outputs] == result.prompts[1:]
     # the kept trajectory, replayed without search from the same noise (batch B, not B*M: float-level equal)
-    replay = common.refined_sample(backbone, PROMPTS, ScriptedRefiner(result.prompts[1:]), refine_steps=3, num_steps=steps,
+    replay = promptloop.refined_sample(backbone, PROMPTS, ScriptedRefiner(result.prompts[1:]), refine_steps=3, num_steps=steps,
                                    generator=seeded(), size=64)
     torch.testing.assert_close(replay.images, result.images, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(replay.latents.float(), result.latents.float(), rtol=1e-4, atol=1e-4)
@@ -104,15 +106,15 @@ def test_search_refuses_a_multistep_sampler(tiny_sd15_dir):
     backbone = common.load_backbone(str(tiny_sd15_dir))
     backbone.pipe.scheduler = PNDMScheduler.from_config(backbone.pipe.scheduler.config)
     with pytest.raises(common.UserError, match="single-step sampler"):
-        common.refined_sample(backbone, PROMPTS, CandidateRefiner(2), refine_steps=1, num_steps=3, search=common.Search(2, ScriptedScore(2)))
+        promptloop.refined_sample(backbone, PROMPTS, CandidateRefiner(2), refine_steps=1, num_steps=3, hook=search.Search(2, ScriptedScore(2)))
 
 
 def test_best_of_n_keeps_each_prompts_best_image(sd15):
     n, shape = 3, common.latent_shape(sd15)
     noise = torch.randn(len(PROMPTS), n, *shape, generator=seeded())
     score = ScriptedScore(n)
-    best, scores = common.best_of_sample(sd15, PROMPTS, n, score, noise, refiner=CandidateRefiner(1), refine_steps=1, num_steps=3)
-    everything = common.refined_sample(sd15, [p for p in PROMPTS for _ in range(n)], CandidateRefiner(1), refine_steps=1,
+    best, scores = search.best_of_sample(sd15, PROMPTS, n, score, noise, refiner=CandidateRefiner(1), refine_steps=1, num_steps=3)
+    everything = promptloop.refined_sample(sd15, [p for p in PROMPTS for _ in range(n)], CandidateRefiner(1), refine_steps=1,
                                        num_steps=3, latents=noise.flatten(0, 1))
     rows = [i * n + score.best(0, i) for i in range(len(PROMPTS))]
     assert scores.shape == (len(PROMPTS), n) and score.calls[0]["level"] is None

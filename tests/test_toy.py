@@ -10,7 +10,9 @@ from PIL import Image
 
 import build_toy_world
 import common
+import promptloop
 import refiners
+import runs
 import toy
 
 TOY_DIR = common.TOY_DIR
@@ -39,11 +41,11 @@ def test_prompt_splits_are_disjoint_and_deterministic():
     assert all(full_keys <= set(toy.parse_toy_prompt(p)) for p in toy.toy_prompts("test", kind="full"))
     open_ = toy.toy_prompts("train", kind="open")
     assert len(open_) > 50 and all("background" not in toy.parse_toy_prompt(p) for p in open_)
-    assert common.load_prompts("toy-open", "test") == toy.toy_prompts("test", kind="open")
+    assert runs.load_prompts("toy-open", "test") == toy.toy_prompts("test", kind="open")
     with pytest.raises(ValueError, match="train' or 'test'"):
         toy.toy_prompts("validation")
     with pytest.raises(common.UserError, match="train' or 'test'"):
-        common.load_prompts("toy", "validation")
+        runs.load_prompts("toy", "validation")
 
 
 def test_parse_round_trips_every_caption():
@@ -295,12 +297,12 @@ def test_committed_backbone_settles_the_background_before_the_first_refinement(a
     # a new prompt can still recolour the shape, but no longer repaint the background.
     # (toy and toy-sd3, the backbones GRPO trains on; toy-sdxl learned it less firmly: see the README)
     backbone = common.load_backbone(alias)
-    assert common.refinement_schedule(20, 2)[0] == 7
+    assert promptloop.refinement_schedule(20, 2)[0] == 7
     user = ["a large white circle on a black background"] * 16
     found = {}
     for name, prompt in (("background", "a large white circle on a red background"),
                          ("colour", "a large red circle on a black background")):
-        images = common.refined_sample(backbone, user, _FixedPrompt(prompt), refine_steps=2, num_steps=20,
+        images = promptloop.refined_sample(backbone, user, _FixedPrompt(prompt), refine_steps=2, num_steps=20,
                                        generator=torch.Generator().manual_seed(0)).images
         found[name] = toy.toy_analyze(images)
     assert sum(r["background"] == "black" for r in found["background"]) >= 14  # the late "red background" is ignored

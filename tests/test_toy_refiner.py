@@ -8,9 +8,9 @@ import torch
 
 import build_toy_world
 import common
+import promptloop
 import refiners
 import toy
-
 
 # -----------------------------------------------------------------------------
 # SFT targets and batches
@@ -118,7 +118,7 @@ def test_refined_sample_end_to_end_with_the_toy_refiner(toy_refiner):
     backbone = common.load_backbone("toy")
     prompts = ["a circle", "a red square", "a triangle on a blue background", "a small green circle"]
     torch.manual_seed(0)
-    result = common.refined_sample(backbone, prompts, toy_refiner, refine_steps=5,
+    result = promptloop.refined_sample(backbone, prompts, toy_refiner, refine_steps=5,
                                    generator=torch.Generator().manual_seed(0))
     size = backbone.spec.size
     assert result.images.shape == (4, 3, size, size) and torch.isfinite(result.images).all()

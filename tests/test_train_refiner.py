@@ -16,13 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import WORDS
 from safetensors.torch import load_file
 
 import common
+import promptloop
 import refiners
+import runs
 import toy
 import train_refiner as tr
-from conftest import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -138,29 +140,29 @@ def test_load_prompts_text_parquet_toy(tmp_path, capsys):
 
     text = tmp_path / "prompts.txt"
     text.write_text("a red circle\n\n  a blue   square \na red circle\n")
-    assert common.load_prompts(str(text)) == ["a red circle", "a blue square"]
-    assert common.load_prompts(str(text), limit=1) == ["a red circle"]
+    assert runs.load_prompts(str(text)) == ["a red circle", "a blue square"]
+    assert runs.load_prompts(str(text), limit=1) == ["a red circle"]
 
     folder = tmp_path / "pickapic" / "data"
     folder.mkdir(parents=True)
     schema = dict(caption=["a cat", "a cat ", None, "", "a dog"], label_0=[1.0, 0.0, 0.5, 1.0, 0.0])
     pq.write_table(pa.table(schema), folder / "train-00000-of-00001.parquet")
     pq.write_table(pa.table(dict(caption=["a held-out cat"], label_0=[1.0])), folder / "test-00000-of-00001.parquet")
-    assert common.load_prompts(str(tmp_path / "pickapic")) == ["a cat", "a dog"]
+    assert runs.load_prompts(str(tmp_path / "pickapic")) == ["a cat", "a dog"]
     assert "skipped 2" in capsys.readouterr().err  # the None and the empty caption
-    assert common.load_prompts(str(tmp_path / "pickapic"), split="test") == ["a held-out cat"]
+    assert runs.load_prompts(str(tmp_path / "pickapic"), split="test") == ["a held-out cat"]
 
-    train, test = common.load_prompts("toy", "train"), common.load_prompts("toy", "test")
+    train, test = runs.load_prompts("toy", "train"), runs.load_prompts("toy", "test")
     assert train and test and not set(train) & set(test)
 
     empty = tmp_path / "empty.txt"
     empty.write_text("\n  \n")
     for bad in ("", str(empty), str(tmp_path / "missing.txt")):
         with pytest.raises(common.UserError):
-            common.load_prompts(bad)
+            runs.load_prompts(bad)
     pq.write_table(pa.table(dict(text=["no caption column"])), tmp_path / "wrong.parquet")
     with pytest.raises(common.UserError, match="caption"):
-        common.load_prompts(str(tmp_path / "wrong.parquet"))
+        runs.load_prompts(str(tmp_path / "wrong.parquet"))
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +288,7 @@ def test_refinement_states_are_what_the_denoiser_gets_next(folder, policy_dir, r
         lambda m, args, kwargs: seen.append(((kwargs.get("hidden_states", args[0] if args else None)).clone(),
                                              kwargs.get("timestep", args[1] if len(args) > 1 else None))), with_kwargs=True)
     try:
-        out = common.refined_sample(backbone, ["a red circle", "a square"], refiners.load_refiner(str(policy_dir), max_new_tokens=4),
+        out = promptloop.refined_sample(backbone, ["a red circle", "a square"], refiners.load_refiner(str(policy_dir), max_new_tokens=4),
                                     refine_steps=2, num_steps=4, generator=torch.Generator().manual_seed(0))
     finally:
         hook.remove()

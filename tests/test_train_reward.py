@@ -15,13 +15,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from conftest import WORDS
 from PIL import Image
 from safetensors.torch import load_file
 
 import common
 import lrm
+import runs
 import toy
-from conftest import WORDS
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train_reward.py")
@@ -333,7 +334,7 @@ def test_kill_and_resume_equals_uninterrupted(pairs_dir, sd15_dir, cache, tmp_pa
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert ckpt.exists() and not (tmp_path / "killed" / "model.safetensors").exists(), "the run was not interrupted"
-    assert common.load_checkpoint(ckpt)["step"] < steps
+    assert runs.load_checkpoint(ckpt)["step"] < steps
 
     run_train(args + ["--resume"], monkeypatch)
     full, resumed = load_file(tmp_path / "full" / "model.safetensors"), load_file(tmp_path / "killed" / "model.safetensors")
