@@ -16,10 +16,8 @@ backbone (common.Family: latent packing, the text inputs, FLUX's pooled embeddin
 or best-of-n (search.py) through refined_sample's `hook` (Hook below). With no refiner a call is
 the stock pipeline call, bit for bit. train_refiner.py trains the refiner on these samples (GRPO).
 
-    >>> from common import load_backbone; from refiners import load_refiner
-    >>> sample = refined_sample(load_backbone("toy"), ["a circle"], load_refiner("toy-refiner"))
+    >>> sample = refined_sample(common.load_backbone("toy"), ["a circle"], refiners.load_refiner("toy-refiner"))
     >>> sample.prompts    # [user prompts, prompts after refinement 1, ..., after refinement K]
-
 Left out on purpose: refining the negative prompt (the paper rewrites the positive prompt only),
 image-to-image and inpainting pipelines.
 """
@@ -199,6 +197,8 @@ def encode_prompts(pipe, prompts, text_length=None):
 
 @dataclass
 class RefinedSample:
+    """What refined_sample returns: the images and latents, the prompt trajectory and what the refiner saw."""
+
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], exactly what the pipeline returned
     latents: torch.Tensor  # (B, C, h, w) final latents (what a latent reward scores)
     schedule: list  # denoising steps before which the prompt was rewritten
@@ -293,10 +293,8 @@ def refined_sample(
              returning an object with `.prompts` (see refiners.Refiner).
     blank_preview: show the refiner a grey image instead of x0_hat (the no-feedback ablation).
     latents: initial noise (B, C, h, w) (common.latent_shape; FLUX's are packed here, as its pipeline wants).
-    guidance: the backbone's guidance (BackboneSpec.guidance); true_cfg: FLUX only, its two-pass
-             classifier-free guidance with `negative_prompt` (`true_cfg_scale`; 1 = off).
-    hook:    an extension (Hook), e.g. search.Search: M candidate refinements per image, the best kept.
-    """
+    guidance: the backbone's (BackboneSpec.guidance); true_cfg: FLUX's two-pass CFG (1 = off).
+    hook:    an extension (Hook), e.g. search.Search: M candidate refinements per image, the best kept."""
     pipe, family = backbone.pipe, backbone.hooks
     prompts = list(prompts)
     if not prompts or any(not isinstance(p, str) or not p.strip() for p in prompts):
