@@ -26,12 +26,13 @@ at K steps. Each image is generated once and scored by every reward. Per backbon
     the win rate of refined over baseline (ties count half),
     seconds per image of both runs (timed side by side, batch by batch) and their ratio.
 
-Writes to --out: results.md (the table a person reads), results.csv, results.json (all of it,
-plus every image's scores so any number can be recomputed), results.png (reward by backbone,
-baseline vs refined, with the intervals) and samples.png (a few prompts, baseline vs refined).
+Writes to --out (the writers live in reports.py): results.md (the table a person reads), results.csv,
+results.json (all of it, plus every image's scores so any number can be recomputed), results.png
+(reward by backbone, baseline vs refined, with the intervals) and samples.png (a few prompts,
+baseline vs refined).
 
 With --lrm and --preference-data it also reports the latent reward model's preference accuracy
-per noise bucket next to the pixel rewards' accuracy on the same pairs.
+per noise bucket next to the pixel rewards' accuracy on the same pairs (lrm.preference_accuracy).
 
 With --lrm and --search 2,4,8 it adds, per M, two arms at M x the denoiser evaluations: "search M"
 (at each refinement M candidate prompts, each continued to the next refinement point, the one
@@ -46,25 +47,22 @@ prompts the intervals are somewhat optimistic). Left out on purpose: multiple-co
 correction across the table, human preference studies.
 """
 
-import csv
-import json
 import math
 import shlex
 import sys
-import textwrap
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 import common
 import lrm
 import promptloop
 import refiners
+import reports
 import rewards
 import runs
 import search
@@ -228,7 +226,7 @@ def image_generators(seed, indices, candidate=0):
     depend on the batch it lands in, and every arm starts from the same noise. Best-of-n's candidate
     j > 0 draws from its own generators (offset by j x 2^32 / golden ratio: a CPU generator keeps only
     the low 32 bits of its seed)."""
-    return [torch.Generator("cpu").manual_seed(seed * 1_000_003 + i + candidate * 0x9E3779B9) for i in indices]
+    return [torch.Generator("cpu").manual_seed(runs.mix_seed(seed, i + candidate * 0x9E3779B9)) for i in indices]
 
 
 def candidate_noise(backbone, seed, indices, n, size=None):
@@ -282,7 +280,7 @@ def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_
         user_prompts = [prompts[i] for i in indices]
         samples, scores = {}, {}
         for arm, (sample, _) in arms.items():  # side by side, batch by batch: shared machine load hits all
-            torch.manual_seed(seed * 1_000_003 + start)  # the refiner samples with the global generator (same --batch-size, same result)
+            torch.manual_seed(runs.mix_seed(seed, start))  # the refiner samples with the global generator (same --batch-size, same result)
             t0 = time.perf_counter()
             samples[arm] = sample(user_prompts, seed, indices)
             seconds[arm] += time.perf_counter() - t0
@@ -369,272 +367,6 @@ def search_summary(records, reward_labels, backbone_labels, timing, confidence):
 
 
 # -----------------------------------------------------------------------------
-# reports: markdown, csv, json, plot, sample sheet
-
-
-def _num(x, digits=3):
-    return "–" if x is None or not math.isfinite(x) else f"{x:.{digits}f}"
-
-
-def _interval(mean, low, high):
-    if not math.isfinite(mean):
-        return "–"
-    return f"{mean:.3f} [{low:.3f}, {high:.3f}]" if math.isfinite(low) else f"{mean:.3f}"
-
-
-def markdown_table(rows, confidence):
-    pct = f"{confidence:.0%}"
-    lines = [
-        f"| backbone | reward | n | baseline ({pct} CI) | refined ({pct} CI) | refined − baseline ({pct} CI) | win rate | s/img baseline | s/img refined | overhead |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for r in rows:
-        lines.append(
-            f"| {r['backbone']} | {r['reward']} | {r['n']} | {_interval(r['baseline_mean'], r['baseline_low'], r['baseline_high'])} "
-            f"| {_interval(r['refined_mean'], r['refined_low'], r['refined_high'])} | {_interval(r['diff_mean'], r['diff_low'], r['diff_high'])} "
-            f"| {_num(r['win_rate'], 2)} | {_num(r['baseline_s_per_image'])} | {_num(r['refined_s_per_image'])} | {_num(r['overhead'], 2)}{'×' * math.isfinite(r['overhead'])} |"
-        )
-    return "\n".join(lines)
-
-
-def search_table(rows, confidence):
-    pct = f"{confidence:.0%}"
-    lines = [f"| backbone | reward | arm | denoiser evals / image | mean ({pct} CI) | − refined ({pct} CI, paired) "
-             f"| − baseline ({pct} CI, paired) | win rate vs refined | s / image |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['backbone']} | {r['reward']} | {r['arm']} | {r['evaluations']} | {_interval(r['mean'], r['low'], r['high'])} "
-              f"| {_interval(r['vs_refined_mean'], r['vs_refined_low'], r['vs_refined_high'])} "
-              f"| {_interval(r['vs_baseline_mean'], r['vs_baseline_low'], r['vs_baseline_high'])} | {_num(r['win_rate_vs_refined'], 2)} "
-              f"| {_num(r['s_per_image'])} |" for r in rows]
-    return "\n".join(lines)
-
-
-def write_markdown(path, rows, meta, lrm_rows=None, search_rows=None):
-    config = meta["config"]
-    refined = config["refiner"] not in (None, "", "none")
-    notes = [
-        f"- refiner: `{config['refiner']}`" + (f" + adapter `{config['adapter']}`" if config["adapter"] else "")
-        + (f", K = {config['refine_steps']} refinements, preview decoder `{config['preview_decoder']}`"
-           + (", blank previews" if config["blank_preview"] else "") + f", temperature {config['temperature']}"
-           if refined else " (baseline only)"),
-        f"- prompts: `{config['prompts']}` (split {config['split']}), {meta['num_prompts']} prompts × seeds {meta['seeds']}",
-        f"- intervals: Student's t, {config['confidence']:.0%}, an image is the unit; the difference is paired (same seed, same prompt, same initial noise)",
-        "- win rate: share of pairs where the refined image scores higher (ties count half)",
-        "- seconds per image: pipeline calls (refiner included), timed side by side batch by batch; overhead = refined / baseline",
-    ]
-    for backbone, t in meta["timing"].items():
-        if t["refinements"]:
-            notes.append(f"- `{backbone}`: {t['fallbacks']} of {t['refinements']} refiner answers unusable (current prompt kept), refinements before steps {t['schedule']}")
-    dropped = sum(r["nonfinite_dropped"] for r in rows)
-    if dropped:
-        notes.append(f"- {dropped} non-finite scores dropped (with their pair)")
-    text = [
-        "# Evaluation: baseline vs refined", "",
-        markdown_table(rows, config["confidence"]), "",
-        *notes, "",
-        "Reproduce:", "", "```", meta["command"], "```", "",
-    ]
-    if search_rows:
-        text += [
-            "## LRM-guided search vs best-of-n", "",
-            f"Scorer: the latent reward model `{config['lrm']}`. search M: at each refinement M candidate prompts, each "
-            "continued to the next refinement point (the last to the end), the one whose latents the LRM scores best "
-            "kept. best-of-M: M whole refined images from M initial noises (the first the other arms'), the LRM's pick "
-            "by final latents. Both cost M x the denoiser evaluations and M x the refiner rows of the refined arm.", "",
-            search_table(search_rows, config["confidence"]), "",
-        ]
-    if lrm_rows:
-        counts = meta["preference_pairs"]
-        text += [
-            "## Preference accuracy on held-out pairs", "",
-            f"`{config['lrm']}` on `{config['preference_data']}` (split {config['preference_split']}): "
-            f"{counts['used']} pairs used of {counts['rows']} rows, {counts['ties']} ties (left out of the accuracy). "
-            "The LRM scores noisy latents: both images of a pair share t and eps.", "",
-            lrm_table(lrm_rows), "",
-        ]
-    Path(path).write_text("\n".join(text))
-
-
-CSV_FIELDS = [
-    "backbone", "reward", "n", "baseline_mean", "baseline_low", "baseline_high", "refined_mean", "refined_low",
-    "refined_high", "diff_mean", "diff_low", "diff_high", "win_rate", "baseline_s_per_image", "refined_s_per_image",
-    "overhead", "fallback_rate", "nonfinite_dropped",
-]
-
-
-def write_csv(path, rows, fields=CSV_FIELDS):
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row[k] for k in fields})
-
-
-def _json_safe(value):
-    """NaN is not JSON: write null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_json_safe(v) for v in value]
-    return value
-
-
-def plot_rewards(path, rows, backbone_labels, reward_labels, confidence):
-    """One panel per reward (scales differ), bars per backbone: baseline vs refined, CI error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    panel_width = max(3.5, 1.0 + 1.3 * len(backbone_labels))
-    fig, axes = plt.subplots(1, len(reward_labels), figsize=(panel_width * len(reward_labels), 3.6), squeeze=False)
-    x = np.arange(len(backbone_labels))
-    for ax, label in zip(axes[0], reward_labels):
-        by_backbone = {r["backbone"]: r for r in rows if r["reward"] == label}
-        for offset, arm, color in ((-0.2, "baseline", "#9aa5b1"), (0.2, "refined", "#2f6fdf")):
-            means = np.array([by_backbone[b][f"{arm}_mean"] for b in backbone_labels], dtype=float)
-            if not np.isfinite(means).any():
-                continue
-            lows = np.array([by_backbone[b][f"{arm}_low"] for b in backbone_labels], dtype=float)
-            highs = np.array([by_backbone[b][f"{arm}_high"] for b in backbone_labels], dtype=float)
-            errors = np.nan_to_num(np.stack([means - lows, highs - means]))
-            ax.bar(x + offset, means, 0.4, yerr=errors, capsize=4, color=color, label=arm)
-        ax.set_xticks(x, backbone_labels, rotation=15)
-        ax.set_title(label)
-        ax.grid(axis="y", alpha=0.3)
-        # bars of rewards with a large offset hide differences: zoom on the range of the intervals
-        spans = [by_backbone[b][k] for b in backbone_labels for k in ("baseline_low", "baseline_high", "refined_low", "refined_high", "baseline_mean", "refined_mean")]
-        spans = [s for s in spans if s is not None and math.isfinite(s)]
-        if spans and min(spans) > 0 and (max(spans) - min(spans)) < 0.5 * max(spans):
-            margin = 0.15 * (max(spans) - min(spans) + 1e-9)
-            ax.set_ylim(min(spans) - margin, max(spans) + margin)
-    axes[0][0].set_ylabel(f"mean reward ({confidence:.0%} CI)")
-    axes[0][0].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_search(path, rows, backbone_labels, reward_labels, confidence):
-    """Reward against denoiser evaluations per image: search M and best-of-M from the refined arm
-    (M = 1) on, the baseline as a dashed line; one panel per backbone x reward."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(len(backbone_labels), len(reward_labels), figsize=(4.2 * len(reward_labels), 3.4 * len(backbone_labels)),
-                             squeeze=False)
-    for axes_row, backbone in zip(axes, backbone_labels):
-        for ax, label in zip(axes_row, reward_labels):
-            mine = {r["arm"]: r for r in rows if r["backbone"] == backbone and r["reward"] == label}
-            for prefix, color in (("search", "#2f6fdf"), ("best-of", "#e07b39")):
-                line = [mine["refined"]] + [r for arm, r in mine.items() if arm.startswith(prefix)]
-                x = np.array([r["evaluations"] for r in line], dtype=float)
-                y = np.array([r["mean"] for r in line], dtype=float)
-                errors = np.nan_to_num(np.stack([y - np.array([r["low"] for r in line], dtype=float),
-                                                 np.array([r["high"] for r in line], dtype=float) - y]))
-                ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=color, label=f"{prefix} M (M = 1: refined)")
-            ax.axhline(mine["baseline"]["mean"], color="#9aa5b1", linestyle="--", label="baseline (no refiner)")
-            ax.set_xscale("log", base=2)
-            ticks = sorted({r["evaluations"] for r in mine.values()})
-            ax.set_xticks(ticks, [str(e) for e in ticks])
-            ax.minorticks_off()
-            ax.set_xlabel("denoiser evaluations per image")
-            ax.set_title(f"{backbone}: {label}")
-            ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel(f"mean reward ({confidence:.0%} CI)")
-    axes[0][0].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-CELL = 160  # px: toy images are upscaled so that a person can see them
-
-
-def sample_sheet(sheets, prompts, title):
-    """Rows = prompts, columns = backbone x (baseline, refined); the user prompt over each row,
-    the final refined prompt under each refined image."""
-    font, line_height, chars, gap = common.caption_font(12), 15, CELL // 7, 12
-    columns = [(backbone, arm) for backbone, sheet in sheets.items() for arm in ("baseline", "refined") if arm in sheet]
-    lefts, x = [], 0
-    for c, (backbone, arm) in enumerate(columns):  # a gap between backbones
-        x += gap if c and arm == "baseline" else 0
-        lefts.append(x)
-        x += CELL
-    rows = min(len(sheet["baseline"]) for sheet in sheets.values())
-    captions = {backbone: [textwrap.wrap("refined prompt: " + p, chars)[:6] for p in sheet["final_prompts"]]
-                for backbone, sheet in sheets.items() if "refined" in sheet}
-    caption_lines = max([len(lines) for per_prompt in captions.values() for lines in per_prompt], default=0)
-    width = max(x, 2 * CELL)  # room for the prompt even with one column
-    row_height = line_height * 3 + CELL + line_height * caption_lines + 10
-    image = Image.new("RGB", (width, 40 + line_height + rows * row_height), "white")
-    draw = ImageDraw.Draw(image)
-    for j, line in enumerate(textwrap.wrap(title, width // 7)[:2]):
-        draw.text((4, 4 + line_height * j), line, fill="black", font=font)
-    for left, (backbone, arm) in zip(lefts, columns):
-        draw.text((left + 4, 40), f"{backbone}: {arm}", fill="gray", font=font)
-    for b in range(rows):
-        top = 40 + line_height + b * row_height
-        for j, line in enumerate(textwrap.wrap(f"user prompt: {prompts[b]}", width // 7)[:2]):
-            draw.text((4, top + 2 + line_height * j), line, fill="black", font=font)
-        for left, (backbone, arm) in zip(lefts, columns):
-            tile = common.to_pil(sheets[backbone][arm][b].unsqueeze(0))[0].resize((CELL, CELL), Image.NEAREST)
-            image.paste(tile, (left, top + line_height * 3))
-            if arm == "refined":
-                for j, line in enumerate(captions[backbone][b]):
-                    draw.text((left + 4, top + line_height * 3 + CELL + 2 + line_height * j), line, fill="black", font=font)
-    return image
-
-
-# -----------------------------------------------------------------------------
-# optional: preference accuracy of the latent reward model per noise bucket
-
-
-@torch.no_grad()
-def preference_accuracy(config, model, scorers, device, dtype, batch_size=16):
-    """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
-    preferred. The LRM per noise bucket (sigma): both images of a pair noised with the same t (uniform
-    over the bucket) and the same eps, as in training; then noise-ensembled on the clean latents (how
-    it is used as a reward), at random t and at DiNa-LRM's fixed levels. The pixel rewards of
-    --rewards on the same pairs' clean images.
-    Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
-    pairs = lrm.read_pairs(config.preference_data, config.preference_split, common.image_side(model.backbone),
-                           config.preference_limit or None)
-    labels, captions = pairs["labels"], pairs["captions"]  # labels: P(image 0 preferred): 1, 0 or 0.5
-    pixels = [pairs["pixels_0"], pairs["pixels_1"]]  # uint8
-    latents = [lrm.encode_latents(model.backbone.pipe.vae, x, batch_size) for x in pixels]
-    batches = [slice(i, i + batch_size) for i in range(0, len(labels), batch_size)]
-    n = int((labels != 0.5).sum())
-
-    generator = torch.Generator().manual_seed(config.seed)
-    result = lrm.lrm_validation_rewards(model, lambda idx: (latents[0][idx], latents[1][idx]), captions, generator,
-                                           batch_size, device, dtype)
-    rows = [dict(scorer="lrm", bucket=f"σ {lo:.1f}-{hi:.1f}", accuracy=lrm.pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
-            for (lo, hi), (r_0, r_1, _) in result["buckets"].items()]
-    draws = model.config.ensemble_draws
-    for name, how in (("draws", f"t ~ U[0, {model.config.ensemble_t_max})"), ("levels", f"σ = {', '.join(map(str, lrm.DINA_LEVELS))}")):
-        single, ensemble = lrm.ensemble_accuracies(*result[name], labels)
-        rows += [dict(scorer=f"lrm, single noise draw at {how} (mean over draws)", bucket="clean", accuracy=single, n=n),
-                 dict(scorer=f"lrm, noise-ensembled ({draws} draws at {how})", bucket="clean", accuracy=ensemble, n=n)]
-    for label, reward in scorers.items():
-        scores = [torch.cat([reward(pixels[side][b].float() / 255, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
-                  for side in (0, 1)]
-        keep = torch.isfinite(scores[0]) & torch.isfinite(scores[1])
-        accuracy = lrm.pairwise_accuracy(torch.sigmoid(scores[0][keep] - scores[1][keep]), labels[keep])
-        rows.append(dict(scorer=label, bucket="clean", accuracy=accuracy, n=int((labels[keep] != 0.5).sum())))
-    return rows, pairs["counts"]
-
-
-def lrm_table(rows):
-    lines = ["| scorer | noise bucket | accuracy | pairs |", "|---|---|---|---|"]
-    lines += [f"| {r['scorer']} | {r['bucket']} | {_num(r['accuracy'])} | {r['n']} |" for r in rows]
-    return "\n".join(lines)
-
-
-# -----------------------------------------------------------------------------
 
 
 def main():
@@ -663,9 +395,11 @@ def main():
 
     # the LRM's preference accuracy first: a bad --lrm / --preference-data fails before the long part
     lrm_model = lrm.load_lrm(config.lrm, device, dtype) if config.lrm else None
-    lrm_rows, pair_counts = preference_accuracy(config, lrm_model, scorers, device, dtype) if config.preference_data else (None, None)
+    lrm_rows, pair_counts = (lrm.preference_accuracy(lrm_model, scorers, config.preference_data, config.preference_split,
+                                                     config.preference_limit, config.seed, device, dtype)
+                             if config.preference_data else (None, None))
     if lrm_rows:
-        print(lrm_table(lrm_rows))
+        print(reports.lrm_table(lrm_rows))
 
     records, timing, sheets = [], {}, {}
     labels = backbone_labels(backbone_names, variant)
@@ -693,21 +427,20 @@ def main():
         "device": str(device), "dtype": str(dtype).replace("torch.", ""), "num_prompts": len(prompts), "seeds": seeds,
         "timing": timing, "preference_pairs": pair_counts,
     }
-    write_markdown(out / "results.md", rows, meta, lrm_rows, search_rows)
-    write_csv(out / "results.csv", rows)
-    records_json = meta | {"rows": rows, "search_rows": search_rows, "lrm_accuracy": lrm_rows, "images": records}
-    (out / "results.json").write_text(json.dumps(_json_safe(records_json), indent=1))
-    plot_rewards(out / "results.png", rows, labels, list(specs), config.confidence)
+    reports.write_markdown(out / "results.md", rows, meta, lrm_rows, search_rows)
+    reports.write_csv(out / "results.csv", rows)
+    reports.write_json(out / "results.json", meta | {"rows": rows, "search_rows": search_rows, "lrm_accuracy": lrm_rows, "images": records})
+    reports.plot_rewards(out / "results.png", rows, labels, list(specs), config.confidence)
     if search_rows:
-        write_csv(out / "search.csv", search_rows, fields=list(search_rows[0]))
-        plot_search(out / "search.png", search_rows, labels, list(specs), config.confidence)
+        reports.write_csv(out / "search.csv", search_rows, fields=list(search_rows[0]))
+        reports.plot_search(out / "search.png", search_rows, labels, list(specs), config.confidence)
     title = (f"baseline vs refined ({Path(config.refiner).name}), seed {seeds[0]}, same initial noise per pair"
              if refiner is not None else f"baseline (no refiner), seed {seeds[0]}")
-    sample_sheet(sheets, prompts, title).save(out / "samples.png")
+    reports.sample_sheet(sheets, prompts, title).save(out / "samples.png")
 
-    print(markdown_table(rows, config.confidence))
+    print(reports.markdown_table(rows, config.confidence))
     if search_rows:
-        print(search_table(search_rows, config.confidence))
+        print(reports.search_table(search_rows, config.confidence))
     print(f"-> {out}/results.md, results.csv, results.json, results.png, samples.png" + (", search.csv, search.png" if search_rows else ""))
 
 

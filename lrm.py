@@ -11,6 +11,9 @@ lrm.py: the diffusion-native latent reward model (LRM) -- after LPO and DiNa-LRM
                        timestep embedding -> a small head -> scalar
     validation         accuracy per noise bucket, noise ensembling (random or fixed levels) vs one draw
     save / load        model.safetensors + lrm_config.json; the reward `lrm:PATH`
+    scorer and critic  search_scorer: the sampler's noisy latents judged at their own noise level
+                       (search.py); critic_values: V(x_t) of each refinement on the reward's scale
+                       (affine_fit), the per-refinement credit of train_refiner.py
 
 Trained by train_reward.py; scored by evaluate.py --lrm and as the reward `lrm:PATH` (rewards.py).
 Left out on purpose: LPO's multi-preference filtering of the data; DiNa-LRM's FiLM adapters and query-attention head
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import UserError, is_hub_id, load_backbone, pack_latents
+from common import UserError, image_side, is_hub_id, load_backbone, pack_latents
 from promptloop import encode_prompts
 from runs import parquet_split_files
 
@@ -670,6 +673,41 @@ def ensemble_accuracies(draws_0, draws_1, labels):
     return single, pairwise_accuracy(torch.sigmoid(draws_0.mean(0) - draws_1.mean(0)), labels)
 
 
+@torch.no_grad()
+def preference_accuracy(model, scorers, source, split, limit, seed, device="cpu", dtype=torch.float32, batch_size=16):
+    """Share of held-out preference pairs (ties left out) on which a scorer prefers the image people
+    preferred (evaluate.py --preference-data). The LRM per noise bucket (sigma): both images of a pair
+    noised with the same t (uniform over the bucket) and the same eps, as in training; then
+    noise-ensembled on the clean latents (how it is used as a reward), at random t and at DiNa-LRM's
+    fixed levels. Each pixel reward of `scorers` ({label: reward fn}, rewards.py) on the same pairs'
+    clean images. source, split: the pairs (Pick-a-Pic v2 schema); limit: how many (0 = all); seed:
+    the noise draws. Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
+    pairs = read_pairs(source, split, image_side(model.backbone), limit or None)
+    labels, captions = pairs["labels"], pairs["captions"]  # labels: P(image 0 preferred): 1, 0 or 0.5
+    pixels = [pairs["pixels_0"], pairs["pixels_1"]]  # uint8
+    latents = [encode_latents(model.backbone.pipe.vae, x, batch_size) for x in pixels]
+    batches = [slice(i, i + batch_size) for i in range(0, len(labels), batch_size)]
+    n = int((labels != 0.5).sum())
+
+    generator = torch.Generator().manual_seed(seed)
+    result = lrm_validation_rewards(model, lambda idx: (latents[0][idx], latents[1][idx]), captions, generator,
+                                    batch_size, device, dtype)
+    rows = [dict(scorer="lrm", bucket=f"σ {lo:.1f}-{hi:.1f}", accuracy=pairwise_accuracy(torch.sigmoid(r_0 - r_1), labels), n=n)
+            for (lo, hi), (r_0, r_1, _) in result["buckets"].items()]
+    draws = model.config.ensemble_draws
+    for name, how in (("draws", f"t ~ U[0, {model.config.ensemble_t_max})"), ("levels", f"σ = {', '.join(map(str, DINA_LEVELS))}")):
+        single, ensemble = ensemble_accuracies(*result[name], labels)
+        rows += [dict(scorer=f"lrm, single noise draw at {how} (mean over draws)", bucket="clean", accuracy=single, n=n),
+                 dict(scorer=f"lrm, noise-ensembled ({draws} draws at {how})", bucket="clean", accuracy=ensemble, n=n)]
+    for label, reward in scorers.items():
+        scores = [torch.cat([reward(pixels[side][b].float() / 255, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
+                  for side in (0, 1)]
+        keep = torch.isfinite(scores[0]) & torch.isfinite(scores[1])
+        accuracy = pairwise_accuracy(torch.sigmoid(scores[0][keep] - scores[1][keep]), labels[keep])
+        rows.append(dict(scorer=label, bucket="clean", accuracy=accuracy, n=int((labels[keep] != 0.5).sum())))
+    return rows, pairs["counts"]
+
+
 def save_lrm(model, folder):
     """model.safetensors (trainable weights) + lrm_config.json (names the backbone); atomic renames."""
     from dataclasses import asdict
@@ -748,3 +786,32 @@ def search_scorer(model, backbone):
         return model.score(latents.to(model.denoiser.device, model.denoiser.dtype), list(prompts), model.state_timestep(level)).float().cpu()
 
     return score
+
+
+# --- the LRM as a critic (train_refiner.py --credit per-refinement)
+
+
+def affine_fit(x, y):
+    """Least squares y ~ a x + b over the finite y: (a, b). a = 0 when x has no spread.
+
+    >>> affine_fit(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 3.0, 5.0]))
+    (2.0, 1.0)"""
+    keep = torch.isfinite(y) & torch.isfinite(x)
+    x, y = x[keep].double(), y[keep].double()
+    if len(x) < 2:
+        return 0.0, float(y.mean()) if len(y) else 0.0
+    var = ((x - x.mean()) ** 2).mean()
+    a = float(((x - x.mean()) * (y - y.mean())).mean() / var) if var > 0 else 0.0
+    return a, float(y.mean() - a * x.mean())
+
+
+@torch.no_grad()
+def critic_values(critic, trajectories, rewards):
+    """V(x_{t_k}) (K, N): the critic (a search_scorer) on the noisy latent of each refinement of the
+    trajectories (a promptloop.RefinedSample; one score, the state is noisy already), on the reward's
+    scale: an affine fit of the rewards (N,) on the critic's noise-ensembled score of the final
+    latents, R ~ a V_final + b, least squares over the batch."""
+    prompts = trajectories.prompts[0]
+    values = torch.stack([critic(x, prompts, level) for x, level in zip(trajectories.states, trajectories.state_levels)])
+    a, b = affine_fit(critic(trajectories.latents, prompts, None), rewards)
+    return a * values + b

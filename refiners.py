@@ -3,11 +3,14 @@ refiners.py: the refiner -- a multimodal LLM policy (Qwen2.5-VL) that rewrites t
 
     messages and answers  the chat messages of one refinement state; the <prompt>...</prompt>
                           answer format, parsed robustly (an unusable answer keeps the prompt)
-    Refiner               batched generation with the vision tokens suppressed, and the
-                          teacher-forced log-probs GRPO needs (every input the generation got)
+    Refiner               batched generation with the vision tokens suppressed (a plain decode
+                          loop on a DynamicCache), and the teacher-forced log-probs GRPO needs
+                          (every input the generation got)
+    FastRefiner           the same loop on a static KV cache with a compiled step, prompts padded
+                          to a few shapes (--fast-decode; auto: on a GPU); load_refiner picks one
     adapters              PEFT LoRA on the language model, saved as a folder sample.py loads
 
-common.refined_sample calls any object with the Refiner's `refine` method; scripted refiners in
+promptloop.refined_sample calls any object with the Refiner's `refine` method; scripted refiners in
 the tests and the toy world use RefinerOutput.from_prompts. train_refiner.py trains the adapter.
 Left out on purpose: serving engines (vLLM), other MLLM families' chat templates beyond what their
 processors provide.
@@ -119,10 +122,8 @@ class Refiner:
 
     VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
-    def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60,
-                 preview_size=None, fast_decode=None, min_new_tokens=0):
-        self.model, self.processor, self.min_new_tokens = model, processor, min_new_tokens  # min: bench.py forces lengths
-        self.fast_decode, self._caches, self._step = fast_decode, {}, None  # see generate()
+    def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60, preview_size=None):
+        self.model, self.processor = model, processor
         self.temperature, self.max_new_tokens, self.do_sample = temperature, max_new_tokens, do_sample
         self.max_words, self.preview_size = max_words, preview_size
         tokenizer = processor.tokenizer
@@ -176,7 +177,7 @@ class Refiner:
     @torch.no_grad()
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         inputs = self._inputs(previews, user_prompts, current_prompts, step, num_steps)
-        completion, logprobs, mask = self.generate(inputs, min_new_tokens=self.min_new_tokens)
+        completion, logprobs, mask = self.generate(inputs)
         answers = self.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
         prompts, fallback = [], []
         for answer, current in zip(answers, current_prompts):
@@ -186,103 +187,74 @@ class Refiner:
         return RefinerOutput(prompts, answers, torch.tensor(fallback), dict(inputs), completion, mask.long(), logprobs)
 
     # -------------------------------------------------------------------------
-    # decoding: our own loop, so that nothing of the vocabulary size is kept and the decode step
-    # can run on a static KV cache, compiled once per shape
+    # decoding: our own loop, so that nothing of the vocabulary size is kept (and FastRefiner can
+    # swap in a static KV cache and a compiled step)
 
     @torch.no_grad()
-    def generate(self, inputs, max_new_tokens=None, min_new_tokens=0):
+    def generate(self, inputs, max_new_tokens=None):
         """Sample (or, do_sample=False, take the argmax of) pi(token) until every row has ended or
         max_new_tokens. Returns CPU tensors: completion (B, T), padded after each row's end token;
         logprobs (B, T), log pi of the chosen tokens, computed step by step (lean: the (B, T, vocab)
         logits are never kept); mask (B, T) bool, True up to and including the end token.
-        min_new_tokens: end tokens are not chosen before it (bench.py forces answer lengths with it).
 
         Multinomial sampling on softmax(logits / temperature) with the vision tokens banned, one
         draw per row and step (finished rows too): the same draws, in the same order, as
         transformers' generate makes for this policy, so the same seed gives the same tokens."""
         max_new_tokens = max_new_tokens or self.max_new_tokens
         rows = inputs["input_ids"].shape[0]
-        fast = self.fast_decoding
-        if fast:  # pad to a bucket: rows to a power of two, columns to a multiple of PROMPT_BUCKET
-            inputs = pad_to_bucket(inputs, self.pad_id)
-        device = self.model.device
-        batch = {k: v.to(device) for k, v in inputs.items()}
+        batch, cache, mask = self._start_decoding(inputs, max_new_tokens)
         positions = self._rope_model().get_rope_index(
             batch["input_ids"], batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
             attention_mask=batch["attention_mask"])[0]  # (3, B, L): the multimodal rope positions
-        mask = batch["attention_mask"]
-        columns = mask.shape[1]
-        if fast:  # a static cache reused across calls; the mask spans it, future columns 0
-            cache, step = self._static_cache(mask.shape[0], columns + max_new_tokens), self._compiled_step()
-            mask = torch.cat([mask, mask.new_zeros(mask.shape[0], max_new_tokens)], 1)
-        else:
-            from transformers import DynamicCache
-
-            cache, step = DynamicCache(config=self.model.config), self._decode_step
+        columns = batch["attention_mask"].shape[1]
         # prefill (eager: its shapes change with the images), then one token per step
         logits = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
         next_position = positions[..., -1:] + 1  # (3, B, 1): text continues after the last position
-        eos = torch.tensor(self.eos_ids, device=device)
-        done = torch.zeros(mask.shape[0], dtype=torch.bool, device=device)
+        eos = torch.tensor(self.eos_ids, device=logits.device)
+        done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
         tokens, logprobs = [], []
         for t in range(max_new_tokens):
-            scores = self._policy_logits(logits.to(torch.float32, copy=True))  # (B, V), a copy: a CUDA graph reuses its output
-            allowed = scores
-            if t < min_new_tokens:  # the ban shapes the choice only; log-probs stay the policy's (as teacher forcing gives)
-                allowed = scores.index_fill(1, eos, -math.inf)
-            token = torch.multinomial(allowed.softmax(-1), 1).squeeze(1) if self.do_sample else allowed.argmax(-1)
+            scores = self._policy_logits(logits)  # (B, V) fp32
+            token = self.choose_token(scores)  # (B,)
             logprobs.append(torch.log_softmax(scores, -1).gather(1, token[:, None]).squeeze(1))
             token = token.masked_fill(done, self.pad_id)
             tokens.append(token)
             done |= torch.isin(token, eos)
             if t + 1 == max_new_tokens or bool(done.all()):
                 break
-            if fast:
-                mask[:, columns + t] = 1
-            else:
-                mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
-            logits = step(token[:, None], next_position + t, mask, cache)
-        completion = torch.stack(tokens, 1)[:rows].cpu()
+            mask = self._grow_mask(mask, columns + t)
+            logits = self.decode_step(token[:, None], next_position + t, mask, cache)
+        completion = torch.stack(tokens, 1)[:rows].cpu()  # the caller's rows (FastRefiner adds some)
         is_end = torch.isin(completion, eos.cpu())
         keep = (is_end.cumsum(1) - is_end.long()) == 0  # up to and including the first end token
         logprobs = torch.stack(logprobs, 1)[:rows].cpu().masked_fill(~keep, 0.0)
         return completion.masked_fill(~keep, self.pad_id), logprobs, keep
 
-    def _decode_step(self, token, position, mask, cache):
+    def choose_token(self, scores):
+        """The next token of every row from the policy's (B, V) scores: a draw, or the argmax."""
+        return torch.multinomial(scores.softmax(-1), 1).squeeze(1) if self.do_sample else scores.argmax(-1)
+
+    def _start_decoding(self, inputs, max_new_tokens):
+        """(the inputs on the model's device, an empty KV cache, the attention mask that grows by a
+        column per generated token)."""
+        from transformers import DynamicCache
+
+        batch = {k: v.to(self.model.device) for k, v in inputs.items()}
+        return batch, DynamicCache(config=self.model.config), batch["attention_mask"]
+
+    def _grow_mask(self, mask, column):
+        """The mask once the token at `column` is in the cache: (B, column) -> (B, column + 1)."""
+        return torch.cat([mask, mask.new_ones(mask.shape[0], 1)], 1)
+
+    def decode_step(self, token, position, mask, cache):
         """One decoding step: (B, 1) tokens at (3, B, 1) positions -> (B, V) logits."""
         return self.model(input_ids=token, position_ids=position, attention_mask=mask, past_key_values=cache,
                           use_cache=True).logits[:, -1]
-
-    @property
-    def fast_decoding(self):
-        """fast_decode None (the default): on where the model is on a GPU."""
-        return self.model.device.type == "cuda" if self.fast_decode is None else self.fast_decode
 
     def _rope_model(self):
         """The Qwen2.5-VL model under the LM head (and under a PEFT wrapper): it knows the rope positions."""
         model = self.model.get_base_model() if hasattr(self.model, "get_base_model") else self.model
         return model.model
-
-    def _static_cache(self, rows, length):
-        """The StaticCache of this shape, made once and reset for every call (a compiled step is
-        specialised to its tensors' shapes and addresses: a new cache would recompile)."""
-        from transformers import StaticCache
-
-        if (rows, length) not in self._caches:
-            self._caches[rows, length] = StaticCache(config=self.model.config, max_cache_len=length)
-        cache = self._caches[rows, length]
-        cache.reset()
-        return cache
-
-    def _compiled_step(self):
-        """The decode step under torch.compile, made once: CUDA graphs on a GPU ("reduce-overhead":
-        a decode step of a 3B model is bound by kernel launches), inductor's default on a CPU."""
-        if self._step is None:
-            # every (rows, prompt bucket + max_new_tokens) is one specialisation; allow more than dynamo's default 8
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
-            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
-            self._step = torch.compile(self._decode_step, mode=mode, dynamic=False)
-        return self._step
 
     def token_logprobs(self, inputs, completion_ids, completion_mask):
         """Teacher-forced log pi(completion | inputs): (B, T); differentiable (no no_grad here)."""
@@ -298,6 +270,10 @@ class Refiner:
         logprobs = torch.log_softmax(self._policy_logits(logits), -1)
         return logprobs.gather(-1, completion_ids.to(device).unsqueeze(-1)).squeeze(-1) * completion_mask.to(device)
 
+
+# -----------------------------------------------------------------------------
+# the fast path: the same loop on a static KV cache, its decode step compiled once per shape;
+# prompts padded to a few bucketed shapes so that the compiled step is reused across calls
 
 PROMPT_BUCKET = 128  # fast decoding pads prompts to a multiple of this many tokens (few shapes to compile)
 
@@ -319,12 +295,61 @@ def pad_to_bucket(inputs, pad_id, bucket=PROMPT_BUCKET):
     return out
 
 
+class FastRefiner(Refiner):
+    """The Refiner decoding on a StaticCache with a torch.compile'd step: the same policy, tokens
+    and log-probs. A compiled step is specialised to its tensors' shapes and addresses, so the
+    prompts are padded to buckets (pad_to_bucket), the cache of each shape is made once and reset,
+    and the attention mask spans the whole cache from the start (future columns 0)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._caches, self._compiled_step = {}, None  # {(rows, length): StaticCache}, the compiled decode_step
+
+    def _start_decoding(self, inputs, max_new_tokens):
+        inputs = pad_to_bucket(inputs, self.pad_id)
+        batch = {k: v.to(self.model.device) for k, v in inputs.items()}
+        mask = batch["attention_mask"]
+        cache = self._static_cache(mask.shape[0], mask.shape[1] + max_new_tokens)
+        return batch, cache, torch.cat([mask, mask.new_zeros(mask.shape[0], max_new_tokens)], 1)
+
+    def _grow_mask(self, mask, column):
+        mask[:, column] = 1
+        return mask
+
+    def decode_step(self, token, position, mask, cache):
+        if self._compiled_step is None:
+            # every (rows, prompt bucket + max_new_tokens) is one specialisation; allow more than dynamo's default 8
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # CUDA graphs on a GPU ("reduce-overhead": a decode step of a 3B model is bound by kernel
+            # launches), inductor's default on a CPU
+            mode = "reduce-overhead" if self.model.device.type == "cuda" else None
+            self._compiled_step = torch.compile(super().decode_step, mode=mode, dynamic=False)
+        # a copy: a CUDA graph writes its next output into the same buffer, and the policy masks it in place
+        return self._compiled_step(token, position, mask, cache).clone()
+
+    def _static_cache(self, rows, length):
+        """The StaticCache of this shape, made once and reset for every call (a new one would recompile)."""
+        from transformers import StaticCache
+
+        if (rows, length) not in self._caches:
+            self._caches[rows, length] = StaticCache(config=self.model.config, max_cache_len=length)
+        cache = self._caches[rows, length]
+        cache.reset()
+        return cache
+
+
 FAST_DECODE = {"auto": None, "on": True, "off": False}  # auto: on where the refiner runs on a GPU
 
 
+def refiner_class(fast_decode="auto", device="cpu"):
+    """Refiner, or FastRefiner where --fast-decode is on (auto: where the refiner runs on a GPU)."""
+    fast = FAST_DECODE[fast_decode]
+    return FastRefiner if (torch.device(device).type == "cuda" if fast is None else fast) else Refiner
+
+
 def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, fast_decode="auto", preview_size=0, **kwargs):
-    """'none' -> None (plain sampling); otherwise a Refiner. The scripts' --fast-decode and
-    --preview-size (0: the refiner's default, 448 px for hub models) are checked here."""
+    """'none' -> None (plain sampling); otherwise a Refiner (a FastRefiner per --fast-decode). The
+    scripts' --fast-decode and --preview-size (0: the refiner's default, 448 px for hub models) are checked here."""
     if name in (None, "", "none"):
         return None
     if fast_decode not in FAST_DECODE:
@@ -333,7 +358,7 @@ def load_refiner(name, adapter=None, device="cpu", dtype=torch.float32, fast_dec
         raise UserError(f"--preview-size must be 0 (the refiner's default) or >= 28 px, got {preview_size}")
     if preview_size:
         kwargs["preview_size"] = preview_size
-    return Refiner.from_pretrained(name, adapter=adapter, device=device, dtype=dtype, fast_decode=FAST_DECODE[fast_decode], **kwargs)
+    return refiner_class(fast_decode, device).from_pretrained(name, adapter=adapter, device=device, dtype=dtype, **kwargs)
 
 
 # -----------------------------------------------------------------------------

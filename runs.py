@@ -11,6 +11,7 @@ Used by train_refiner.py, train_reward.py and evaluate.py; nothing here knows th
 
 import json
 import os
+import random
 import re
 import sys
 from dataclasses import dataclass
@@ -114,6 +115,22 @@ def load_prompts(source, split="train", limit=None, seed=0):
     if not prompts:
         raise UserError(f"no prompts in '{source}' (split '{split}')")
     return prompts
+
+
+def train_and_heldout_prompts(source, heldout_source="", limit=None, heldout=16, seed=0):
+    """(train, held-out) prompts: the 'train' split of `source` (at most `limit`) and `heldout`
+    prompts of the 'test' split of `heldout_source`, or of `source` when it is empty. A source
+    without splits (a text file) has the held-out prompts drawn out of it (a fifth at most)."""
+    train = load_prompts(source, "train", limit, seed)
+    if heldout_source:
+        return train, load_prompts(heldout_source, "test", heldout, seed)
+    held = load_prompts(source, "test", heldout, seed)
+    if set(held) & set(train):
+        held = random.Random(seed).sample(train, min(heldout, len(train) // 5))
+        train = [p for p in train if p not in set(held)]
+        if not held or not train:
+            raise UserError(f"too few prompts in '{source}' to hold some out: give --heldout-prompts")
+    return train, held
 
 
 def _distinct_prompts(rows, limit):

@@ -25,7 +25,7 @@ One step (per rank):
   2. reward    terminal reward r (B*G,) from the registry (--reward SPEC, composites included)
   3. advantage A = (r - mean_group) / (std_group + eps), the same for every token of a trajectory;
                with --credit per-refinement, action k gets A_k = group-normalised (r - V(x_{t_k})):
-               an LRM critic (--critic DIR) scores the noisy latent on which action k was taken
+               an LRM critic (--critic DIR; lrm.critic_values) scores the noisy latent action k was taken on
   4. log-probs old (adapter on) and reference (adapter off, peft's disable_adapter: no second
                copy of the model), teacher-forced, no gradient
   5. update    inner epochs x minibatches of trajectories; token-level loss
@@ -149,23 +149,9 @@ def group_advantages(rewards, group_size, eps=1e-4):
     return advantages.view(-1), zero_variance
 
 
-def affine_fit(x, y):
-    """Least squares y ~ a x + b over the finite y: (a, b). a = 0 when x has no spread.
-
-    >>> affine_fit(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 3.0, 5.0]))
-    (2.0, 1.0)"""
-    keep = torch.isfinite(y) & torch.isfinite(x)
-    x, y = x[keep].double(), y[keep].double()
-    if len(x) < 2:
-        return 0.0, float(y.mean()) if len(y) else 0.0
-    var = ((x - x.mean()) ** 2).mean()
-    a = float(((x - x.mean()) * (y - y.mean())).mean() / var) if var > 0 else 0.0
-    return a, float(y.mean() - a * x.mean())
-
-
 def refinement_advantages(rewards, values, group_size, eps=1e-4):
     """Per-refinement credit: A_k = group_advantages(r - V_k), normalised over the group separately
-    for each refinement index k. rewards (N,), values (K, N) -> (K, N).
+    for each refinement index k. rewards (N,), values (K, N) (lrm.critic_values) -> (K, N).
 
     r - V(x_{t_k}) is what happened from action k on (potential-based shaping with gamma = 1:
     the sum of V(x_{t_{j+1}}) - V(x_{t_j}) for j >= k, with V(final) = r). Before the first
@@ -211,12 +197,12 @@ def grpo_loss(logprobs, old_logprobs, ref_logprobs, advantages, mask, clip_epsil
 
 
 # -----------------------------------------------------------------------------
-# helpers: batching the refiner's inputs, LoRA, distributed
+# rollout: B prompts x G trajectories, their rewards, each action's advantage; the held-out monitor
 
 
 def step_seed(seed, step, rank):
     """Each (step, rank) has its own seed, so a resumed run replays exactly what it would have done."""
-    return (seed * 1_000_003 + step * 1009 + rank) % (2**31)
+    return runs.mix_seed(seed, step * 1009 + rank) % 2**31
 
 
 def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
@@ -225,10 +211,6 @@ def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
     if shared:
         return torch.randn((num_prompts, *shape), generator=generator).repeat_interleave(group_size, 0)
     return torch.randn((num_prompts * group_size, *shape), generator=generator)
-
-
-# -----------------------------------------------------------------------------
-# rollout, log-probs, update
 
 
 def sample(backbone, refiner, rows, latents, generator, config, preview_decoder):
@@ -242,9 +224,49 @@ def sample(backbone, refiner, rows, latents, generator, config, preview_decoder)
 
 def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
     """B prompts -> B*G refined trajectories in one batched refined_sample call."""
+    refiner.model.eval()  # sampling in eval mode (update() switches to train mode and back)
     rows = [p for p in prompts for _ in range(config.group_size)]  # (B*G,) group members adjacent
     latents = initial_noise(backbone, len(prompts), config.group_size, config.shared_noise, generator, config.size)
     return sample(backbone, refiner, rows, latents, generator, config, preview_decoder)
+
+
+def action_advantages(scores, trajectories, critic, config):
+    """Advantages (K, B*G) of the K refinement actions of each trajectory, and the groups with no
+    reward spread (B,) bool. Without a critic every action gets its trajectory's group advantage;
+    with one (--credit per-refinement) action k gets refinement_advantages' r - V(x_{t_k})."""
+    advantages, zero_variance = group_advantages(scores, config.group_size, config.advantage_eps)
+    if critic is None:
+        return advantages.expand(len(trajectories.refiner_outputs), -1), zero_variance
+    values = lrm.critic_values(critic, trajectories, scores)  # (K, B*G), on the reward's scale
+    return refinement_advantages(scores, values, config.group_size, config.advantage_eps), zero_variance
+
+
+@torch.no_grad()
+def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder, refined=True):
+    """Held-out rewards of the current policy (one trajectory per prompt, fixed noise and seed)."""
+    generator = torch.Generator().manual_seed(config.seed + 12345)
+    torch.manual_seed(config.seed + 12345)  # the refiner samples with the global generator
+    latents = initial_noise(backbone, len(prompts), 1, False, generator, config.size)
+    samples = sample(backbone, refiner if refined else None, prompts, latents, generator, config, preview_decoder)
+    try:
+        result = {"reward": nanmean(samples.score(reward))}
+        if others is not None:
+            samples.score(others)
+            result.update(others.term_means())
+    except common.UserError:  # e.g. `structure` scores answers: an unrefined sample has none
+        if refined:
+            raise
+        result = {"reward": math.nan}
+    return result
+
+
+def nanmean(x):
+    x = x[torch.isfinite(x)]
+    return x.mean().item() if len(x) else math.nan
+
+
+# -----------------------------------------------------------------------------
+# log-probs
 
 
 @torch.no_grad()
@@ -256,41 +278,27 @@ def old_and_reference_logprobs(refiner, outputs, chunk):
     first update also in bf16 (generation logits and a full forward can differ by rounding)."""
     old, ref = [], []
     for out in outputs:
-        rows = range(out.completion_ids.shape[0])
-        old_k, ref_k = [], []
-        for start in range(0, len(rows), chunk):
-            idx = list(rows[start: start + chunk])
-            args = (refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
-            old_k.append(refiner.token_logprobs(*args).float().cpu())
-            with refiner.model.disable_adapter():
-                ref_k.append(refiner.token_logprobs(*args).float().cpu())
-        old.append(torch.cat(old_k))
-        ref.append(torch.cat(ref_k))
+        n = out.completion_ids.shape[0]
+        chunks = [list(range(start, min(start + chunk, n))) for start in range(0, n, chunk)]
+        inputs = [(refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx]) for idx in chunks]
+        old.append(torch.cat([refiner.token_logprobs(*args).float().cpu() for args in inputs]))
+        with refiner.model.disable_adapter():  # pi_ref: the base model, no second copy
+            ref.append(torch.cat([refiner.token_logprobs(*args).float().cpu() for args in inputs]))
     return old, ref
 
 
-@torch.no_grad()
-def critic_values(critic, trajectories, rewards):
-    """V(x_{t_k}) (K, N): the LRM critic (lrm.search_scorer) on the noisy latent of each refinement
-    (one score, the state is noisy already), on the reward's scale: an affine fit of the rewards on
-    the critic's noise-ensembled score of the final latents, R ~ a V_final + b, least squares over the batch."""
-    prompts = trajectories.prompts[0]
-    values = torch.stack([critic(x, prompts, level) for x, level in zip(trajectories.states, trajectories.state_levels)])
-    a, b = affine_fit(critic(trajectories.latents, prompts, None), rewards)
-    return a * values + b
+# -----------------------------------------------------------------------------
+# update
 
 
 def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator):
     """inner_epochs x minibatches of GRPO on one rollout batch; advantages (K, N), one row per
     refinement. Returns averaged stats."""
-    n = advantages.shape[1]
-    size = n // config.minibatches
     stats = dict(loss=[], kl=[], clip_fraction=[], grad_norm=[], skipped=0)
     refiner.model.train()  # no dropout anywhere (lora_dropout=0); lets gradient checkpointing run
     for _ in range(config.inner_epochs):
-        order = torch.randperm(n, generator=generator)
-        for mb in range(config.minibatches):
-            idx = order[mb * size: (mb + 1) * size].tolist()
+        order = torch.randperm(advantages.shape[1], generator=generator)
+        for idx in order.view(config.minibatches, -1).tolist():  # the trajectories of each minibatch
             masks = [out.completion_mask[idx] * valid[idx].unsqueeze(1) for out in outputs]  # (n_mb, T_k)
             num_tokens = max(1.0, runs.all_sum(sum(m.sum().item() for m in masks), dist_info))
             optimizer.zero_grad(set_to_none=True)
@@ -322,50 +330,107 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
     return {k: (v if k == "skipped" else mean(v)) for k, v in stats.items()}
 
 
-@torch.no_grad()
-def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder, refined=True):
-    """Held-out rewards of the current policy (one trajectory per prompt, fixed noise and seed)."""
-    generator = torch.Generator().manual_seed(config.seed + 12345)
-    torch.manual_seed(config.seed + 12345)  # the refiner samples with the global generator
-    latents = initial_noise(backbone, len(prompts), 1, False, generator, config.size)
-    samples = sample(backbone, refiner if refined else None, prompts, latents, generator, config, preview_decoder)
-    try:
-        result = {"reward": nanmean(samples.score(reward))}
-        if others is not None:
-            samples.score(others)
-            result.update(others.term_means())
-    except common.UserError:  # e.g. `structure` scores answers: an unrefined sample has none
-        if refined:
-            raise
-        result = {"reward": math.nan}
-    return result
+# -----------------------------------------------------------------------------
+# set-up: models, resume
 
 
-def nanmean(x):
-    x = x[torch.isfinite(x)]
-    return x.mean().item() if len(x) else math.nan
+def load_backbone_and_critic(config, device, dtype):
+    """The diffusion backbone, and with --critic the LRM that values its noisy latents
+    (lrm.search_scorer checks that it can read them as this sampler holds them) or None."""
+    backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
+    critic = lrm.search_scorer(lrm.load_lrm(config.critic, device, dtype), backbone) if config.critic else None
+    if device.type == "cuda":
+        backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
+    return backbone, critic
+
+
+def load_policy(config, device, dtype):
+    """The base refiner with a fresh LoRA adapter on its language model: (refiner, LoRA parameters)."""
+    refiner = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
+                                    max_new_tokens=config.max_new_tokens, fast_decode=config.fast_decode, preview_size=config.preview_size)
+    if isinstance(refiner.model, PeftModel):
+        raise common.UserError(f"--refiner '{config.refiner}' is an adapter folder: start from a base refiner (use --resume to continue a run)")
+    if config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and device.type == "cuda"):
+        refiner.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    params = refiners.add_lora(refiner, config.lora_rank, config.lora_alpha, common.parse_list(config.lora_targets, "--lora-targets"))
+    return refiner, params
+
+
+def resume(state, out_dir, refiner, params, optimizer, dist_info):
+    """The step to start after: the checkpoint's (its LoRA weights and optimizer state loaded), or 0
+    with rank 0's initial LoRA weights on every rank. log.jsonl keeps the lines up to that step."""
+    if state is not None:
+        set_peft_model_state_dict(refiner.model, state["lora"])
+        optimizer.load_state_dict(state["optimizer"])
+    elif dist_info.world_size > 1:
+        for p in params:  # belt and braces: identical initial LoRA weights on every rank
+            torch.distributed.broadcast(p.data, 0)
+    start_step = 0 if state is None else state["step"]
+    if dist_info.is_main:
+        if state is not None:
+            print(f"resumed from {out_dir / 'checkpoint.pt'} at step {start_step}")
+        runs.trim_log(out_dir / "log.jsonl", start_step)  # a killed run may have logged past its checkpoint
+    return start_step
+
+
+# -----------------------------------------------------------------------------
+# the step's record and log line, the checkpoint (the DDP collectives live here)
+
+
+def step_record(step, trajectories, scores, zero_variance, old, stats, reward, config, dist_info, t0):
+    """The step's log.jsonl record, over all ranks (every rank calls it: all_gather / all_sum)."""
+    outputs = trajectories.refiner_outputs
+    all_rewards = runs.all_gather(scores, dist_info)
+    finite = all_rewards[torch.isfinite(all_rewards)]
+    record = dict(
+        step=step,
+        reward_mean=nanmean(all_rewards),
+        reward_std=finite.std().item() if len(finite) > 1 else math.nan,
+        nonfinite_rewards=int(runs.all_sum((~torch.isfinite(scores)).sum().item(), dist_info)),
+        zero_variance_groups=int(runs.all_sum(zero_variance.sum().item(), dist_info)),
+        groups=config.prompts_per_step * dist_info.world_size,
+        fallback_rate=runs.all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info) / dist_info.world_size,
+        logprob_gap=max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old)),  # generation vs teacher forcing
+        **stats,
+        seconds=time.time() - t0,
+        example=[trajectories.prompts[0][0], trajectories.final_prompts[0]],  # user prompt -> final prompt
+    )
+    if hasattr(reward, "term_means") and len(getattr(reward, "terms", [])) > 1:
+        record["reward_terms"] = reward.term_means()
+    return record
+
+
+def log_line(record, steps):
+    """The one line per step rank 0 prints."""
+    return (f"step {record['step']:05d}/{steps} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | "
+            f"kl {record['kl']:.5f} | clip {record['clip_fraction']:.3f} | fallback {record['fallback_rate']:.2f} | "
+            f"zero-var {record['zero_variance_groups']}/{record['groups']} | dt {record['seconds'] * 1000:.0f}ms"
+            + (f" | skipped {record['skipped']}" if record["skipped"] or record["nonfinite_rewards"] else ""))
+
+
+def append_log(path, record, dist_info):
+    if dist_info.is_main:
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def save(step, refiner, optimizer, params, config, out_dir, dist_info):
+    """Rank 0 writes the adapter and checkpoint.pt (all a resume needs). Returns the largest gap between
+    the ranks' LoRA weights (every rank calls it), 0.0 when they are in sync."""
+    divergence = runs.rank_divergence(params, dist_info)
+    if dist_info.is_main:
+        refiners.save_adapter(refiner.model, out_dir, refiners.base_model_name(config.refiner))
+        runs.save_checkpoint(out_dir / "checkpoint.pt", dict(
+            lora=get_peft_model_state_dict(refiner.model), optimizer=optimizer.state_dict(),
+            step=step, config=asdict(config), rng=torch.get_rng_state(),
+        ))
+        if divergence != 0.0:
+            print(f"warning: LoRA weights differ between ranks by {divergence:.3g}")
+    return divergence
 
 
 # -----------------------------------------------------------------------------
 # main
-
-
-def load_prompt_sets(config):
-    """(train, held-out) prompts; --prompts defaults to the backbone's own prompts: the toy grammar
-    for a toy backbone (offline), Pick-a-Pic v2's captions otherwise."""
-    source = config.prompts or ("toy" if config.backbone.startswith("toy") else "pickapic")
-    train = runs.load_prompts(source, "train", config.max_prompts or None, config.seed)
-    if config.heldout_prompts:
-        heldout = runs.load_prompts(config.heldout_prompts, "test", config.monitor_prompts, config.seed)
-    else:
-        heldout = runs.load_prompts(source, "test", config.monitor_prompts, config.seed)
-        if set(heldout) & set(train):  # a source without splits (a text file): hold prompts out of it
-            rng = random.Random(config.seed)
-            heldout = rng.sample(train, min(config.monitor_prompts, len(train) // 5))
-            train = [p for p in train if p not in set(heldout)]
-            if not heldout or not train:
-                raise common.UserError(f"too few prompts in '{source}' to hold some out: give --heldout-prompts")
-    return train, heldout
 
 
 def train(config, reward=None, monitor_reward=None):
@@ -375,71 +440,39 @@ def train(config, reward=None, monitor_reward=None):
     if config.threads > 0:
         torch.set_num_threads(config.threads)
     dist_info = runs.setup_distributed(config.device)
-    device = dist_info.device
-    dtype = common.pick_dtype(config.dtype, device)
-    out_dir = Path(config.out)
+    device, dtype = dist_info.device, common.pick_dtype(config.dtype, dist_info.device)
+    out_dir, log_path = Path(config.out), Path(config.out) / "log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_path = out_dir / "checkpoint.pt"
-    state = runs.resume_checkpoint(checkpoint_path, config, RESUME_MAY_CHANGE) if config.resume else None
+    state = runs.resume_checkpoint(out_dir / "checkpoint.pt", config, RESUME_MAY_CHANGE) if config.resume else None
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
     # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
     reward = reward or rewards.build_reward(config.reward, device, dtype)
     others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
-    train_prompts, heldout_prompts = load_prompt_sets(config)
+    train_prompts, heldout_prompts = runs.train_and_heldout_prompts(  # the backbone's own prompts by default
+        config.prompts or ("toy" if config.backbone.startswith("toy") else "pickapic"), config.heldout_prompts,
+        config.max_prompts or None, config.monitor_prompts, config.seed)
     runs.seed_everything(config.seed)  # same LoRA init on every rank
-    backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
-    # the critic: the LRM scoring this sampler's states (search_scorer checks it can read them)
-    critic = lrm.search_scorer(lrm.load_lrm(config.critic, device, dtype), backbone) if config.critic else None
-    if device.type == "cuda":
-        backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
-    base = refiners.load_refiner(config.refiner, device=device, dtype=dtype, temperature=config.temperature,
-                               max_new_tokens=config.max_new_tokens, fast_decode=config.fast_decode, preview_size=config.preview_size)
-    if isinstance(base.model, PeftModel):
-        raise common.UserError(f"--refiner '{config.refiner}' is an adapter folder: start from a base refiner (use --resume to continue a run)")
-    use_checkpointing = config.gradient_checkpointing == "on" or (config.gradient_checkpointing == "auto" and device.type == "cuda")
-    if use_checkpointing:
-        base.model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    params = refiners.add_lora(base, config.lora_rank, config.lora_alpha, common.parse_list(config.lora_targets, "--lora-targets"))
-    refiner = base
+    backbone, critic = load_backbone_and_critic(config, device, dtype)
+    refiner, params = load_policy(config, device, dtype)
     preview_decoder = None if config.blank_preview else promptloop.PreviewDecoder(config.preview_decoder, backbone)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
-
-    start_step = 0
-    if state is not None:
-        set_peft_model_state_dict(refiner.model, state["lora"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_step = state["step"]
-        log(f"resumed from {checkpoint_path} at step {start_step}")
-    elif dist_info.world_size > 1:
-        import torch.distributed as dist
-
-        for p in params:  # belt and braces: identical initial LoRA weights on every rank
-            dist.broadcast(p.data, 0)
-    log_path = out_dir / "log.jsonl"
-    if dist_info.is_main:  # keep only the log lines the checkpoint covers (a killed run may have more)
-        runs.trim_log(log_path, start_step)
+    start_step = resume(state, out_dir, refiner, params, optimizer, dist_info)
     log(f"train prompts {len(train_prompts)} | held-out {len(heldout_prompts)} | trainable LoRA parameters "
         f"{sum(p.numel() for p in params):,} | world {dist_info.world_size} | device {device} {dtype}")
 
-    def write_log(record):
-        if dist_info.is_main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-
-    def heldout(step):
+    def heldout(step, refined=True):
+        """Rank 0 scores the held-out prompts (unrefined: the backbone alone), logs and records them."""
         if not dist_info.is_main:
             return {}
-        result = monitor(backbone, refiner, heldout_prompts, reward, others, config, preview_decoder)
-        log(f"held-out step {step:05d} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
-        write_log({"step": step, "heldout": result})
+        result = monitor(backbone, refiner, heldout_prompts, reward, others, config, preview_decoder, refined)
+        log(f"held-out {f'step {step:05d}' if refined else 'unrefined'} | " + " | ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        append_log(log_path, {"step": step, "heldout" if refined else "heldout_unrefined": result}, dist_info)
         return result
 
     metrics = {}
     if start_step == 0 and dist_info.is_main:
-        metrics["heldout_unrefined"] = monitor(backbone, refiner, heldout_prompts, reward, others, config, preview_decoder, refined=False)
-        log("held-out unrefined | " + " | ".join(f"{k} {v:.4f}" for k, v in metrics["heldout_unrefined"].items()))
-        write_log({"step": 0, "heldout_unrefined": metrics["heldout_unrefined"]})
+        metrics["heldout_unrefined"] = heldout(0, refined=False)
         metrics["heldout_start"] = heldout(0)
 
     # ---- GRPO loop
@@ -448,64 +481,26 @@ def train(config, reward=None, monitor_reward=None):
         seed = step_seed(config.seed, step, dist_info.rank)
         runs.seed_everything(seed)  # the refiner samples its tokens with the global generator
         generator = torch.Generator().manual_seed(seed)
-        # each rank draws its own B prompts
-        prompts = random.Random(seed).choices(train_prompts, k=config.prompts_per_step)
-        refiner.model.eval()
+        prompts = random.Random(seed).choices(train_prompts, k=config.prompts_per_step)  # each rank its own B prompts
         trajectories = rollout(backbone, refiner, prompts, config, preview_decoder, generator)
         scores = trajectories.score(reward)  # (B*G,) terminal rewards
-        valid = torch.isfinite(scores)
-        advantages, zero_variance = group_advantages(scores, config.group_size, config.advantage_eps)
-        outputs = trajectories.refiner_outputs
-        if critic is None:
-            advantages = advantages.expand(len(outputs), -1)  # (K, N): every action the terminal advantage
-        else:
-            advantages = refinement_advantages(scores, critic_values(critic, trajectories, scores), config.group_size, config.advantage_eps)
-        chunk = (config.prompts_per_step * config.group_size) // config.minibatches
-        old, ref = old_and_reference_logprobs(refiner, outputs, chunk)
-        logprob_gap = max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old))
-        stats = update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator)
+        advantages, zero_variance = action_advantages(scores, trajectories, critic, config)  # (K, B*G), (B,)
+        outputs = trajectories.refiner_outputs  # K RefinerOutputs: the actions
+        old, ref = old_and_reference_logprobs(refiner, outputs, chunk=len(scores) // config.minibatches)
+        stats = update(refiner, params, optimizer, outputs, old, ref, advantages, torch.isfinite(scores), config, dist_info, generator)
 
-        all_rewards = runs.all_gather(scores, dist_info)
-        finite = all_rewards[torch.isfinite(all_rewards)]
-        record = dict(
-            step=step,
-            reward_mean=finite.mean().item() if len(finite) else math.nan,
-            reward_std=finite.std().item() if len(finite) > 1 else math.nan,
-            nonfinite_rewards=int(runs.all_sum((~valid).sum().item(), dist_info)),
-            zero_variance_groups=int(runs.all_sum(zero_variance.sum().item(), dist_info)),
-            groups=config.prompts_per_step * dist_info.world_size,
-            fallback_rate=runs.all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info) / dist_info.world_size,
-            logprob_gap=logprob_gap,
-            **stats,
-            seconds=time.time() - t0,
-            example=[trajectories.prompts[0][0], trajectories.final_prompts[0]],  # user prompt -> final prompt
-        )
-        if hasattr(reward, "term_means") and len(getattr(reward, "terms", [])) > 1:
-            record["reward_terms"] = reward.term_means()
-        log(f"step {step:05d}/{config.steps} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | "
-            f"kl {record['kl']:.5f} | clip {record['clip_fraction']:.3f} | fallback {record['fallback_rate']:.2f} | "
-            f"zero-var {record['zero_variance_groups']}/{record['groups']} | dt {record['seconds'] * 1000:.0f}ms"
-            + (f" | skipped {record['skipped']}" if record["skipped"] or record["nonfinite_rewards"] else ""))
-        write_log(record)
-
+        record = step_record(step, trajectories, scores, zero_variance, old, stats, reward, config, dist_info, t0)
+        log(log_line(record, config.steps))
+        append_log(log_path, record, dist_info)
         if config.monitor_every and step % config.monitor_every == 0 and step < config.steps:
             heldout(step)
         if step % config.save_every == 0 or step == config.steps:
-            divergence = runs.rank_divergence(params, dist_info)
-            if dist_info.is_main:
-                refiners.save_adapter(refiner.model, out_dir, refiners.base_model_name(config.refiner))
-                runs.save_checkpoint(checkpoint_path, dict(
-                    lora=get_peft_model_state_dict(refiner.model), optimizer=optimizer.state_dict(),
-                    step=step, config=asdict(config), rng=torch.get_rng_state(),
-                ))
-            if divergence != 0.0:
-                log(f"warning: LoRA weights differ between ranks by {divergence:.3g}")
-            metrics["rank_divergence"] = divergence
+            metrics["rank_divergence"] = save(step, refiner, optimizer, params, config, out_dir, dist_info)
 
     # ---- final held-out score and metrics
     if config.steps > start_step:
         metrics["heldout_end"] = heldout(config.steps)
-    if dist_info.is_main:
+    if dist_info.is_main:  # metrics.json: this run's over those of the run it resumed
         previous = json.loads((out_dir / "metrics.json").read_text()) if (out_dir / "metrics.json").exists() else {}
         metrics = {**previous, **metrics, "steps": config.steps, "world_size": dist_info.world_size, "config": asdict(config)}
         (out_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))

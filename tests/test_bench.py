@@ -1,4 +1,5 @@
-"""bench.py: the timing helper, the training steps that rows 5 and 6 measure, the CLI smoke run."""
+"""bench.py: the timing helper, the training steps that rows 5 and 6 measure, the CLI smoke run;
+architectures.py: the full-size architectures bench.py builds (on the meta device: shapes only)."""
 
 import json
 import os
@@ -9,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+import architectures
 import bench
 import common
-import lrm
 import refiners
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,16 +29,12 @@ def test_time_side_by_side_interleaves_variants_after_warmup():
     assert set(times) == {"a", "b"} and all(len(t) == 3 and min(t) >= 0 for t in times.values())
 
 
-def test_lrm_train_step_trains_the_head_only():
-    backbone = bench.random_sd15("tiny", 64, torch.device("cpu"), torch.float32)
-    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone=backbone.name)).train()
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=1e-2)
+def test_lrm_trainer_trains_the_head_only():
+    backbone = architectures.random_sd15("tiny", 64, torch.device("cpu"), torch.float32)
+    model, step = bench.lrm_trainer(backbone, 2, torch.Generator().manual_seed(0))
     head_before = [p.detach().clone() for p in model.head.parameters()]
     unet_before = next(model.denoiser.parameters()).detach().clone()
-    latents = torch.randn(4, *common.latent_shape(backbone))
-    loss = bench.lrm_train_step(model, optimizer, latents[:2], latents[2:], ["a circle"] * 2, torch.ones(2),
-                                torch.Generator().manual_seed(0))
+    loss = step(torch.randn(4, *common.latent_shape(backbone)))
     assert torch.isfinite(loss)
     assert any(not torch.equal(a, b) for a, b in zip(head_before, model.head.parameters()))
     assert torch.equal(unet_before, next(model.denoiser.parameters()))  # the backbone stays frozen
@@ -45,7 +42,7 @@ def test_lrm_train_step_trains_the_head_only():
 
 def test_refiner_train_step_updates_lora_weights():
     """The step whose peak memory row 6a measures on a GPU, run here at tiny size."""
-    refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, max_new_tokens=6)
+    refiner = architectures.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, max_new_tokens=6)
     params = refiners.add_lora(refiner, rank=16, alpha=32)
     assert params and all(p.requires_grad for p in params)
     outputs = bench.refiner_rollout_outputs(refiner, batch=2, refine_steps=2)
@@ -127,16 +124,17 @@ def test_sd35m_refined_vs_plain_row_at_tiny_size(preview, tmp_path):
     cfg = bench.parse_config(["--size", "tiny", "--sampling-steps", "2", "--refine-steps", "1", "--max-new-tokens", "4",
                               "--preview-decoder", preview])
     bench.check_config(cfg)
-    refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, 4)
-    row = bench.flow_overhead_row(cfg, refiner, torch.device("cpu"), torch.float32, str(tmp_path), resolution=64)
-    assert row["row"] == "3c" and row["ratio"] > 0 and "40 steps, CFG 4.5, 64 px" in row["notes"]
+    cpu = torch.device("cpu")
+    refiner = architectures.random_qwen_refiner("tiny", cpu, torch.float32, 4)
+    backbone = architectures.random_sd35m("tiny", 64, cpu, torch.float32)
+    row = bench.full_overhead_row(cfg, "3c", "SD3.5-M", backbone, refiner, cpu, torch.float32, str(tmp_path))
+    assert row["row"] == "3c" and row["ratio"] > 0 and "40 steps, CFG 4.5, 64 px, T5 256 tokens" in row["notes"]
     assert len(row["candidate"]["times_s"]) == 3
 
 
 def test_full_size_sd35m_of_row_3c_builds_with_the_released_shapes():
     """Built on the meta device (shapes only): the row-3c backbone is SD3.5-Medium's architecture."""
-    with torch.device("meta"):
-        backbone = bench.random_sd35m("full", 1024, torch.device("meta"), torch.bfloat16)
+    backbone = architectures.random_sd35m("full", 1024, torch.device("meta"), torch.bfloat16)
     pipe = backbone.pipe
     assert backbone.family == "sd3" and common.latent_shape(backbone) == (16, 128, 128)
     assert round(sum(p.numel() for p in pipe.transformer.parameters()) / 1e9, 2) == 2.24
@@ -144,25 +142,46 @@ def test_full_size_sd35m_of_row_3c_builds_with_the_released_shapes():
     assert pipe.transformer.config.dual_attention_layers == tuple(range(13)) and pipe.vae.config.scaling_factor == 1.5305
 
 
-def test_full_size_sdxl_config_has_the_released_parameter_count():
-    """Row 9's SDXL is stable-diffusion-xl-base-1.0's UNet (2.567 B parameters)."""
-    from diffusers import UNet2DConditionModel
+def test_full_size_backbones_are_built_on_the_target_device():
+    """Row 9's SDXL is stable-diffusion-xl-base-1.0's UNet (2.567 B parameters), SD1.5's UNet 0.86 B:
+    built where they run (here the meta device: no weights are made on the CPU and copied)."""
+    sdxl = architectures.random_sdxl("full", 1024, torch.device("meta"), torch.bfloat16)
+    assert round(architectures.parameter_count(sdxl.pipe.unet) / 1e9, 3) == 2.567
+    assert round(architectures.parameter_count(sdxl.pipe.text_encoder_2) / 1e9, 2) == 0.69
+    sd15 = architectures.random_sd15("full", 512, torch.device("meta"), torch.bfloat16)
+    assert round(architectures.parameter_count(sd15.pipe.unet) / 1e9, 2) == 0.86
+    modules = [sdxl.pipe.unet, sdxl.pipe.vae, sdxl.pipe.text_encoder, sd15.pipe.text_encoder]
+    assert all(p.is_meta and p.dtype == torch.bfloat16 for module in modules for p in module.parameters())
 
-    assert round(bench.parameter_count(lambda: UNet2DConditionModel(**bench.SDXL_UNET)) / 1e9, 3) == 2.567
+
+def test_random_weights_come_from_the_seed():
+    """On the CPU a module built under random_weights(seed) is the one a plain seeded build makes."""
+    from diffusers import AutoencoderKL
+
+    tiny = dict(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+                norm_num_groups=2)
+    with architectures.random_weights("cpu", 3):
+        built = AutoencoderKL(**tiny)
+    torch.manual_seed(3)
+    plain, other = AutoencoderKL(**tiny), AutoencoderKL(**tiny)
+    assert all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), plain.state_dict().values()))
+    assert not all(torch.equal(a, b) for a, b in zip(built.state_dict().values(), other.state_dict().values()))
 
 
 def test_rollout_memory_variants_do_the_same_work():
     """Row 11 compares two ways of the same call: same seed -> the same log-probs from generate
     keeping the logits as from the lean loop (forced lengths, so both decode every token)."""
-    refiner = bench.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, 8)
+    refiner = architectures.random_qwen_refiner("tiny", torch.device("cpu"), torch.float32, 8)
     inputs = refiner._inputs(torch.rand(3, 3, 32, 32), ["a circle"] * 3, ["a red circle"] * 3, 2, 10)
     torch.manual_seed(0)
-    _, kept = bench.generate_keeping_logits(refiner, inputs, 8, 8)
+    kept_tokens, kept = architectures.generate_keeping_logits(refiner, inputs, 8, 8)
     torch.manual_seed(0)
-    tokens, lean, mask = refiner.generate(inputs, 8, 8)
-    assert mask.all() and kept.shape == lean.shape == (3, 8)
+    tokens, lean, mask = architectures.refiner_view(refiner, fixed_length=True).generate(inputs, 8)
+    assert mask.all() and kept.shape == lean.shape == (3, 8) and torch.equal(tokens, kept_tokens)
     torch.testing.assert_close(lean, kept, rtol=0, atol=1e-6)
-    assert bench.peak_rss_gib(lambda: torch.ones(64, 2**20).sum()) > 0.2  # the 256 MiB tensor is seen
+    cpu = torch.device("cpu")
+    resident = bench.peak_memory(lambda: None, cpu)
+    assert bench.peak_memory(lambda: torch.ones(64, 2**20).sum(), cpu) > resident + 0.2  # the 256 MiB tensor is seen
 
 
 def test_decoding_rows_follow_their_flags(tmp_path):

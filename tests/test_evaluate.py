@@ -18,6 +18,7 @@ import evaluate
 import lrm
 import promptloop
 import refiners
+import reports
 import rewards
 
 REPO = Path(__file__).resolve().parents[1]
@@ -225,7 +226,7 @@ def test_full_evaluation_end_to_end(tiny_sd15_dir, tiny_sdxl_dir, tiny_refiner_d
     assert "| backbone | reward |" in md and "toy-aesthetic" in md and "python evaluate.py" in md
     from PIL import Image
 
-    assert Image.open(out / "samples.png").size[0] >= 4 * evaluate.CELL  # 2 backbones x (baseline, refined)
+    assert Image.open(out / "samples.png").size[0] >= 4 * reports.CELL  # 2 backbones x (baseline, refined)
 
 
 @pytest.mark.slow

@@ -372,6 +372,7 @@ def test_lrm_draws_warmup_and_batch_reach_row_1(tmp_path, monkeypatch):
 def test_memory_batch_sets_row_6_refiner_minibatch(monkeypatch, tmp_path):
     """Row 6 runs on a GPU only; its refiner half is run here on the CPU up to the rollout, which
     must hold --memory-batch trajectories."""
+    import architectures
     import bench
 
     class Stop(Exception):
@@ -385,8 +386,8 @@ def test_memory_batch_sets_row_6_refiner_minibatch(monkeypatch, tmp_path):
         batches.append(batch)
         raise Stop
 
-    tiny = bench.random_qwen_refiner
-    monkeypatch.setattr(bench, "random_qwen_refiner", lambda size, device, dtype, *a: tiny(size, torch.device("cpu"), torch.float32, *a))
+    tiny = architectures.random_qwen_refiner
+    monkeypatch.setattr(architectures, "random_qwen_refiner", lambda size, device, dtype, *a: tiny(size, torch.device("cpu"), torch.float32, *a))
     monkeypatch.setattr(bench, "refiner_rollout_outputs", rollout)
     with pytest.raises(Stop):
         bench.row_peak_memory(cfg, torch.device("cuda"), torch.float32, str(tmp_path))  # a device object: no GPU is touched

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import bench
+import architectures
 import common
 import refiners
 
@@ -117,7 +117,8 @@ def test_refiner_errors(tmp_path):
 
 
 # -----------------------------------------------------------------------------
-# decoding: our loop against transformers' generate; the fast path (static cache, buckets, compile)
+# decoding: our loop against transformers' generate; the fast path (FastRefiner: static cache,
+# buckets, compile); answers of a fixed length (architectures.FixedLength, for bench.py)
 
 STATES = (PREVIEWS, USER, ["a large circle", "a square", "a triangle"], 5, 10)
 
@@ -131,7 +132,7 @@ def test_decode_loop_matches_transformers_generate(tiny_refiner_dir, do_sample):
     torch.manual_seed(3)
     tokens, logprobs, mask = refiner.generate(inputs)
     torch.manual_seed(3)
-    ref_tokens, ref_logprobs = bench.generate_keeping_logits(refiner, inputs, refiner.max_new_tokens)  # the reference
+    ref_tokens, ref_logprobs = architectures.generate_keeping_logits(refiner, inputs, refiner.max_new_tokens)  # the reference
     assert torch.equal(tokens[mask], ref_tokens[mask]) and tokens.shape == ref_tokens.shape
     assert mask.sum() > 6
     torch.testing.assert_close(logprobs[mask], ref_logprobs[mask], rtol=0, atol=1e-6)
@@ -150,15 +151,20 @@ def test_the_models_generation_config_does_not_change_the_policy(tiny_refiner_di
     after = refiner.generate(inputs)
     assert all(torch.equal(a, b) for a, b in zip(before, after))
     torch.manual_seed(5)
-    with_defaults = bench.generate_keeping_logits(refiner, inputs, refiner.max_new_tokens, top_k=None, top_p=None)[0]
+    with_defaults = architectures.generate_keeping_logits(refiner, inputs, refiner.max_new_tokens, top_k=None, top_p=None)[0]
     assert not torch.equal(with_defaults[:, :before[0].shape[1]], before[0])
 
 
-def test_min_new_tokens_forces_the_answer_length(refiner):
-    """bench.py forces answer lengths: no end token before min_new_tokens."""
-    tokens, logprobs, mask = refiner.generate(refiner._inputs(*STATES), max_new_tokens=10, min_new_tokens=10)
+def test_fixed_length_answers_keep_the_policys_logprobs(refiner):
+    """bench.py times answers of given lengths: no end token is chosen, yet the log-probs are the
+    policy's (the end tokens banned from the choice only), as teacher forcing recomputes them."""
+    inputs = refiner._inputs(*STATES)
+    torch.manual_seed(0)
+    tokens, logprobs, mask = architectures.refiner_view(refiner, fixed_length=True).generate(inputs, 10)
     assert tokens.shape == (3, 10) and mask.all()
     assert not torch.isin(tokens, torch.tensor(refiner.eos_ids)).any()
+    with torch.no_grad():
+        torch.testing.assert_close(refiner.token_logprobs(inputs, tokens, mask.long()), logprobs, rtol=0, atol=1e-5)
 
 
 def test_bucket_padding_keeps_every_position(refiner):
@@ -185,7 +191,9 @@ def test_fast_decode_same_greedy_tokens_compiled_once_per_shape(tiny_refiner_dir
 
     plain = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=16, do_sample=False, fast_decode="off")
     fast = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=16, do_sample=False, fast_decode="on")
-    assert fast.fast_decoding and not plain.fast_decoding
+    assert isinstance(fast, refiners.FastRefiner) and not isinstance(plain, refiners.FastRefiner)
+    plain, fast = (architectures.refiner_view(r, fixed_length=True) for r in (plain, fast))  # every row decodes 16 tokens
+    assert isinstance(fast, refiners.FastRefiner) and not isinstance(plain, refiners.FastRefiner)
     first = [(PREVIEWS, USER, USER, 1, 4), (PREVIEWS[:2], USER[:2], ["a red circle on a blue background", "a square"], 3, 4)]
     again = [(PREVIEWS[1:], USER[1:], ["a large blue triangle on a green background"] * 2, 2, 10),  # 2 rows: bucket of 2
              (PREVIEWS[:1].repeat(4, 1, 1, 1), USER[:1] * 4, ["a circle"] * 4, 7, 10)]  # 4 rows: bucket of 3 rows
@@ -193,8 +201,8 @@ def test_fast_decode_same_greedy_tokens_compiled_once_per_shape(tiny_refiner_dir
         graphs = counters["stats"]["unique_graphs"]
         for state in states:
             inputs = plain._inputs(*state)
-            tokens, logprobs, mask = plain.generate(inputs, min_new_tokens=16)
-            fast_tokens, fast_logprobs, fast_mask = fast.generate(inputs, min_new_tokens=16)
+            tokens, logprobs, mask = plain.generate(inputs)
+            fast_tokens, fast_logprobs, fast_mask = fast.generate(inputs)
             assert torch.equal(fast_tokens, tokens) and mask.all() and fast_mask.all()
             torch.testing.assert_close(fast_logprobs, logprobs, rtol=0, atol=1e-5)
         if round == 1:
@@ -216,6 +224,13 @@ def test_preview_size_sets_the_vision_tokens(tiny_refiner_dir):
         refiner = refiners.load_refiner(str(tiny_refiner_dir), preview_size=size)
         counts[size] = int((refiner._inputs(*STATES)["input_ids"][0] == image_pad).sum())
     assert counts == {0: 4, 112: 16}
+
+
+def test_fast_decode_picks_the_decode_path(tiny_refiner_dir):
+    """--fast-decode auto: the fast path where the refiner runs on a GPU, the plain loop elsewhere."""
+    assert refiners.refiner_class("auto", "cuda:1") is refiners.FastRefiner and refiners.refiner_class("on") is refiners.FastRefiner
+    assert refiners.refiner_class("auto", "cpu") is refiners.refiner_class("off", "cuda") is refiners.Refiner
+    assert type(refiners.load_refiner(str(tiny_refiner_dir))) is refiners.Refiner
 
 
 def test_decoding_flag_errors(tiny_refiner_dir):

@@ -20,6 +20,7 @@ from conftest import WORDS
 from safetensors.torch import load_file
 
 import common
+import lrm
 import promptloop
 import refiners
 import runs
@@ -53,10 +54,7 @@ def test_group_advantages_skip_nonfinite_rewards():
     assert torch.isfinite(advantages).all()
 
 
-def test_affine_fit_and_refinement_advantages_hand_computed():
-    assert tr.affine_fit(torch.tensor([0.0, 1.0, 2.0]), torch.tensor([1.0, 3.0, 5.0])) == pytest.approx((2.0, 1.0))
-    assert tr.affine_fit(torch.tensor([1.0, 1.0]), torch.tensor([2.0, 4.0])) == (0.0, 3.0)  # no spread: the mean
-    assert tr.affine_fit(torch.tensor([0.0, 1.0, 5.0]), torch.tensor([0.0, 2.0, math.nan])) == pytest.approx((2.0, 0.0))
+def test_refinement_advantages_hand_computed():
     # two groups of 2: r = (1, 3 | 2, 2); V_0 shared within each group, V_1 not
     r = torch.tensor([1.0, 3.0, 2.0, 2.0])
     values = torch.tensor([[0.0, 0.0, 1.0, 1.0], [1.0, 0.0, 0.0, 2.0]])
@@ -280,8 +278,6 @@ def test_grpo_learns_on_flow_matching_backbones(family, tiny_sd3_dir, tiny_flux_
 def test_refinement_states_are_what_the_denoiser_gets_next(folder, policy_dir, request, one_thread):
     """refined_sample keeps, per refinement, the noisy latents and their noise level: exactly the
     sample and timestep the denoiser receives at the next step (DDIM: t; SD3: sigma * 1000)."""
-    import lrm
-
     backbone = common.load_backbone(str(request.getfixturevalue(folder)))
     seen = []
     hook = backbone.denoiser.register_forward_pre_hook(
@@ -309,8 +305,6 @@ def test_refinement_states_are_what_the_denoiser_gets_next(folder, policy_dir, r
 def test_per_refinement_credit_trains_with_an_lrm_critic(tiny_sd15_dir, policy_dir, tmp_path, one_thread):
     """--credit per-refinement --critic DIR: a short run trains (the per-refinement advantages reach
     the loss) and the flags are checked together."""
-    import lrm
-
     critic_dir = tmp_path / "critic"
     lrm.save_lrm(lrm.LatentRewardModel(common.load_backbone(str(tiny_sd15_dir)), lrm.LRMConfig(backbone=str(tiny_sd15_dir), hidden=16,
                                                                                                    ensemble_draws=2)), critic_dir)
