@@ -19,6 +19,7 @@ import contextlib
 import json
 import math
 import os
+import pickle
 import re
 import sys
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from safetensors import SafetensorError
 
 REPO_DIR = Path(__file__).resolve().parent
 TOY_DIR = REPO_DIR / "toy_world"
@@ -53,6 +55,38 @@ def first_line(error):
     quotes of a library's error."""
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
+
+
+# What reading a weights or checkpoint file that is cut short, garbled or of another format raises:
+# safetensors' SafetensorError (an Exception only), torch.load's RuntimeError (a broken zip),
+# UnpicklingError or EOFError (a broken pickle), and OSError / ValueError.
+UNREADABLE_ERRORS = (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError, SafetensorError)
+
+
+def unreadable(error, *paths):
+    """'cannot read PATH: reason', for the UserError of a loader that failed on a file with `error`.
+    A folder given (a model or adapter read by transformers / peft, whose errors name no file) is
+    searched for the .safetensors file whose header safetensors rejects; else the first path is named."""
+    from safetensors import safe_open
+
+    def broken(file):
+        try:
+            with safe_open(str(file), "pt"):
+                return False
+        except (SafetensorError, OSError):
+            return True
+
+    paths = [Path(p) for p in paths if p is not None]
+    files = [file for folder in paths if folder.is_dir() for file in sorted(folder.glob("*.safetensors"))]
+    culprit = next((file for file in files if broken(file)), paths[0])
+    return f"cannot read '{culprit}': {first_line(error)}"
+
+
+def load_failure(error, *paths):
+    """Why a loader failed, for its UserError: a weights file cut short or garbled named (unreadable),
+    else the library's first line (not found, a bad config, ...)."""
+    broken = isinstance(error, SafetensorError) or not isinstance(error, (OSError, ValueError))
+    return unreadable(error, *paths) if broken else first_line(error)
 
 
 def flag(name):
@@ -106,6 +140,7 @@ class SamplingFlags:
     preview_decoder: str = field(default="vae", metadata={"help": "how the refiner's preview of x0_hat is decoded: vae | taesd | linear"})
     preview_size: int = field(default=0, metadata={"help": "side in px of the preview the refiner sees (448 -> 256 vision tokens for Qwen2.5-VL, 224 -> 64); 0 = its default (448 for hub models)"})
     fast_decode: str = field(default="auto", metadata={"help": "refiner decoding on a static KV cache, compiled once per shape: auto (on with a GPU) | on | off"})
+    overlap: int = field(default=0, metadata={"help": "D: a refinement's prompts take effect D steps after the preview it read, the refiner running beside the denoiser meanwhile (0 = synchronous)"})
 
 
 def setup_run(config):
@@ -404,8 +439,9 @@ def load_backbone(name, device="cpu", dtype=torch.float32, unet=None, lora=None,
             pipe.unet = UNet2DConditionModel.from_pretrained(source, subfolder=sub, dtype=dtype)
         if lora is not None:
             pipe.load_lora_weights(lora)
-    except (OSError, ValueError, EnvironmentError) as e:
-        raise UserError(f"cannot load backbone '{name}' ({spec.source}): {first_line(e)}") from e
+    except UNREADABLE_ERRORS as e:  # not found, or a weights file cut short or garbled (named)
+        folders = [Path(spec.source, sub) for sub in ("unet", "transformer", "vae", "text_encoder")]
+        raise UserError(f"cannot load backbone '{name}' ({spec.source}): {load_failure(e, *folders)}") from e
     if pipeline_family(pipe) is None:
         raise UserError(f"backbone '{name}' is a {type(pipe).__name__}; promptloop drives {', '.join(PIPELINE_FAMILIES)}")
     if not t5 and pipeline_family(pipe) != "sd3":

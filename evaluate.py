@@ -60,6 +60,7 @@ from tqdm import tqdm
 
 import common
 import lrm
+import overlap
 import promptloop
 import refiners
 import reports
@@ -121,7 +122,7 @@ def backbone_labels(names, variant=""):
 
 def check(config):
     common.require(config, positive=("steps", "size", "batch_size", "max_new_tokens"),
-                   non_negative=("refine_steps", "limit", "temperature", "guidance", "sheet_prompts", "preference_limit", "threads"))
+                   non_negative=("refine_steps", "limit", "temperature", "guidance", "sheet_prompts", "preference_limit", "threads", "overlap"))
     if not 0 < config.confidence < 1:
         raise common.UserError(f"--confidence must be in (0, 1), got {config.confidence}")
     if config.preview_decoder not in promptloop.PreviewDecoder.KINDS:
@@ -130,6 +131,8 @@ def check(config):
         raise common.UserError("--preference-data needs --lrm (the latent reward model whose accuracy it measures)")
     if search_counts(config.search) and (config.lrm is None or config.refiner == "none"):
         raise common.UserError("--search needs --lrm DIR (the candidates' scorer) and a --refiner (their proposer)")
+    if search_counts(config.search) and config.overlap:
+        raise common.UserError("--search and --overlap do not go together: a search's candidates look ahead synchronously")
     common.parse_ints(config.seeds, "--seeds")
     reward_specs(config.rewards)
     for name in common.parse_list(config.backbones, "--backbones"):
@@ -255,7 +258,8 @@ def sampling_arms(backbone, refiner, config, score=None):
         return lambda prompts, seed, indices, **more: search.best_of_sample(
             backbone, prompts, m, score, candidate_noise(backbone, seed, indices, m, config.size), refiner=refiner, **(kwargs | more))[0]
 
-    arms = {"baseline": (plain(None), 1)} | ({"refined": (plain(refiner), 1)} if refiner is not None else {})
+    refined = plain(refiner, overlap.overlap_hook(config.overlap))  # --overlap D: the refiner beside the denoiser
+    arms = {"baseline": (plain(None), 1)} | ({"refined": (refined, 1)} if refiner is not None else {})
     for m in search_counts(config.search):
         arms[f"search {m}"] = (plain(refiner, search.Search(m, score)), m)
         arms[f"best-of-{m}"] = (best_of(m), m)

@@ -30,9 +30,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from common import UserError, image_side, is_hub_id, load_backbone, pack_latents
+from common import (
+    UserError,
+    image_side,
+    is_hub_id,
+    load_backbone,
+    pack_latents,
+    unreadable,
+)
 from promptloop import encode_prompts
-from runs import parquet_split_files
+from runs import parquet_split_files, read_tensors
 
 # Pick-a-Pic v2 (Kirstain et al. 2023): a caption, two JPEGs (bytes), label_0/label_1 in
 # {1/0, 0/1, 0.5/0.5 = tie}; has_label / are_different flag rows that carry no preference.
@@ -44,7 +51,7 @@ NOISE_VARIANCES = ("fixed", "learned", "dina")  # LatentRewardModel.variance
 
 def preference_data_files(source, split):
     """Local parquet files of one split, or None when `source` is a hub id. A file is used for any
-    split; a folder needs the split's files (common.parquet_split_files)."""
+    split; a folder needs the split's files (runs.parquet_split_files)."""
     path = Path(source)
     if path.is_file():
         return [str(path)]
@@ -472,7 +479,7 @@ class LatentRewardModel(torch.nn.Module):
         return noisy_latents(latents, noise, self.alphas_cumprod[timesteps])
 
     def state_timestep(self, level):
-        """The timestep index of a sampler state's noise level (common.RefinedSample.state_levels): a
+        """The timestep index of a sampler state's noise level (promptloop.RefinedSample.state_levels): a
         DDPM timestep is one already; a flow-matching sigma maps to the nearest index."""
         return nearest_timestep(self.sigmas.cpu(), level) if self.flow else int(level)
 
@@ -577,18 +584,20 @@ class LatentRewardModel(torch.nn.Module):
         return self(x_t, timesteps, self.text_conditioning(prompts))
 
     @torch.no_grad()
-    def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None, shared=1):
+    def ensemble_score(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None, shared=False):
         """Noise ensembling (DiNa-LRM): mean reward of clean latents (B, C, h, w) over `draws`
         independent noisings (noised_scores). generator: a torch.Generator on CPU."""
         return self.noised_scores(latents, prompts, draws, t_max, generator, levels, shared).mean(0)
 
     @torch.no_grad()
-    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None, shared=1):
+    def noised_scores(self, latents, prompts, draws=None, t_max=None, generator=None, levels=None, shared=False):
         """The draws of ensemble_score, not yet averaged: (draws, B). Draw d noises with fresh eps at
         t ~ U[0, t_max) ("random draws"), or, when `levels` (sigmas; default the config's) are given,
         at the timestep of sigma = levels[d % len(levels)] ("fixed levels", as DiNa-LRM evaluates).
-        shared: consecutive rows that get the same eps and t (candidates to be compared with each
-        other: common random numbers take the noise out of their differences)."""
+        shared: every row gets the same draws -- per draw one t and one eps of a single latent's
+        shape, broadcast over the batch -- so a row's score is a function of its latent and prompt,
+        not of its position or of the batch (scores compared with each other: common random numbers
+        take the noise out of their differences); else each row draws its own."""
         draws = draws or self.config.ensemble_draws
         t_max = t_max or self.config.ensemble_t_max
         levels = self.config.ensemble_levels if levels is None else levels
@@ -597,12 +606,13 @@ class LatentRewardModel(torch.nn.Module):
         # all draws in one batched forward (rows ordered draw-major: row d*B + b)
         ts, noises = [], []
         level_timesteps = [nearest_timestep(self.sigmas.cpu(), sigma) for sigma in levels]
+        rows = 1 if shared else b  # rows drawn per draw; a shared draw is expanded over the batch
         for d in range(draws):
             if levels:
                 ts.append(torch.full((b,), level_timesteps[d % len(levels)]))
             else:
-                ts.append(torch.randint(0, t_max, (b // shared,), generator=generator).repeat_interleave(shared))
-            noises.append(torch.randn((b // shared, *latents.shape[1:]), generator=generator).repeat_interleave(shared, 0))
+                ts.append(torch.randint(0, t_max, (rows,), generator=generator).expand(b))
+            noises.append(torch.randn((rows, *latents.shape[1:]), generator=generator).expand(b, *latents.shape[1:]))
         t = torch.cat(ts).to(latents.device)  # (D*B,)
         noise = torch.cat(noises).to(latents.device, latents.dtype)  # (D*B, C, h, w)
         x_t = self.add_noise(latents.repeat(draws, 1, 1, 1), noise, t)
@@ -723,16 +733,20 @@ def save_lrm(model, folder):
 
 
 def load_lrm(folder, device="cpu", dtype=torch.float32, backbone=None):
-    """A saved LatentRewardModel; loads the backbone its config names unless one is given."""
-    from safetensors.torch import load_file
-
+    """A saved LatentRewardModel; loads the backbone its config names unless one is given. Both files
+    are read before the backbone is loaded: one cut short or garbled is a UserError naming it."""
     folder = Path(folder)
     if not (folder / "lrm_config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"'{folder}' is not a latent reward model (needs lrm_config.json and model.safetensors)")
-    config = LRMConfig(**json.loads((folder / "lrm_config.json").read_text()))
+    what = f"cannot load latent reward model '{folder}'"
+    try:
+        config = LRMConfig(**json.loads((folder / "lrm_config.json").read_text()))
+    except (ValueError, TypeError) as e:  # not JSON, not an object, or fields LRMConfig does not have
+        raise UserError(f"{what}: {unreadable(e, folder / 'lrm_config.json')}") from e
+    state = read_tensors(folder / "model.safetensors", what)
     backbone = backbone or load_backbone(config.backbone, device, dtype)
     model = LatentRewardModel(backbone, config)
-    model.load_trainable_state_dict(load_file(folder / "model.safetensors"))
+    model.load_trainable_state_dict(state)
     return model.eval()
 
 
@@ -743,14 +757,15 @@ def check_channels(model, channels):
                         f"{model.backbone.pipe.vae.config.latent_channels}")
 
 
-def final_scores(model, latents, prompts, group=1):
-    """The LRM's judgement of clean final latents (B, C, h, w): its noise ensemble with a fixed noise
-    seed, so equal latents get equal scores, and the same noise for each `group` of consecutive rows
-    (the candidates of one image). (B,) float32 on the CPU."""
+def final_scores(model, latents, prompts):
+    """The LRM's judgement of clean final latents (B, C, h, w): its noise ensemble, every row with the
+    same (t, eps) draws from a generator seeded alike in every call, so a score is a function of the
+    latent and prompt alone: equal latents get equal scores wherever they sit in the batch and in
+    whichever call (a GRPO group, an image's search candidates, the critic's fit). (B,) float32 on the CPU."""
     check_channels(model, latents.shape[1])
     generator = torch.Generator().manual_seed(0)
     device, dtype = model.denoiser.device, model.denoiser.dtype
-    return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator, shared=group).float().cpu()
+    return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator, shared=True).float().cpu()
 
 
 def lrm_reward(path, device="cpu", dtype=torch.float32):
@@ -762,13 +777,19 @@ def lrm_reward(path, device="cpu", dtype=torch.float32):
     def reward(images, prompts, *, refined_prompts=None, answers=None, latents=None):
         if latents is None:
             raise UserError("the lrm reward scores latents: call it with latents= (the sampler's final latents)")
+        # The LRM trains on t ~ U[0, 1000) so that it can judge the sampler's states at any noise level
+        # (search, the critic); a clean final latent has no noise level of its own, so it is noised
+        # only to t ~ U[0, ensemble_t_max) (400 by default: sigma < 0.54 on SD1.5's schedule, which
+        # `toy` shares; sigma < 0.4 on flow matching), where the LRM is most accurate (docs/RESULTS.md, toy pairs: 0.82 at sigma
+        # < 0.4, 0.81 at [0.4, 0.6), 0.79 at [0.6, 0.8), 0.71 at sigma >= 0.8), and the ensemble_draws
+        # draws are averaged (noise ensembling: +0.8 to +1.6 points over a single draw there).
         return final_scores(model, latents, prompts)
 
     return reward
 
 
 def search_scorer(model, backbone):
-    """common.Search's `score` from an LRM: the sampling loop's noisy latents judged at their own noise
+    """search.Search's `score` from an LRM: the sampling loop's noisy latents judged at their own noise
     level in one pass (they are noisy already: no decode, no extra noise), the final clean latents
     by final_scores, against the user's prompts. UserError unless the LRM reads `backbone`'s latents
     as its loop holds them (same latent space; DDPM-scaled on a UNet, not Euler's x0 + sigma eps)."""
@@ -781,8 +802,9 @@ def search_scorer(model, backbone):
                         f"(use DDIM, DDPM, PNDM or LCM)")
 
     def score(latents, prompts, level, group=1):
+        # group (the m candidates of an image) needs nothing here: final_scores gives every row the same draws
         if level is None:
-            return final_scores(model, latents, prompts, group)
+            return final_scores(model, latents, prompts)
         return model.score(latents.to(model.denoiser.device, model.denoiser.dtype), list(prompts), model.state_timestep(level)).float().cpu()
 
     return score

@@ -30,7 +30,13 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from common import UserError, first_line, image_side, pipeline_family
+from common import (
+    UNREADABLE_ERRORS,
+    UserError,
+    image_side,
+    load_failure,
+    pipeline_family,
+)
 
 # -----------------------------------------------------------------------------
 # the refinement schedule and the denoised estimate
@@ -121,8 +127,8 @@ class PreviewDecoder:
                 raise UserError(f"no TAESD decoder known for backbone '{backbone.name}'; use --preview-decoder vae|linear")
             try:
                 self.tiny = AutoencoderTiny.from_pretrained(source, dtype=self.vae.dtype).to(self.vae.device)
-            except OSError as e:
-                raise UserError(f"cannot load TAESD '{source}': {first_line(e)}") from e
+            except UNREADABLE_ERRORS as e:
+                raise UserError(f"cannot load TAESD '{source}': {load_failure(e, source)}") from e
 
     @staticmethod
     @torch.no_grad()
@@ -202,21 +208,23 @@ class RefinedSample:
     images: torch.Tensor  # (B, 3, H, W) in [0, 1], exactly what the pipeline returned
     latents: torch.Tensor  # (B, C, h, w) final latents (what a latent reward scores)
     schedule: list  # denoising steps before which the prompt was rewritten
-    prompts: list  # prompts[k][b]: prompt in force from schedule[k] on (prompts[0] = user prompts)
+    prompts: list  # prompts[k][b]: prompt in force from applied_steps[k - 1] on (prompts[0] = user prompts)
     previews: list = field(default_factory=list)  # previews[k]: (B, 3, h, w) seen at refinement k
     states: list = field(default_factory=list)  # states[k]: (B, C, h, w) noisy latents x_t when refinement k was made
     state_levels: list = field(default_factory=list)  # their noise level: DDPM timestep (int) or flow sigma (float)
     refiner_outputs: list = field(default_factory=list)  # what the refiner returned at each refinement
+    applied_steps: list = field(default_factory=list)  # the step from which each refinement's prompts were in force
     candidates: list = field(default_factory=list)  # search: candidates[k] = {"prompts": [[M prompts] per image], "scores": (B, M), "chosen": (B,)}
 
     @property
     def final_prompts(self):
         return self.prompts[-1]
 
-    def add_refinement(self, out):
-        """A refinement's output put in force: its prompts are the ones from now on."""
+    def add_refinement(self, out, step):
+        """A refinement's output put in force before `step`: its prompts are the ones from now on."""
         self.refiner_outputs.append(out)
         self.prompts.append(list(out.prompts))
+        self.applied_steps.append(step)
 
     def rows(self, rows):
         """This sample restricted to `rows` (B',): best-of-n keeps each prompt's best image."""
@@ -224,7 +232,7 @@ class RefinedSample:
         return RefinedSample(
             self.images[rows], self.latents[rows], self.schedule, [[p[r] for r in rows.tolist()] for p in self.prompts],
             [x[rows] for x in self.previews], [x[rows] for x in self.states], self.state_levels,
-            [out.rows(rows) for out in self.refiner_outputs])
+            [out.rows(rows) for out in self.refiner_outputs], self.applied_steps)
 
     def score(self, reward):
         """A reward (rewards.py) of each sample: (B,) float32 on the CPU, NaN where not finite. The reward
@@ -239,17 +247,23 @@ class RefinedSample:
 
 
 class Hook:
-    """refined_sample's extension point; this default is plain refined sampling.
+    """refined_sample's extension point; this default is plain refined sampling: each refinement's
+    prompts take effect at once, before the step it was made for.
 
     copies: rows the pipeline runs per image (search: M candidates per image). An extension
-    (search.Search) overrides what it changes:
+    (search.Search, overlap.Overlap) overrides what it changes:
+      check(schedule, num_steps) -- UserError if the extension cannot act on this schedule
       start(backbone, images, latents, generator, size) -> (latents, generator) of the B * copies rows
       keep(result, level) -> None, or the (B * copies,) rows the sampling goes on from after a
           lookahead (result.latents are the current ones, at noise level `level`; None at the end)
-      refined(result, out) -- a refinement's output: plain sampling puts it in force at once
+      refine(result, refiner, *args) -- ask the refiner for a refinement (refiner.refine(*args))
+      due(result, step) -> the (B * copies,) prompts that take effect before `step`, or None
       finish(result) -- after the pipeline's loop"""
 
     copies = 1
+
+    def check(self, schedule, num_steps):
+        pass
 
     def start(self, backbone, images, latents, generator, size):
         return latents, generator
@@ -257,8 +271,15 @@ class Hook:
     def keep(self, result, level):
         return None
 
-    def refined(self, result, out):
-        result.add_refinement(out)
+    def refine(self, result, refiner, *args):
+        self.ready = refiner.refine(*args)
+
+    def due(self, result, step):
+        out, self.ready = getattr(self, "ready", None), None
+        if out is None:
+            return None
+        result.add_refinement(out, step)
+        return out.prompts
 
     def finish(self, result):
         pass
@@ -305,6 +326,7 @@ def refined_sample(
     size = image_side(backbone, size)  # what the pipeline would pick itself, checked
     schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
     hook = hook if hook is not None and schedule else Hook()
+    hook.check(schedule, num_steps)
     b, m = len(prompts), hook.copies
     latents, generator = hook.start(backbone, b, latents, generator, size)
     rows = [p for p in prompts for _ in range(m)]  # row r is image r // m (m = 1: the prompts themselves)
@@ -323,23 +345,24 @@ def refined_sample(
 
     def on_step_end(pipe, i, t, tensors):
         result.latents = family.unpack(tensors["latents"], latent_side)
-        if i + 1 not in schedule:
-            return {}
         updates = {}
-        level = family.noise_level(pipe.scheduler, i + 1)
-        x0 = family.unpack(denoised["x0"], latent_side)
-        keep = hook.keep(result, level)  # search: the candidates have looked ahead to here, the best go on
-        if keep is not None:
-            result.latents, x0 = result.latents[keep], x0[keep]
-            updates["latents"] = family.pack(result.latents)
-        previews = torch.full((b, 3, 64, 64), 0.5) if blank_preview else decoder(x0[::m])  # (B, 3, h, w): one per image
-        current = [p for p in result.prompts[-1] for _ in range(m)]
-        out = refiner.refine(previews.float().cpu().repeat_interleave(m, 0), rows, current, i + 1, num_steps)
-        result.previews.append(previews.float().cpu())
-        result.states.append(result.latents[::m].float().cpu())  # what step i + 1 will denoise
-        result.state_levels.append(level)
-        hook.refined(result, out)
-        new = encode_prompts(pipe, list(out.prompts), backbone.spec.text_length if backbone.flow_matching else None)
+        if i + 1 in schedule:
+            level = family.noise_level(pipe.scheduler, i + 1)
+            x0 = family.unpack(denoised["x0"], latent_side)
+            keep = hook.keep(result, level)  # search: the candidates have looked ahead to here, the best go on
+            if keep is not None:
+                result.latents, x0 = result.latents[keep], x0[keep]
+                updates["latents"] = family.pack(result.latents)
+            previews = torch.full((b, 3, 64, 64), 0.5) if blank_preview else decoder(x0[::m])  # (B, 3, h, w): one per image
+            current = [p for p in result.prompts[-1] for _ in range(m)]
+            hook.refine(result, refiner, previews.float().cpu().repeat_interleave(m, 0), rows, current, i + 1, num_steps)
+            result.previews.append(previews.float().cpu())
+            result.states.append(result.latents[::m].float().cpu())  # what step i + 1 will denoise
+            result.state_levels.append(level)
+        new_prompts = hook.due(result, i + 1)  # plain: the refinement just made; overlap: one made D steps ago
+        if new_prompts is None:
+            return updates
+        new = encode_prompts(pipe, list(new_prompts), backbone.spec.text_length if backbone.flow_matching else None)
         for key in family.text_inputs:
             old, value = tensors[key], new[key].to(tensors[key].dtype)
             # with CFG the loop holds cat([negative, positive]); keep the negative half

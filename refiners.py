@@ -20,6 +20,7 @@ import json
 import math
 import os
 import re
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,15 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from common import TOY_DIR, UserError, looks_like_path, to_pil
+from common import (
+    TOY_DIR,
+    UNREADABLE_ERRORS,
+    UserError,
+    first_line,
+    looks_like_path,
+    to_pil,
+    unreadable,
+)
 
 REFINERS = {
     "qwen2.5-vl-3b": "Qwen/Qwen2.5-VL-3B-Instruct",
@@ -147,7 +156,10 @@ class Refiner:
             raise UserError(f"refiner folder '{name}' not found")
         if Path(source, "adapter_config.json").is_file() and adapter is None:
             adapter = source
-            source = json.loads(Path(source, "adapter_config.json").read_text())["base_model_name_or_path"]
+            try:
+                source = json.loads(Path(source, "adapter_config.json").read_text())["base_model_name_or_path"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"cannot load refiner '{name}': {unreadable(e, Path(adapter, 'adapter_config.json'))}") from e
             source = REFINERS.get(source, source)
         try:
             processor = AutoProcessor.from_pretrained(adapter if adapter and Path(adapter, "tokenizer_config.json").is_file() else source)
@@ -156,8 +168,10 @@ class Refiner:
                 from peft import PeftModel
 
                 model = PeftModel.from_pretrained(model, adapter)
-        except (OSError, ValueError) as e:
-            raise UserError(f"cannot load refiner '{name}': {str(e).strip().splitlines()[0]}") from e
+        except (OSError, ValueError) as e:  # not found, offline, a config that does not fit
+            raise UserError(f"cannot load refiner '{name}': {first_line(e)}") from e
+        except UNREADABLE_ERRORS as e:  # a weights file cut short or garbled: name it
+            raise UserError(f"cannot load refiner '{name}': {unreadable(e, adapter, source)}") from e
         if len(processor.tokenizer) < 1000 and not Path(source).is_dir():
             # transformers 5 + HF_HUB_OFFLINE can hand back a near-empty tokenizer from a hub id
             raise UserError(f"refiner '{name}': tokenizer has only {len(processor.tokenizer)} tokens (offline without a cache?)")
@@ -324,8 +338,15 @@ class FastRefiner(Refiner):
             # launches), inductor's default on a CPU
             mode = "reduce-overhead" if self.model.device.type == "cuda" else None
             self._compiled_step = torch.compile(super().decode_step, mode=mode, dynamic=False)
-        # a copy: a CUDA graph writes its next output into the same buffer, and the policy masks it in place
-        return self._compiled_step(token, position, mask, cache).clone()
+        try:
+            # a copy: a CUDA graph writes its next output into the same buffer, and the policy masks it in place
+            return self._compiled_step(token, position, mask, cache).clone()
+        except Exception as e:  # any compiler failure (no Triton, an unsupported GPU or platform): decode eagerly
+            if self._compiled_step == super().decode_step:
+                raise  # the eager step itself failed: not the compiler's doing
+            print(f"warning: the refiner's compiled decode step failed ({first_line(e)}); decoding without it", file=sys.stderr)
+            self._compiled_step = super().decode_step
+            return self._compiled_step(token, position, mask, cache)
 
     def _static_cache(self, rows, length):
         """The StaticCache of this shape, made once and reset for every call (a new one would recompile)."""

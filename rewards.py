@@ -27,8 +27,17 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from common import BACKBONES, UserError, is_hub_id, pick_device, to_pil
+from common import (
+    BACKBONES,
+    UNREADABLE_ERRORS,
+    UserError,
+    is_hub_id,
+    load_failure,
+    pick_device,
+    to_pil,
+)
 from refiners import chat_inputs, parse_answer
+from runs import read_tensors
 
 # A reward function scores a batch, one number per sample:
 #     fn(images, prompts, *, refined_prompts=None, answers=None, latents=None) -> (B,) float32, CPU
@@ -178,8 +187,9 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 def _load_error(what, source, error):
-    lines = str(error).strip().splitlines()
-    return UserError(f"cannot load {what} '{source}': {lines[0] if lines else type(error).__name__}")
+    """The UserError of a scorer that failed to load from `source`: the library's first line, or, for
+    a weights file cut short or garbled (not a not-found / bad-config error), that file named."""
+    return UserError(f"cannot load {what} '{source}': {load_failure(error, source)}")
 
 
 def _weights_file(source, filename, repo):
@@ -199,12 +209,9 @@ def _weights_file(source, filename, repo):
 
 
 def load_weights(path):
-    """A state dict from .safetensors or a torch file (weights_only); {'state_dict': sd} unwrapped."""
-    if str(path).endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    """A state dict from .safetensors or a torch file (weights_only); {'state_dict': sd} unwrapped.
+    UserError naming the file if it is cut short or garbled (runs.read_tensors)."""
+    state = read_tensors(path, "cannot load reward model weights")
     return state.get("state_dict", state) if isinstance(state, dict) else state
 
 
@@ -243,7 +250,7 @@ def _clip_model(source, device, dtype, what):
 
     try:
         return CLIPModel.from_pretrained(source, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
+    except UNREADABLE_ERRORS as e:
         raise _load_error(what, source, e) from e
 
 
@@ -541,7 +548,7 @@ def vlm_reward(arg, device, dtype):
     processor = _processor(source, "VLM judge")
     try:
         model = AutoModelForImageTextToText.from_pretrained(source, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as e:
+    except UNREADABLE_ERRORS as e:
         raise _load_error("VLM judge", source, e) from e
     # hub models see 448 px (16x16 merged vision tokens for Qwen2.5-VL); a folder uses its processor's own
     judge = VLMJudge(model, processor, image_size=None if Path(source).is_dir() else 448)

@@ -3,7 +3,8 @@ runs.py: the plumbing of a run -- prompt sources, seeding, checkpoints and the D
 
     prompt sources   toy prompts, text files, Pick-a-Pic captions (parquet or hub)
     seeding          one seed per part of a run (mix_seed), every generator seeded (seed_everything)
-    checkpoints      atomic save, --resume with a config check, log.jsonl trimmed to the checkpoint
+    checkpoints      atomic save, --resume with a config check, log.jsonl trimmed to the checkpoint;
+                     weights files read with one clear error naming a file that is cut short or garbled
     distributed      plain DDP under torchrun: set-up, all-reduce, gather, the ranks' divergence
 
 Used by train_refiner.py, train_reward.py and evaluate.py; nothing here knows the method.
@@ -20,7 +21,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import UserError, first_line, is_hub_id, pick_device
+from common import (
+    UNREADABLE_ERRORS,
+    UserError,
+    first_line,
+    is_hub_id,
+    pick_device,
+    unreadable,
+)
 
 # -----------------------------------------------------------------------------
 # prompt sources (text file, Pick-a-Pic captions, toy prompts)
@@ -176,8 +184,21 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def read_tensors(path, what):
+    """The dict in a .safetensors file or a torch file (torch.load weights_only: tensors and plain
+    containers, never code). UserError '{what}: cannot read PATH: reason' if it cannot be read."""
+    from safetensors.torch import load_file
+
+    try:
+        if str(path).endswith(".safetensors"):
+            return load_file(path)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except UNREADABLE_ERRORS as e:
+        raise UserError(f"{what}: {unreadable(e, path)}") from e
+
+
 def load_checkpoint(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return read_tensors(path, "--resume")
 
 
 def resume_checkpoint(path, config, may_change):
@@ -190,6 +211,8 @@ def resume_checkpoint(path, config, may_change):
     if not path.is_file():
         raise UserError(f"--resume: no checkpoint at {path}")
     state = load_checkpoint(path)
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        raise UserError(f"--resume: {path} is not a checkpoint of this script (no config in it)")
     changed = sorted(k for k, v in asdict(config).items() if k not in may_change and state["config"].get(k) != v)
     if changed:
         raise UserError(f"--resume: {path} was written with a different {', '.join(changed)}")

@@ -35,6 +35,7 @@ from PIL import Image, ImageDraw
 
 import common
 import lrm
+import overlap
 import promptloop
 import refiners
 import search
@@ -63,13 +64,15 @@ class Config(common.RunFlags, common.SamplingFlags):
 def check(config):
     if not config.prompt or any(not p.strip() for p in config.prompt):
         raise common.UserError("give at least one non-empty --prompt")
-    common.require(config, positive=("steps", "size", "search"), non_negative=("refine_steps", "temperature", "guidance"))
+    common.require(config, positive=("steps", "size", "search"), non_negative=("refine_steps", "temperature", "guidance", "overlap"))
     if (config.search > 1) != (config.lrm is not None):
         raise common.UserError("--search M (M > 1) and --lrm DIR go together: the latent reward model scores the candidates")
     if config.search > 1 and config.refiner == "none":
         raise common.UserError("--search needs a refiner to propose candidate prompts")
     if config.true_cfg < 1:
         raise common.UserError(f"--true-cfg must be >= 1 (1 = off), got {config.true_cfg}")
+    if config.search > 1 and config.overlap:
+        raise common.UserError("--search and --overlap do not go together: a search's candidates look ahead synchronously")
     if config.preview_decoder not in promptloop.PreviewDecoder.KINDS:
         raise common.UserError(f"--preview-decoder must be one of {', '.join(promptloop.PreviewDecoder.KINDS)}")
 
@@ -125,7 +128,7 @@ def main():
         temperature=config.temperature or 1.0, do_sample=config.temperature > 0,
         fast_decode=config.fast_decode, preview_size=config.preview_size,
     )
-    hook = None  # promptloop.Hook: plain refined sampling
+    hook = overlap.overlap_hook(config.overlap)  # None: plain (synchronous) refined sampling
     if config.search > 1:
         hook = search.Search(config.search, lrm.search_scorer(lrm.load_lrm(config.lrm, device, dtype), backbone))
     out = Path(config.out)
@@ -149,8 +152,8 @@ def main():
     items = []
     for b, user_prompt in enumerate(config.prompt):
         steps = [
-            {"step": s, "prompt": result.prompts[k + 1][b], "answer": o.answers[b], "fallback": bool(o.fallback[b])}
-            for k, (s, o) in enumerate(zip(result.schedule, result.refiner_outputs))
+            {"step": s, "applied_step": applied, "prompt": result.prompts[k + 1][b], "answer": o.answers[b], "fallback": bool(o.fallback[b])}
+            for k, (s, applied, o) in enumerate(zip(result.schedule, result.applied_steps, result.refiner_outputs))
         ]
         for step, found in zip(steps, result.candidates):
             step["candidates"] = [{"prompt": p, "score": round(float(v), 5)} for p, v in zip(found["prompts"][b], found["scores"][b])]
@@ -160,7 +163,7 @@ def main():
     record = {
         "backbone": config.backbone, "refiner": config.refiner, "adapter": config.adapter, "seed": config.seed,
         "steps": num_steps, "guidance": backbone.spec.guidance if config.guidance is None else config.guidance,
-        "refine_steps": config.refine_steps, "schedule": result.schedule, "preview_decoder": config.preview_decoder,
+        "refine_steps": config.refine_steps, "schedule": result.schedule, "overlap": config.overlap, "preview_decoder": config.preview_decoder,
         "search": config.search, "lrm": config.lrm,
         "fallbacks": fallbacks, "seconds": round(seconds, 3), "items": items,
     }

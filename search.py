@@ -56,7 +56,7 @@ class Search(Hook):
         return self.m
 
     def start(self, backbone, images, latents, generator, size):
-        self.pending = []  # the last refinement's candidates, until their lookahead ends
+        self.pending, self.fresh = [], None  # the last refinement's candidates, until their lookahead ends
         if self.m == 1:
             return latents, generator
         if type(backbone.pipe.scheduler).__name__ not in SEARCH_SCHEDULERS:
@@ -84,13 +84,22 @@ class Search(Hook):
             out = self.pending.pop()
             result.candidates.append({"prompts": [out.prompts[i * self.m:(i + 1) * self.m] for i in range(b)],
                                       "scores": scores, "chosen": best})
-            result.add_refinement(out.rows(torch.arange(b) * self.m + best))
+            # the kept candidates' prompts have been in force since the refinement that proposed them
+            result.add_refinement(out.rows(torch.arange(b) * self.m + best), result.schedule[len(result.refiner_outputs)])
         return (torch.arange(b) * self.m + best).repeat_interleave(self.m)
 
-    def refined(self, result, out):
+    def refine(self, result, refiner, *args):
         if self.m == 1:
-            return result.add_refinement(out)
-        self.pending.append(out)
+            return super().refine(result, refiner, *args)
+        self.fresh = refiner.refine(*args)
+        self.pending.append(self.fresh)
+
+    def due(self, result, step):
+        """Every candidate's prompt is in force at once (row by row), until its lookahead ends."""
+        if self.m == 1:
+            return super().due(result, step)
+        fresh, self.fresh = self.fresh, None
+        return None if fresh is None else fresh.prompts
 
     def finish(self, result):
         """The last refinement's candidates looked ahead to the end: score the final latents."""

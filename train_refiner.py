@@ -20,8 +20,9 @@ The adapter is saved in --out (adapter_config.json + adapter_model.safetensors),
 
 One step (per rank):
   1. rollout   B prompts x G trajectories in ONE refined_sample call over B*G rows (a group
-               shares its initial noise: common random numbers); K refinements, each one batched
-               refiner.generate call, sampled with temperature
+               shares its initial noise and, with a stochastic sampler, every step's noise: one
+               generator per row, seeded alike within a group; common random numbers); K refinements,
+               each one batched refiner.generate call, sampled with temperature
   2. reward    terminal reward r (B*G,) from the registry (--reward SPEC, composites included)
   3. advantage A = (r - mean_group) / (std_group + eps), the same for every token of a trajectory;
                with --credit per-refinement, action k gets A_k = group-normalised (r - V(x_{t_k})):
@@ -49,6 +50,7 @@ from peft import PeftModel, get_peft_model_state_dict, set_peft_model_state_dict
 
 import common
 import lrm
+import overlap
 import promptloop
 import refiners
 import rewards
@@ -70,7 +72,7 @@ class Config(common.RunFlags, common.SamplingFlags):
     steps: int = field(default=200, metadata={"help": "GRPO steps (one rollout batch + its update each)"})
     prompts_per_step: int = field(default=4, metadata={"help": "B: prompts per step on each rank"})
     group_size: int = field(default=4, metadata={"help": "G: trajectories per prompt (a GRPO group)"})
-    shared_noise: bool = field(default=True, metadata={"help": "a group shares its initial noise (common random numbers); --no-shared-noise draws one per trajectory"})
+    shared_noise: bool = field(default=True, metadata={"help": "a group shares its noise, the initial noise and with a stochastic sampler every step's (one generator per row, seeded alike within a group: common random numbers); --no-shared-noise: independent noise per trajectory"})
     refine_steps: int = field(default=2, metadata={"help": "K: refinements per trajectory in training (the paper: 2 in training, 5 at inference)"})
     sampling_steps: int = field(default=0, metadata={"help": "denoising steps (0 = the backbone's default)"})
     guidance: float = field(default=-1.0, metadata={"help": "CFG scale (negative = the backbone's default); FLUX: its distilled guidance"})
@@ -105,7 +107,7 @@ RESUME_MAY_CHANGE = {"steps", "resume", "monitor_every", "save_every", "device",
 def check_config(config):
     common.require(config, positive=("steps", "prompts_per_step", "group_size", "inner_epochs", "minibatches", "max_new_tokens",
                                      "lora_rank", "lora_alpha", "save_every", "monitor_prompts", "max_grad_norm", "advantage_eps"),
-                   non_negative=("monitor_every", "max_prompts", "sampling_steps", "size", "threads"))
+                   non_negative=("monitor_every", "max_prompts", "sampling_steps", "size", "threads", "overlap"))
     if config.group_size < 2:
         raise common.UserError("--group-size must be >= 2: GRPO compares trajectories within a group")
     if (config.prompts_per_step * config.group_size) % config.minibatches:
@@ -213,21 +215,38 @@ def initial_noise(backbone, num_prompts, group_size, shared, generator, size):
     return torch.randn((num_prompts * group_size, *shape), generator=generator)
 
 
-def sample(backbone, refiner, rows, latents, generator, config, preview_decoder):
-    """refined_sample with the run's sampling settings: the rollouts and the held-out monitor."""
+def row_generators(seed, num_prompts, group_size, shared):
+    """One CPU generator per row (B*G,), for the noise a stochastic sampler (ancestral Euler, DDPM,
+    LCM) draws at every step; the pipeline takes a list, one per row. With `shared` a group's G
+    generators are seeded alike, so its trajectories also see the same noise at every step and
+    differ only by their prompts (common random numbers); one generator for the whole batch would
+    give every row its own noise at each step. Without `shared`, one seed per row."""
+    def row_seed(row):
+        return runs.mix_seed(seed, row // group_size if shared else row)
+
+    return [torch.Generator().manual_seed(row_seed(row)) for row in range(num_prompts * group_size)]
+
+
+def sample(backbone, refiner, rows, latents, generators, config, preview_decoder):
+    """refined_sample with the run's sampling settings: the rollouts and the held-out monitor.
+    latents: initial noise (N, C, h, w); generators: one per row (row_generators), for the steps' noise."""
     return promptloop.refined_sample(
         backbone, rows, refiner, refine_steps=config.refine_steps, num_steps=config.sampling_steps or None,
-        guidance=None if config.guidance < 0 else config.guidance, generator=generator, latents=latents,
+        guidance=None if config.guidance < 0 else config.guidance, generator=generators, latents=latents,
         preview_decoder=preview_decoder, blank_preview=config.blank_preview, size=config.size or None,
+        hook=overlap.overlap_hook(config.overlap),  # --overlap D: the delay is part of the environment
     )
 
 
 def rollout(backbone, refiner, prompts, config, preview_decoder, generator):
-    """B prompts -> B*G refined trajectories in one batched refined_sample call."""
+    """B prompts -> B*G refined trajectories in one batched refined_sample call. generator: the step's
+    (seeded with step_seed); the initial noise is drawn from it, the row generators seeded from its seed
+    (not drawn from it: update() goes on with it as it was)."""
     refiner.model.eval()  # sampling in eval mode (update() switches to train mode and back)
     rows = [p for p in prompts for _ in range(config.group_size)]  # (B*G,) group members adjacent
     latents = initial_noise(backbone, len(prompts), config.group_size, config.shared_noise, generator, config.size)
-    return sample(backbone, refiner, rows, latents, generator, config, preview_decoder)
+    generators = row_generators(generator.initial_seed(), len(prompts), config.group_size, config.shared_noise)
+    return sample(backbone, refiner, rows, latents, generators, config, preview_decoder)
 
 
 def action_advantages(scores, trajectories, critic, config):
@@ -247,7 +266,8 @@ def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder,
     generator = torch.Generator().manual_seed(config.seed + 12345)
     torch.manual_seed(config.seed + 12345)  # the refiner samples with the global generator
     latents = initial_noise(backbone, len(prompts), 1, False, generator, config.size)
-    samples = sample(backbone, refiner if refined else None, prompts, latents, generator, config, preview_decoder)
+    generators = row_generators(config.seed + 12345, len(prompts), 1, False)  # a prompt's step noise: fixed too
+    samples = sample(backbone, refiner if refined else None, prompts, latents, generators, config, preview_decoder)
     try:
         result = {"reward": nanmean(samples.score(reward))}
         if others is not None:

@@ -124,7 +124,7 @@ def load_split(cfg, backbone, dist, source, split, resolution, max_pairs, holdou
     """Pairs of one split as latents (cached) or pixels (--cache-latents false).
 
     holdout: None, "train" (rows not held out) or "val" (every 10th row) when one file feeds both."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     keep_row = None if holdout is None else (lambda i: (i % 10 == 0) == (holdout == "val"))
     if not cfg.cache_latents:
@@ -144,10 +144,14 @@ def load_split(cfg, backbone, dist, source, split, resolution, max_pairs, holdou
     runs.barrier(dist)
     from safetensors import safe_open
 
-    with safe_open(str(path), "pt") as f:
-        metadata = f.metadata()
-    tensors = load_file(str(path))
-    return dict(tensors, captions=json.loads(metadata["captions"]), counts=json.loads(metadata["counts"]))
+    try:  # a cache cut short or garbled (a full disk, a bad copy, someone's --cache-dir): named, no traceback
+        with safe_open(str(path), "pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
+        captions, counts = json.loads(metadata["captions"]), json.loads(metadata["counts"])
+    except (*common.UNREADABLE_ERRORS, KeyError) as e:
+        raise common.UserError(f"latent cache: {common.unreadable(e, path)} (delete it to encode the pairs again)") from e
+    return dict(tensors, captions=captions, counts=counts)
 
 
 def pair_latents(model, data, indices):

@@ -1,4 +1,16 @@
-"""Shared fixtures: tiny models built in-process (no network, no downloads)."""
+"""Shared fixtures: tiny models built in-process (no network, no downloads).
+
+Does a test guard anything? Plant the bug by hand and watch which test fails. Change one line of
+product code to the bug, run the fast tests that should catch it, restore the line exactly (`git
+diff FILE` shows only what was there before). For example, flip the sign of GRPO's advantage in
+train_refiner.group_advantages, `(r - mean) / (std + eps)` -> `(mean - r) / (std + eps)`:
+
+    pytest -q -m "not slow" tests/test_grpo_math.py tests/test_train_refiner.py
+
+must fail (test_grpo_math's hand-computed advantages and the one-step test that the better
+completion's log-prob rises). A bug that no fast test catches is a missing test: write it, see it
+fail on the planted bug, pass on the real code. A test that cannot fail this way (a fit scored on
+its own data, `ratio > 0`, "this flag changes nothing") guards nothing."""
 
 import os
 import sys

@@ -181,11 +181,11 @@ def test_lrm_reward_on_flow_backbones(folder, tmp_path, request):
     prompts = ["a red circle", "a blue square"]
     out = reward(None, prompts, latents=latents)
     assert out.shape == (2,) and torch.equal(out, reward(None, prompts, latents=latents))
-    # fixed levels: draw d at sigma 0.2, 0.5, 0.7 in turn (t = 199, 499, 699), fresh eps per draw
+    # fixed levels: draw d at sigma 0.2, 0.5, 0.7 in turn (t = 199, 499, 699), fresh eps per draw, one eps for every row
     generator, singles = torch.Generator().manual_seed(0), []
     cond = model.text_conditioning(prompts)
     for t in (199, 499, 699):
-        noise = torch.randn(latents.shape, generator=generator)
+        noise = torch.randn(latents[:1].shape, generator=generator).expand_as(latents)  # one eps for every row
         t = torch.full((2,), t)
         singles.append(model(lrm.flow_noisy_latents(latents, noise, model.sigmas[t]), t, cond))
     torch.testing.assert_close(out, torch.stack(singles).mean(0).detach(), atol=1e-5, rtol=1e-5)
@@ -219,3 +219,46 @@ def test_critic_values_are_on_the_reward_scale():
     values = lrm.critic_values(critic, trajectories, torch.tensor([1.0, 3.0, 5.0]))
     torch.testing.assert_close(values, torch.tensor([[3.0, 3.0, 3.0], [2.0, 7.0, -1.0]]))
     assert levels == [700, 300, None]
+
+
+# -----------------------------------------------------------------------------
+# the Thurstone variance: the same reward gap means less at a higher noise level
+
+
+def test_thurstone_likelihood_depends_on_the_noise_level():
+    """v(t) = v0 + kappa (1 - abar_t): one reward gap gives P(w > l) nearer 1/2 and another loss at
+    high noise (abar 0.05) than at low noise (abar 0.99), for both Thurstone losses; Bradley-Terry is
+    blind to the level (the baseline the design compares against)."""
+    r_w, r_l, target = torch.tensor([1.0, 1.0]), torch.tensor([0.0, 0.0]), torch.tensor([1.0, 1.0])
+    variance = lrm.noise_variance(torch.tensor([0.99, 0.05]), 0.5, 2.0)  # (low noise, high noise)
+    torch.testing.assert_close(variance, torch.tensor([0.52, 2.4]))
+    p = lrm.thurstone_probability(r_w, r_l, variance)
+    torch.testing.assert_close(p, torch.special.ndtr(1 / torch.sqrt(2 * torch.tensor([0.52, 2.4]))))
+    assert p[0] > p[1] + 0.1 and p[1] > 0.5
+    for loss in ("thurstone-nll", "thurstone-fidelity"):
+        low, high = (lrm.preference_loss(loss, r_w[:1], r_l[:1], v, target[:1]) for v in (variance[:1], variance[1:]))
+        assert high > low + 0.05, (loss, low, high)  # a correct ranking earns less at high noise
+    assert lrm.preference_loss("bradley-terry", r_w[:1], r_l[:1], variance[:1], target[:1]) == \
+        lrm.preference_loss("bradley-terry", r_w[:1], r_l[:1], variance[1:], target[:1])
+
+
+@pytest.mark.parametrize("variance", ["fixed", "learned", "dina"])
+def test_model_variance_follows_the_timestep(tiny_sd15_dir, variance):
+    """The model's v(t), which train_reward.py hands to preference_loss, is read at each pair's own
+    timestep: v0 + kappa (1 - abar_t) (fixed, learned at its init) or 2 sigma_t^2 + 0.05 (dina), rising
+    with t; so the same rewards give a higher loss at t = 900 than at t = 50."""
+    model = lrm.LatentRewardModel(common.load_backbone(str(tiny_sd15_dir)), lrm.LRMConfig(backbone="tiny", variance=variance))
+    t = torch.tensor([50, 500, 900])
+    v = model.variance(t)
+    if variance == "dina":
+        expected = lrm.dina_variance(model.sigmas[t])
+    else:
+        expected = lrm.noise_variance(model.alphas_cumprod[t], 0.5, 2.0)
+    torch.testing.assert_close(v, expected.float())
+    assert v[0] < v[1] < v[2] and v[2] > 2 * v[0]
+    r_w, r_l, target = torch.ones(3), torch.zeros(3), torch.ones(3)
+    losses = [lrm.preference_loss("thurstone-nll", r_w[i:i + 1], r_l[i:i + 1], v[i:i + 1], target[i:i + 1]).item() for i in range(3)]
+    assert losses[0] < losses[1] < losses[2]
+    if variance == "learned":  # v0 and kappa get gradients through the loss
+        lrm.preference_loss("thurstone-nll", r_w, r_l, v, target).backward()
+        assert model.log_v0.grad.abs() > 0 and model.log_kappa.grad.abs() > 0

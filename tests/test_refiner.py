@@ -1,5 +1,7 @@
 """The Qwen2.5-VL refiner wrapper on a tiny random Qwen2.5-VL built in-process."""
 
+import math
+
 import pytest
 import torch
 
@@ -238,3 +240,55 @@ def test_decoding_flag_errors(tiny_refiner_dir):
         refiners.load_refiner(str(tiny_refiner_dir), fast_decode="yes")
     with pytest.raises(common.UserError, match="--preview-size"):
         refiners.load_refiner(str(tiny_refiner_dir), preview_size=10)
+
+
+# -----------------------------------------------------------------------------
+# temperature: the sampler and teacher forcing use the same pi = softmax(logits / T) at T != 1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_temperature_reaches_generation_and_teacher_forcing(tiny_refiner_dir, temperature):
+    """generate's recorded log-probs == token_logprobs' on the same tokens == log_softmax(logits / T)
+    (vision tokens banned) from one plain teacher-forced forward of the model, written out here."""
+    refiner = refiners.load_refiner(str(tiny_refiner_dir), max_new_tokens=10, temperature=temperature)
+    inputs = refiner._inputs(*STATES)
+    torch.manual_seed(0)
+    tokens, logprobs, mask = refiner.generate(inputs)
+    assert mask.sum() > 6
+    with torch.no_grad():
+        recomputed = refiner.token_logprobs(inputs, tokens, mask.long())
+        forward = dict(inputs, input_ids=torch.cat([inputs["input_ids"], tokens], 1),
+                       attention_mask=torch.cat([inputs["attention_mask"], mask.long()], 1),
+                       mm_token_type_ids=torch.cat([inputs["mm_token_type_ids"], torch.zeros_like(tokens)], 1))
+        logits = refiner.model(**forward).logits[:, inputs["input_ids"].shape[1] - 1:-1].float()  # (B, T, V): predicts each token
+    logits[..., refiner.suppressed] = -math.inf
+    by_hand = torch.log_softmax(logits / temperature, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+    torch.testing.assert_close(logprobs, by_hand, rtol=0, atol=1e-4)
+    torch.testing.assert_close(recomputed, by_hand, rtol=0, atol=1e-4)
+    untempered = torch.log_softmax(logits, -1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1) * mask
+    assert (untempered - by_hand).abs().max() > 1e-2  # T = 1 would be told apart
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_tokens_are_drawn_from_the_tempered_policy(refiner, temperature):
+    """The sampler draws from softmax(logits / T): the model's logits are pinned (a hook on lm_head)
+    to 1, 0, -1 on three ordinary tokens and -30 elsewhere, so each of 400 decoding steps of one row
+    is a draw from softmax([1, 0, -1] / T); their frequencies are that, not softmax([1, 0, -1])."""
+    ids = torch.tensor([10, 11, 12])
+    assert not torch.isin(ids, torch.tensor(refiner.suppressed + refiner.eos_ids)).any()
+    pinned = torch.full((refiner.model.lm_head.out_features,), -30.0)
+    pinned[ids] = torch.tensor([1.0, 0.0, -1.0])
+    handle = refiner.model.lm_head.register_forward_hook(lambda module, args, output: pinned.expand_as(output).clone())
+    refiner.temperature = temperature
+    try:
+        inputs = refiner._inputs(PREVIEWS[:1], USER[:1], USER[:1], 1, 4)
+        torch.manual_seed(0)
+        tokens, logprobs, mask = refiner.generate(inputs, max_new_tokens=400)
+    finally:
+        handle.remove()
+    assert mask.all() and torch.isin(tokens, ids).all()
+    expected = torch.softmax(pinned[ids] / temperature, -1)
+    frequencies = torch.stack([(tokens == i).float().mean() for i in ids])
+    assert (frequencies - expected).abs().max() < 0.07, (frequencies, expected)
+    assert (torch.softmax(pinned[ids], -1) - expected).abs().max() > 0.15  # what T = 1 would give is far off
+    torch.testing.assert_close(logprobs[0], torch.log_softmax(pinned / temperature, -1)[tokens[0]], rtol=0, atol=1e-5)

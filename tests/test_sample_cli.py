@@ -140,3 +140,21 @@ def test_bad_input_is_one_clear_line(args, message):
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.strip().splitlines() if line.strip()]
     assert lines and message in lines[-1] and lines[-1].startswith("error:")
+
+
+def test_sample_with_overlap_records_when_each_prompt_took_effect(tiny_sd15_dir, tiny_refiner_dir, tmp_path):
+    """--overlap 1: trajectory.json gives each refinement's preview step and the step its prompt
+    took effect (one later); --overlap 2 with refinements at steps 2 and 4 of 6 is refused in one line;
+    --threads sets torch's threads (recorded nowhere else: the run just has to take it)."""
+    out = tmp_path / "out"
+    common_args = ["--backbone", str(tiny_sd15_dir), "--refiner", str(tiny_refiner_dir), "--prompt", "a red circle",
+                   "--steps", "6", "--refine-steps", "2", "--threads", "1", "--out", str(out)]
+    proc = run_sample(*common_args, "--overlap", "1")
+    assert proc.returncode == 0, proc.stderr
+    record = json.loads((out / "trajectory.json").read_text())
+    assert record["overlap"] == 1 and record["schedule"] == [2, 4]
+    assert [(r["step"], r["applied_step"]) for r in record["items"][0]["refinements"]] == [(2, 3), (4, 5)]
+    bad = run_sample(*common_args, "--overlap", "2")
+    assert bad.returncode == 2 and "Traceback" not in bad.stderr
+    assert [line for line in bad.stderr.splitlines() if line.startswith("error:")] == [bad.stderr.strip().splitlines()[-1]]
+    assert "--overlap 2" in bad.stderr.strip().splitlines()[-1]

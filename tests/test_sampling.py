@@ -229,14 +229,29 @@ def test_denoised_estimate_without_pred_original_sample():
 
 
 def test_linear_preview_fits_vae(sd15):
-    latents = torch.randn(3, 4, 16, 16)
-    vae_decoder = promptloop.PreviewDecoder("vae", sd15)
+    """The fitted C->3 map at latent resolution; on a random tiny VAE (nearly non-linear in its
+    latents) only its shape means something: the held-out test below is on a trained VAE."""
     linear = promptloop.PreviewDecoder("linear", sd15)
-    fast = linear(latents)
-    assert fast.shape == (3, 3, 16, 16) and linear.linear_map.shape == (5, 3)
-    pooled = torch.nn.functional.adaptive_avg_pool2d(vae_decoder(latents), (16, 16))
-    # the least-squares fit is at least as good as predicting the mean colour
-    assert ((fast - pooled) ** 2).mean() <= ((pooled - pooled.mean((0, 2, 3), keepdim=True)) ** 2).mean() + 1e-6
+    assert linear(torch.randn(3, 4, 16, 16)).shape == (3, 3, 16, 16) and linear.linear_map.shape == (5, 3)
+
+
+@pytest.mark.skipif(not (common.TOY_DIR / "toy-sd15" / "vae").is_dir(), reason="toy world not built")
+def test_linear_preview_predicts_the_vae_on_held_out_latents():
+    """Fitted on the first latents it sees, the linear preview predicts the VAE's (pooled) colours
+    of other latents far better than their mean colour does: scored on held-out latents, so a map
+    that ignores the latents (only its bias) or mixes up channels fails."""
+    toy_sd15 = common.load_backbone(str(common.TOY_DIR / "toy-sd15"))
+    gen = torch.Generator().manual_seed(0)
+    fitted, held_out = (torch.randn(3, *common.latent_shape(toy_sd15), generator=gen) for _ in range(2))
+    vae = promptloop.PreviewDecoder("vae", toy_sd15)
+    linear = promptloop.PreviewDecoder("linear", toy_sd15)
+    linear(fitted)  # the fit happens on the first preview
+    side = held_out.shape[-2:]
+    target = torch.nn.functional.adaptive_avg_pool2d(vae(held_out), side)
+    mean_colour = torch.nn.functional.adaptive_avg_pool2d(vae(fitted), side).mean((0, 2, 3), keepdim=True)
+    error = ((linear(held_out) - target) ** 2).mean()
+    baseline = ((target - mean_colour) ** 2).mean()
+    assert error < 0.75 * baseline, (error, baseline)  # measured: 0.58 of it
 
 
 def test_taesd_preview(sd15, tmp_path):

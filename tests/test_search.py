@@ -133,8 +133,8 @@ def test_lrm_search_scorer(sd15, sd3, tiny_sd15_dir):
     torch.testing.assert_close(score(latents, PROMPTS, None), lrm.final_scores(model, latents, PROMPTS))
     # candidates of one image are compared under the same noise draws: equal latents, equal scores
     copies = latents[:1].repeat(3, 1, 1, 1)
-    shared, independent = score(copies, PROMPTS[:1] * 3, None, 3), score(copies, PROMPTS[:1] * 3, None)
-    assert shared.max() - shared.min() < 1e-6 < independent.max() - independent.min()  # up to batched float rounding
+    shared = score(copies, PROMPTS[:1] * 3, None, 3)
+    assert shared.max() - shared.min() < 1e-6  # every row the same draws: up to batched float rounding
     with pytest.raises(common.UserError, match="cannot judge"):
         lrm.search_scorer(model, sd3)
     from diffusers import EulerDiscreteScheduler

@@ -484,3 +484,35 @@ def test_torchrun_two_ranks_keep_lora_identical(tiny_sd15_dir, policy_dir, tmp_p
     assert records[-1]["groups"] == 4  # 2 prompts on each of 2 ranks
     saved = load_file(out / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
+
+
+def test_gradient_checkpointing_saves_activations_and_keeps_gradients(policy_dir, tmp_path, one_thread):
+    """--gradient-checkpointing on: the teacher-forced forward of update() keeps fewer activations
+    for backward (bytes packed by torch.autograd.graph.saved_tensors_hooks; the checkpointed layers
+    recompute theirs), and the LoRA gradients are those of the run without it."""
+    previews, users = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ["a circle", "a red square"]
+    saved, gradients = {}, {}
+    for mode in ("off", "on"):
+        config = common.parse_config(tr.Config, tiny_args("x", policy_dir, tmp_path, "--gradient-checkpointing", mode, "--lora-rank", "4"))
+        torch.manual_seed(0)  # the same LoRA initialisation
+        refiner, params = tr.load_policy(config, torch.device("cpu"), torch.float32)
+        with torch.no_grad():  # LoRA B starts at 0: move it, so that the gradients of A are not all 0
+            for p in params:
+                p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+        torch.manual_seed(0)
+        out = refiner.refine(previews, users, users, 1, 2)
+        refiner.model.train()  # as update() runs it (checkpointing is active in train mode only)
+        packed = []
+
+        def pack(tensor):
+            packed.append(tensor.numel() * tensor.element_size())
+            return tensor
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            logprobs = refiner.token_logprobs(out.inputs, out.completion_ids, out.completion_mask)
+        (logprobs.sum() / out.completion_mask.sum()).backward()
+        saved[mode], gradients[mode] = sum(packed), [p.grad.clone() for p in params]
+    assert saved["on"] < 0.7 * saved["off"], saved
+    for off, on in zip(gradients["off"], gradients["on"]):
+        torch.testing.assert_close(on, off, rtol=1e-4, atol=1e-6)
+    assert any(g.abs().max() > 0 for g in gradients["on"])
