@@ -272,9 +272,10 @@ def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_
     fallbacks, refinement count (of the refined arm), sheet: the first seed's first `sheet_prompts`
     images of the baseline and refined arms)."""
     arms = sampling_arms(backbone, refiner, config, score)
-    # warm-up on one prompt, two steps, so that one-time costs (lazy init, allocator) are not timed
+    # warm-up on one prompt, a few steps, so that one-time costs (lazy init, allocator) are not timed:
+    # one refinement, before step D + 1 of 2D + 2, leaves --overlap D its steps
     for sample, _ in arms.values():
-        sample(prompts[:1], 0, [0], num_steps=2)
+        sample(prompts[:1], 0, [0], num_steps=2 + 2 * config.overlap, refine_steps=1)
 
     records, seconds, fallbacks, refinements = [], {arm: 0.0 for arm in arms}, 0, 0
     sheet = {arm: [] for arm in arms if arm in ("baseline", "refined")} | {"final_prompts": []}

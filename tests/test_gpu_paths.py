@@ -8,6 +8,7 @@ import common
 import overlap
 import promptloop
 import refiners
+import rewards
 
 PROMPTS = ["a red circle", "a blue square on a green background"]
 STEPS, GUIDANCE = 8, 4.0
@@ -114,3 +115,8 @@ def test_grpo_rollouts_and_evaluation_take_the_overlap(sd15):
     arms = evaluate.sampling_arms(sd15, ScriptedRefiner(script), evaluate.Config(overlap=1, refine_steps=2, steps=STEPS))
     refined = arms["refined"][0](PROMPTS, 0, [0, 1])
     assert refined.applied_steps == [4, 6]
+    # the whole evaluation, its warm-up included (a short run that must leave the delay its steps)
+    config = evaluate.Config(overlap=1, refine_steps=2, steps=STEPS, batch_size=2)
+    identity = type("Identity", (), {"refine": lambda self, previews, users, current, step, n: refiners.RefinerOutput.from_prompts(current)})()
+    records, *_ = evaluate.evaluate_backbone(sd15, identity, {"jpeg": rewards.build_reward("jpeg")}, PROMPTS, [0], config)
+    assert len(records) == 2 and [r["refined_prompt"] for r in records] == PROMPTS
