@@ -17,7 +17,7 @@ import refiners
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c", "8", "9", "10a", "10b", "11"}
+ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c", "8", "9", "10a", "10b", "11", "12"}
 GPU_ROWS = {"3b", "3c", "6a", "6b", "6c"}
 
 
@@ -54,7 +54,7 @@ def test_refiner_train_step_updates_lora_weights():
 
 @pytest.mark.parametrize("flags, message", [
     (["--repeats", "2"], "--repeats must be >= 3"),
-    (["--rows", "1,12"], "--rows must name entries among"),
+    (["--rows", "1,13"], "--rows must name entries among"),
     (["--fast-decode", "yes"], "--fast-decode must be one of"),
     (["--batches", "1,x"], "--batches must be comma-separated integers"),
     (["--preview-sizes", "448,14"], "--preview-sizes must be comma-separated integers >= 28"),
@@ -86,6 +86,12 @@ def test_quick_run_writes_every_row(tmp_path):
             continue
         if "params" in row:  # row 7: counted, not timed
             assert row["total_params"] > row["params"]["transformer"] > 1e9, name
+            continue
+        if "parts" in row:  # row 12: one refinement part by part; decode is a difference of two timings
+            parts = {part: t["median_s"] for part, t in row["parts"].items()}
+            assert set(parts) == {"preview", "processor", "prefill", "decode", "re-encode", "denoiser step"}, name
+            assert row["total_s"] == pytest.approx(sum(t for part, t in parts.items() if part != "denoiser step"))
+            assert row["denoiser_steps"] == pytest.approx(row["total_s"] / parts["denoiser step"])
             continue
         if name == "10b":  # a difference of two timings (1 + N vs 1 tokens): at tiny size it is noise and may be < 0
             assert all(abs(t) < 10 for side in ("baseline", "candidate") for t in row[side]["times_s"])

@@ -248,7 +248,7 @@ def test_aliases_load_from_the_hub_cache(tmp_path):
         (folder / "refs").mkdir()
         (folder / "refs" / "main").write_text(commit)
     script = (
-        "import json, common\n"
+        "import json, common, promptloop\n"
         "out = {}\n"
         "for alias in ('sd35m', 'sd35l', 'flux-dev', 'flux-schnell'):\n"
         "    b = common.load_backbone(alias, t5=not alias.startswith('sd35'))\n"
