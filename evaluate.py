@@ -242,6 +242,24 @@ def candidate_noise(backbone, seed, indices, n, size=None):
                                      dtype=backbone.denoiser.dtype) for j in range(n)], 1)
 
 
+def latent_reward_models(lrm_model, scorers):
+    """The latent reward models a run holds to its end: --lrm's (or None) and the lrm: rewards'."""
+    held = [lrm_model, *(getattr(fn, "lrm_model", None) for reward in scorers.values() for fn in reward.fns)]
+    return [model for model in held if model is not None]
+
+
+def load_sampler(name, lrm_models, config, device, dtype):
+    """Backbone `name` to sample with (--unet, --lora, --t5 applied): the copy that one of the run's
+    latent reward models already holds when it is that model (lrm.shares_backbone), rather than a
+    second one; else its own load. An aligned UNet, a LoRA or a T5 left out make it another model."""
+    spec = common.backbone_spec(name)
+    plain = config.unet is None and config.lora is None and config.t5
+    holder = next((model for model in lrm_models if plain and lrm.shares_backbone(model.config, spec)), None)
+    if holder is not None:
+        return common.Backbone(holder.backbone.pipe, name, spec)
+    return common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
+
+
 def sampling_arms(backbone, refiner, config, score=None):
     """Arm name -> (sample(prompts, seed, indices) -> RefinedSample, denoiser evaluations per image
     in units of the N sampling steps): baseline, refined, and per --search M the search and best-of-M."""
@@ -408,8 +426,9 @@ def main():
 
     records, timing, sheets = [], {}, {}
     labels = backbone_labels(backbone_names, variant)
+    lrm_models = latent_reward_models(lrm_model, scorers)
     for name, label in zip(backbone_names, labels):
-        backbone = common.load_backbone(name, device, dtype, unet=config.unet, lora=config.lora, t5=config.t5)
+        backbone = load_sampler(name, lrm_models, config, device, dtype)
         backbone.name = label
         score = lrm.search_scorer(lrm_model, backbone) if searched else None
         mine, seconds, fallbacks, refinements, sheet, evaluations = evaluate_backbone(

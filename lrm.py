@@ -31,10 +31,13 @@ import torch.nn.functional as F
 from PIL import Image
 
 from common import (
+    Backbone,
     UserError,
+    backbone_spec,
     image_side,
     is_hub_id,
     load_backbone,
+    looks_like_path,
     pack_latents,
     unreadable,
 )
@@ -732,9 +735,9 @@ def save_lrm(model, folder):
     os.replace(folder / "lrm_config.json.tmp", folder / "lrm_config.json")
 
 
-def load_lrm(folder, device="cpu", dtype=torch.float32, backbone=None):
-    """A saved LatentRewardModel; loads the backbone its config names unless one is given. Both files
-    are read before the backbone is loaded: one cut short or garbled is a UserError naming it."""
+def read_lrm(folder):
+    """(LRMConfig, trainable weights) of a saved LatentRewardModel, no backbone loaded: one file
+    missing, cut short or garbled is a UserError naming it."""
     folder = Path(folder)
     if not (folder / "lrm_config.json").is_file() or not (folder / "model.safetensors").is_file():
         raise UserError(f"'{folder}' is not a latent reward model (needs lrm_config.json and model.safetensors)")
@@ -743,8 +746,36 @@ def load_lrm(folder, device="cpu", dtype=torch.float32, backbone=None):
         config = LRMConfig(**json.loads((folder / "lrm_config.json").read_text()))
     except (ValueError, TypeError) as e:  # not JSON, not an object, or fields LRMConfig does not have
         raise UserError(f"{what}: {unreadable(e, folder / 'lrm_config.json')}") from e
-    state = read_tensors(folder / "model.safetensors", what)
-    backbone = backbone or load_backbone(config.backbone, device, dtype)
+    return config, read_tensors(folder / "model.safetensors", what)
+
+
+def shares_backbone(config, spec):
+    """Whether an LRM of `config` can run on the copy of a sampler's backbone of `spec` (a
+    common.BackboneSpec) rather than on a second copy of its own (gigabytes for SDXL, SD3, FLUX).
+    True for the same model: the same source -- alias, folder or hub id, resolved as
+    common.backbone_spec resolves them -- loaded as common.load_backbone loads it by that name alone
+    (the caller's part: an aligned UNet, a LoRA or a T5 left out make the sampler's another model).
+    False for an LRM with LoRA (lora_rank > 0): LatentRewardModel adds its adapter to the backbone's
+    own denoiser, which would change the sampler's images; it needs a copy of its own."""
+
+    def resolved(source):
+        return str(Path(source).expanduser().resolve()) if looks_like_path(source) else source
+
+    return config.lora_rank == 0 and resolved(backbone_spec(config.backbone).source) == resolved(spec.source)
+
+
+def load_lrm(folder, device="cpu", dtype=torch.float32, backbone=None):
+    """A saved LatentRewardModel on the backbone its config names, eval mode. backbone: a loaded one
+    (the sampler's, as common.load_backbone loads it by its name alone) that the LRM runs on when it
+    is the same model, in `dtype` (shares_backbone); else, or without one, the LRM loads its own
+    copy. Both files are read before any backbone is loaded (read_lrm)."""
+    config, state = read_lrm(folder)
+    if backbone is not None and backbone.denoiser.dtype == dtype and shares_backbone(config, backbone.spec):
+        # the same pipeline under the LRM's own name and spec (its T5 length, FLUX's guidance): the
+        # LRM computes what it computes on its own copy, and freezes the denoiser the sampler only runs
+        backbone = Backbone(backbone.pipe, config.backbone, backbone_spec(config.backbone))
+    else:
+        backbone = load_backbone(config.backbone, device, dtype)
     model = LatentRewardModel(backbone, config)
     model.load_trainable_state_dict(state)
     return model.eval()
@@ -768,11 +799,13 @@ def final_scores(model, latents, prompts):
     return model.ensemble_score(latents.to(device, dtype), list(prompts), generator=generator, shared=True).float().cpu()
 
 
-def lrm_reward(path, device="cpu", dtype=torch.float32):
+def lrm_reward(path, device="cpu", dtype=torch.float32, backbone=None):
     """The reward `lrm:PATH`: final_scores of the sampler's clean final latents, against the user's prompts.
+    backbone: the sampler's, which the LRM runs on when it is its model (load_lrm).
 
-    fn(images, prompts, *, refined_prompts=None, answers=None, latents=None) -> (B,) float32 on CPU."""
-    model = load_lrm(path, torch.device(device), dtype)
+    fn(images, prompts, *, refined_prompts=None, answers=None, latents=None) -> (B,) float32 on CPU;
+    fn.lrm_model is the LRM (a sampler of its backbone may run on its copy: evaluate.py)."""
+    model = load_lrm(path, torch.device(device), dtype, backbone)
 
     def reward(images, prompts, *, refined_prompts=None, answers=None, latents=None):
         if latents is None:
@@ -785,6 +818,7 @@ def lrm_reward(path, device="cpu", dtype=torch.float32):
         # draws are averaged (noise ensembling: +0.8 to +1.6 points over a single draw there).
         return final_scores(model, latents, prompts)
 
+    reward.lrm_model = model
     return reward
 
 
@@ -831,9 +865,24 @@ def affine_fit(x, y):
 def critic_values(critic, trajectories, rewards):
     """V(x_{t_k}) (K, N): the critic (a search_scorer) on the noisy latent of each refinement of the
     trajectories (a promptloop.RefinedSample; one score, the state is noisy already), on the reward's
-    scale: an affine fit of the rewards (N,) on the critic's noise-ensembled score of the final
-    latents, R ~ a V_final + b, least squares over the batch."""
+    scale by one affine fit per refinement index k: R ~ a_k score_k + b_k, least squares of the
+    rewards (N,) over the batch. One fit per level because the LRM's scale differs between noise
+    levels (e.g. std 1.97 at t = 0, 2.91 at t = 600), and a_k score_k + b_k is then the batch's best
+    affine prediction of R from what was known at refinement k; a score that does not predict R
+    gets a_k ~ 0, a constant, which takes nothing out of the terminal credit.
+
+    >>> from types import SimpleNamespace
+    >>> states = [torch.tensor([[1.0], [2.0], [3.0]]), torch.tensor([[0.0], [5.0], [10.0]])]  # K = 2, N = 3
+    >>> rollout = SimpleNamespace(prompts=[["a", "b", "c"]], states=states, state_levels=[600, 200])
+    >>> critic_values(lambda x, prompts, level: x.flatten(1).sum(1), rollout, torch.tensor([1.0, 3.0, 5.0]))
+    tensor([[1., 3., 5.],
+            [1., 3., 5.]])
+
+    (R = 2 score_0 - 1 at level 600 and R = 0.4 score_1 + 1 at level 200: each level its own slope.)"""
     prompts = trajectories.prompts[0]
-    values = torch.stack([critic(x, prompts, level) for x, level in zip(trajectories.states, trajectories.state_levels)])
-    a, b = affine_fit(critic(trajectories.latents, prompts, None), rewards)
-    return a * values + b
+    values = []
+    for x, level in zip(trajectories.states, trajectories.state_levels):
+        score = critic(x, prompts, level)  # (N,)
+        a, b = affine_fit(score, rewards)
+        values.append(a * score + b)
+    return torch.stack(values)

@@ -168,13 +168,14 @@ def toy_reward(name):
     return factory
 
 
-def lrm_factory(arg, device, dtype):
-    """lrm:PATH -> the latent reward model saved by train_reward.py, scoring final latents."""
+def lrm_factory(arg, device, dtype, backbone=None):
+    """lrm:PATH -> the latent reward model saved by train_reward.py, scoring final latents. backbone:
+    the sampler's, which the LRM runs on instead of a copy of its own when it is its model (lrm.load_lrm)."""
     if not arg:
         raise UserError("reward 'lrm' needs the path of a trained latent reward model: lrm:PATH")
     import lrm  # the latent reward model imports this module's neighbours; load it only when asked for
 
-    return _uses(lrm.lrm_reward(arg, device, dtype), "latents")
+    return _uses(lrm.lrm_reward(arg, device, dtype, backbone), "latents")
 
 
 # --- real scorers: official checkpoints, official preprocessing -----------------------------------
@@ -664,9 +665,24 @@ class Reward:
                 for label, s in self.last_terms.items()}
 
 
-def build_reward(spec, device="cpu", dtype=torch.float32):
-    """A Reward from a spec (see parse_reward_spec); bad specs raise UserError listing the names."""
+def check_reward_spec(spec):
+    """What can be checked of a spec before any model loads: its names and weights (parse_reward_spec)
+    and the files of each lrm: term (lrm.read_lrm), whose model may load later, on the sampler's
+    backbone (train_refiner.py). Returns the terms."""
     terms = parse_reward_spec(spec)
-    fns = [REWARDS[term.name](term.arg, pick_device(device) if isinstance(device, str) else device, dtype)
+    for term in terms:
+        if term.name == "lrm" and term.arg:
+            import lrm
+
+            lrm.read_lrm(term.arg)
+    return terms
+
+
+def build_reward(spec, device="cpu", dtype=torch.float32, backbone=None):
+    """A Reward from a spec (see parse_reward_spec); bad specs raise UserError listing the names.
+    backbone: the sampler's loaded backbone, which lrm: terms run on when it is their LRM's model."""
+    terms = parse_reward_spec(spec)
+    factories = REWARDS | {"lrm": functools.partial(lrm_factory, backbone=backbone)}  # the other scorers are models of their own
+    fns = [factories[term.name](term.arg, pick_device(device) if isinstance(device, str) else device, dtype)
            for term in terms]
     return Reward(terms, fns, spec)

@@ -115,6 +115,15 @@ def slug(text, n=40):
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:n] or "prompt"
 
 
+def search_hook(config, backbone, device, dtype):
+    """--search M --lrm DIR: search.Search, its candidates scored by the LRM. The LRM runs on the
+    sampler's copy of its backbone when it is the same model (lrm.load_lrm); an aligned UNet, a LoRA
+    or a T5 left out make the sampler's another model."""
+    plain = config.unet is None and config.lora is None and config.t5
+    model = lrm.load_lrm(config.lrm, device, dtype, backbone if plain else None)
+    return search.Search(config.search, lrm.search_scorer(model, backbone))
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -130,7 +139,7 @@ def main():
     )
     hook = overlap.overlap_hook(config.overlap)  # None: plain (synchronous) refined sampling
     if config.search > 1:
-        hook = search.Search(config.search, lrm.search_scorer(lrm.load_lrm(config.lrm, device, dtype), backbone))
+        hook = search_hook(config, backbone, device, dtype)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
 

@@ -25,11 +25,13 @@ One step (per rank):
                each one batched refiner.generate call, sampled with temperature
   2. reward    terminal reward r (B*G,) from the registry (--reward SPEC, composites included)
   3. advantage A = (r - mean_group) / (std_group + eps), the same for every token of a trajectory;
-               with --credit per-refinement, action k gets A_k = group-normalised (r - V(x_{t_k})):
-               an LRM critic (--critic DIR; lrm.critic_values) scores the noisy latent action k was taken on
+               with --credit per-refinement, action k gets A_k = (r - V(x_{t_k}) - its group mean) /
+               (std_group(r) + eps): an LRM critic (--critic DIR; lrm.critic_values, fitted to r per
+               refinement index) scores the noisy latent action k was taken on
   4. log-probs old (adapter on) and reference (adapter off, peft's disable_adapter: no second
-               copy of the model), teacher-forced, no gradient
-  5. update    inner epochs x minibatches of trajectories; token-level loss
+               copy of the model), teacher-forced, no gradient, on the update's own minibatches
+               (one partition of the trajectories per step) and in its (train) mode: rho = 1 exactly
+  5. update    inner epochs x those minibatches (in a new order each epoch); token-level loss
                -min(rho A, clip(rho, 1-eps, 1+eps) A) + beta k3(pi_theta, pi_ref), all tokens of
                all K actions of a trajectory; gradients all-reduced, clipped, AdamW on LoRA only
 
@@ -85,12 +87,12 @@ class Config(common.RunFlags, common.SamplingFlags):
     lora_targets: str = field(default=",".join(refiners.LORA_TARGETS), metadata={"help": "linear layers of the language model that get LoRA (the vision tower stays frozen)"})
     learning_rate: float = field(default=1e-4, metadata={"help": "AdamW learning rate (constant)"})
     clip_epsilon: float = field(default=0.2, metadata={"help": "eps of the clipped surrogate: rho is clipped to [1-eps, 1+eps]"})
-    credit: str = field(default="terminal", metadata={"help": "terminal: every action of a trajectory gets its group-normalised reward; per-refinement: action k gets group-normalised (r - V(x_t_k)) from the --critic LRM"})
-    critic: str | None = field(default=None, metadata={"help": "latent reward model folder (train_reward.py) that values the noisy latent of each refinement, for --credit per-refinement; calibrated to the reward by an affine fit on each batch"})
+    credit: str = field(default="terminal", metadata={"help": "terminal: every action of a trajectory gets its group-normalised reward; per-refinement: action k gets (r - V(x_t_k) - its group mean) / (the group std of r + eps), V from the --critic LRM"})
+    critic: str | None = field(default=None, metadata={"help": "latent reward model folder (train_reward.py) that values the noisy latent of each refinement, for --credit per-refinement; calibrated to the reward by an affine fit per refinement index on each batch"})
     kl_coef: float = field(default=0.04, metadata={"help": "beta: weight of the k3 KL to the adapter-disabled base"})
     advantage_eps: float = field(default=1e-4, metadata={"help": "eps in (r - mean) / (std + eps)"})
     inner_epochs: int = field(default=2, metadata={"help": "passes over each rollout batch (PPO epochs)"})
-    minibatches: int = field(default=2, metadata={"help": "minibatches per pass (of trajectories; B*G must be divisible)"})
+    minibatches: int = field(default=2, metadata={"help": "minibatches per pass (of trajectories, one random partition per step; B*G must be divisible)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping (global L2 norm)"})
     gradient_checkpointing: str = field(default="auto", metadata={"help": "auto (on with CUDA), on or off"})
     monitor_every: int = field(default=10, metadata={"help": "score the held-out prompts every N steps (0 = only at start and end)"})
@@ -131,6 +133,14 @@ def check_config(config):
 # GRPO math (imported by the tests)
 
 
+def group_mean_std(x, valid):
+    """Mean and unbiased std (B, 1) of each group's valid entries (as torch.std, as TRL); x, valid: (B, G)."""
+    count = valid.sum(1, keepdim=True)  # (B, 1)
+    mean = torch.where(valid, x, torch.zeros_like(x)).sum(1, keepdim=True) / count.clamp(min=1)
+    squares = torch.where(valid, (x - mean) ** 2, torch.zeros_like(x)).sum(1, keepdim=True)
+    return mean, (squares / (count - 1).clamp(min=1)).sqrt()
+
+
 def group_advantages(rewards, group_size, eps=1e-4):
     """GRPO advantages: (r - mean_group) / (std_group + eps). rewards: (B*G,), rows grouped.
 
@@ -141,10 +151,7 @@ def group_advantages(rewards, group_size, eps=1e-4):
     r = rewards.float().view(-1, group_size)  # (B, G)
     valid = torch.isfinite(r)
     count = valid.sum(1, keepdim=True)  # (B, 1)
-    filled = torch.where(valid, r, torch.zeros_like(r))
-    mean = filled.sum(1, keepdim=True) / count.clamp(min=1)
-    squares = torch.where(valid, (r - mean) ** 2, torch.zeros_like(r)).sum(1, keepdim=True)
-    std = (squares / (count - 1).clamp(min=1)).sqrt()
+    mean, std = group_mean_std(r, valid)
     advantages = torch.where(valid & (count >= 2), (r - mean) / (std + eps), torch.zeros_like(r))
     zero_variance = (count.squeeze(1) < 2) | torch.isclose(std.squeeze(1), torch.zeros_like(std.squeeze(1)))
     advantages[zero_variance] = 0.0
@@ -152,14 +159,36 @@ def group_advantages(rewards, group_size, eps=1e-4):
 
 
 def refinement_advantages(rewards, values, group_size, eps=1e-4):
-    """Per-refinement credit: A_k = group_advantages(r - V_k), normalised over the group separately
-    for each refinement index k. rewards (N,), values (K, N) (lrm.critic_values) -> (K, N).
+    """Per-refinement credit: A_k = (r - V_k - mean_group(r - V_k)) / (std_group(r) + eps).
+    rewards (N,), values (K, N) on the reward's scale (lrm.critic_values) -> (K, N).
 
     r - V(x_{t_k}) is what happened from action k on (potential-based shaping with gamma = 1:
-    the sum of V(x_{t_{j+1}}) - V(x_{t_j}) for j >= k, with V(final) = r). Before the first
-    refinement a group shares its noise and prompt, so V_0 is the same for the group and A_0 is
-    the terminal advantage; later, what earlier actions did is taken out of the credit."""
-    return torch.stack([group_advantages(rewards - v, group_size, eps)[0] for v in values])
+    the sum of V(x_{t_{j+1}}) - V(x_{t_j}) for j >= k, with V(final) = r). Every k is divided by
+    the std of r itself, as the terminal advantage is, not by the residual's own std: a critic
+    that explains part of r shrinks the credit by that part, and one that explains nothing (V_k
+    the same for the whole group) leaves the terminal advantage; normalising each residual by its
+    own std would blow the critic's error up to unit scale. Before the first refinement a group
+    shares its noise and prompt, so V_0 is the same for the group and A_0 is the terminal
+    advantage. A group with no reward spread gets 0 (as in group_advantages); a non-finite r or
+    V_k gets 0 and stays out of the group mean.
+
+    >>> refinement_advantages(torch.tensor([1.0, 3.0]), torch.tensor([[5.0, 5.0], [1.5, 2.5]]), 2, eps=0.0)
+    tensor([[-0.7071,  0.7071],
+            [-0.3536,  0.3536]])
+
+    (r = (1, 3): std sqrt(2); k = 0: V constant, r - V - mean = (-1, 1) -> the terminal -+1/sqrt(2);
+    k = 1: the critic saw half the gap coming, r - V_1 - mean = (-0.5, 0.5) -> half the credit.)"""
+    r = rewards.float().view(-1, group_size)  # (B, G)
+    _, zero_variance = group_advantages(rewards, group_size, eps)  # (B,)
+    _, reward_std = group_mean_std(r, torch.isfinite(r))  # (B, 1): the terminal advantage's scale
+    credits = []
+    for residual in (r - values.float().view(len(values), -1, group_size)):  # (B, G) each: r - V_k
+        valid = torch.isfinite(residual)
+        mean, _ = group_mean_std(residual, valid)  # (B, 1)
+        credit = torch.where(valid, (residual - mean) / (reward_std + eps), torch.zeros_like(residual))
+        credit[zero_variance] = 0.0
+        credits.append(credit.view(-1))
+    return torch.stack(credits)
 
 
 def clipped_surrogate(logprobs, old_logprobs, advantages, clip_epsilon):
@@ -289,21 +318,39 @@ def nanmean(x):
 # log-probs
 
 
+def minibatch_partition(num_rows, minibatches, generator):
+    """The step's minibatches (minibatches, N / minibatches): a random partition of the N trajectories,
+    drawn once per step and used for pi_old, pi_ref and every inner epoch.
+
+    Why one partition and not PPO's reshuffle per epoch: a log-prob depends on the batch it is
+    computed in (select_rows drops the padding the rows share, so shapes differ, and bf16 kernels
+    round differently per shape), and on the mode (gradient checkpointing runs in train mode only).
+    Computing pi_old on other batches than the update's gives rho != 1 before any update, which the
+    k3 term and AdamW turn into lr-sized steps. With one partition every forward of a row, old, ref
+    and each epoch's, sees the same batch, so rho = 1 exactly until the policy moves; only the
+    order of the minibatches changes between epochs."""
+    return torch.randperm(num_rows, generator=generator).view(minibatches, -1)
+
+
 @torch.no_grad()
-def old_and_reference_logprobs(refiner, outputs, chunk):
+def old_and_reference_logprobs(refiner, outputs, partition):
     """Teacher-forced log-probs of every action, with the adapter (pi_old) and without (pi_ref).
 
-    outputs: the K RefinerOutputs of the rollout. Returns two lists of K tensors (B*G, T_k).
+    outputs: the K RefinerOutputs of the rollout; partition: the update's minibatches (M, N / M).
+    Each minibatch is computed as update() computes it: the same rows through select_rows, in
+    train mode. Returns two lists of K tensors (N, T_k) (rows in rollout order, on the CPU).
     pi_old is recomputed rather than taken from generation so that rho is exactly 1 before the
     first update also in bf16 (generation logits and a full forward can differ by rounding)."""
-    old, ref = [], []
-    for out in outputs:
-        n = out.completion_ids.shape[0]
-        chunks = [list(range(start, min(start + chunk, n))) for start in range(0, n, chunk)]
-        inputs = [(refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx]) for idx in chunks]
-        old.append(torch.cat([refiner.token_logprobs(*args).float().cpu() for args in inputs]))
-        with refiner.model.disable_adapter():  # pi_ref: the base model, no second copy
-            ref.append(torch.cat([refiner.token_logprobs(*args).float().cpu() for args in inputs]))
+    refiner.model.train()  # the update's mode (see update())
+    old = [torch.zeros(out.completion_ids.shape) for out in outputs]  # K x (N, T_k)
+    ref = [torch.zeros(out.completion_ids.shape) for out in outputs]
+    for idx in partition.tolist():
+        for k, out in enumerate(outputs):
+            args = (refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
+            old[k][idx] = refiner.token_logprobs(*args).float().cpu()
+            with refiner.model.disable_adapter():  # pi_ref: the base model, no second copy
+                ref[k][idx] = refiner.token_logprobs(*args).float().cpu()
+    refiner.model.eval()
     return old, ref
 
 
@@ -311,22 +358,26 @@ def old_and_reference_logprobs(refiner, outputs, chunk):
 # update
 
 
-def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, config, dist_info, generator):
-    """inner_epochs x minibatches of GRPO on one rollout batch; advantages (K, N), one row per
-    refinement. Returns averaged stats."""
+def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, partition, config, dist_info, generator):
+    """inner_epochs x the partition's minibatches (M, N / M) of GRPO on one rollout batch, in a new
+    order each epoch; advantages (K, N), one row per refinement. Returns averaged stats and
+    ratio_gap: max |rho - 1| over the first minibatch's tokens before any update (0 when old was
+    computed as this forward is)."""
     stats = dict(loss=[], kl=[], clip_fraction=[], grad_norm=[], skipped=0)
+    ratio_gap = None
     refiner.model.train()  # no dropout anywhere (lora_dropout=0); lets gradient checkpointing run
     for _ in range(config.inner_epochs):
-        order = torch.randperm(advantages.shape[1], generator=generator)
-        for idx in order.view(config.minibatches, -1).tolist():  # the trajectories of each minibatch
+        for idx in partition[torch.randperm(len(partition), generator=generator)].tolist():  # the trajectories of each minibatch
             masks = [out.completion_mask[idx] * valid[idx].unsqueeze(1) for out in outputs]  # (n_mb, T_k)
             num_tokens = max(1.0, runs.all_sum(sum(m.sum().item() for m in masks), dist_info))
             optimizer.zero_grad(set_to_none=True)
-            total, kls, clips = 0.0, [], []
+            total, kls, clips, gaps = 0.0, [], [], []
             for k, out in enumerate(outputs):
                 logprobs = refiner.token_logprobs(refiners.select_rows(out.inputs, idx), out.completion_ids[idx], out.completion_mask[idx])
+                old_k = old[k][idx].to(logprobs.device)  # (n_mb, T_k)
+                gaps.append((torch.exp(logprobs.detach().float() - old_k) - 1).abs().max().item())  # padding: 0 - 0
                 loss, s = grpo_loss(
-                    logprobs.float(), old[k][idx].to(logprobs.device), ref[k][idx].to(logprobs.device),
+                    logprobs.float(), old_k, ref[k][idx].to(logprobs.device),
                     advantages[k][idx].to(logprobs.device), masks[k].to(logprobs.device), config.clip_epsilon,
                     config.kl_coef, num_tokens / dist_info.world_size,
                 )
@@ -334,6 +385,8 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
                 total += loss.item()
                 kls.append(s["kl"])
                 clips.append(s["clip_fraction"])
+            if ratio_gap is None:  # the first minibatch, before any update
+                ratio_gap = max(gaps)
             runs.all_reduce_gradients(params, dist_info)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, config.max_grad_norm)
             if not torch.isfinite(grad_norm):  # NaN/inf loss or gradient on any rank: never applied
@@ -347,21 +400,33 @@ def update(refiner, params, optimizer, outputs, old, ref, advantages, valid, con
             stats["grad_norm"].append(grad_norm.item())
     refiner.model.eval()
     mean = lambda xs: sum(xs) / len(xs) if xs else math.nan  # noqa: E731
-    return {k: (v if k == "skipped" else mean(v)) for k, v in stats.items()}
+    return {**{k: (v if k == "skipped" else mean(v)) for k, v in stats.items()}, "ratio_gap": ratio_gap}
 
 
 # -----------------------------------------------------------------------------
 # set-up: models, resume
 
 
-def load_backbone_and_critic(config, device, dtype):
-    """The diffusion backbone, and with --critic the LRM that values its noisy latents
-    (lrm.search_scorer checks that it can read them as this sampler holds them) or None."""
+def load_backbone(config, device, dtype):
+    """The diffusion backbone the refiner steers."""
     backbone = common.load_backbone(config.backbone, device=device, dtype=dtype, t5=config.t5)
-    critic = lrm.search_scorer(lrm.load_lrm(config.critic, device, dtype), backbone) if config.critic else None
     if device.type == "cuda":
         backbone.pipe.vae.enable_slicing()  # decode B*G images one at a time: no memory peak
-    return backbone, critic
+    return backbone
+
+
+def lrm_backbone(config, backbone):
+    """The backbone that the LRMs (--critic, lrm: rewards) run on when it is their model, instead of
+    a copy of their own (lrm.load_lrm), or None: with --t5 false it lacks the T5 an SD3 LRM reads."""
+    return backbone if config.t5 else None
+
+
+def load_critic(config, backbone, device, dtype):
+    """With --critic the LRM that values the backbone's noisy latents (lrm.search_scorer checks that
+    it can read them as this sampler holds them), else None."""
+    if not config.critic:
+        return None
+    return lrm.search_scorer(lrm.load_lrm(config.critic, device, dtype, lrm_backbone(config, backbone)), backbone)
 
 
 def load_policy(config, device, dtype):
@@ -397,11 +462,16 @@ def resume(state, out_dir, refiner, params, optimizer, dist_info):
 # the step's record and log line, the checkpoint (the DDP collectives live here)
 
 
-def step_record(step, trajectories, scores, zero_variance, old, stats, reward, config, dist_info, t0):
-    """The step's log.jsonl record, over all ranks (every rank calls it: all_gather / all_sum)."""
+def step_record(step, trajectories, scores, zero_variance, advantages, old, stats, reward, config, dist_info, t0):
+    """The step's log.jsonl record, over all ranks (every rank calls it: all_gather / all_sum).
+    advantages: (K, B*G), every action's (zero-variance groups and NaN rewards count as 0).
+    The policy's token entropy is not logged: it needs the whole (B, T, V) distribution, and
+    refiners.token_logprobs returns only the log-probs of the sampled tokens."""
     outputs = trajectories.refiner_outputs
     all_rewards = runs.all_gather(scores, dist_info)
     finite = all_rewards[torch.isfinite(all_rewards)]
+    all_advantages = runs.all_gather(advantages.flatten().float(), dist_info).abs()  # (world * K * B*G,)
+    answer_tokens = runs.all_sum(sum(o.completion_mask.sum().item() for o in outputs), dist_info)
     record = dict(
         step=step,
         reward_mean=nanmean(all_rewards),
@@ -411,10 +481,15 @@ def step_record(step, trajectories, scores, zero_variance, old, stats, reward, c
         groups=config.prompts_per_step * dist_info.world_size,
         fallback_rate=runs.all_sum(torch.cat([o.fallback.float() for o in outputs]).mean().item(), dist_info) / dist_info.world_size,
         logprob_gap=max((o.logprobs - lp).abs().max().item() for o, lp in zip(outputs, old)),  # generation vs teacher forcing
+        advantage_abs_mean=all_advantages.mean().item(),
+        advantage_abs_max=all_advantages.max().item(),
+        answer_tokens=answer_tokens / (len(outputs) * len(all_rewards)),  # mean answer length in tokens
         **stats,
         seconds=time.time() - t0,
         example=[trajectories.prompts[0][0], trajectories.final_prompts[0]],  # user prompt -> final prompt
     )
+    # max |rho - 1| on the first minibatch, before any update: 0 when pi_old was computed as the update computes
+    record["ratio_gap"] = max(runs.all_gather(torch.tensor([stats["ratio_gap"]]), dist_info).tolist())
     if hasattr(reward, "term_means") and len(getattr(reward, "terms", [])) > 1:
         record["reward_terms"] = reward.term_means()
     return record
@@ -423,7 +498,7 @@ def step_record(step, trajectories, scores, zero_variance, old, stats, reward, c
 def log_line(record, steps):
     """The one line per step rank 0 prints."""
     return (f"step {record['step']:05d}/{steps} | reward {record['reward_mean']:.4f} ± {record['reward_std']:.4f} | "
-            f"kl {record['kl']:.5f} | clip {record['clip_fraction']:.3f} | fallback {record['fallback_rate']:.2f} | "
+            f"kl {record['kl']:.5f} | clip {record['clip_fraction']:.3f} | |rho-1| {record['ratio_gap']:.1e} | fallback {record['fallback_rate']:.2f} | "
             f"zero-var {record['zero_variance_groups']}/{record['groups']} | dt {record['seconds'] * 1000:.0f}ms"
             + (f" | skipped {record['skipped']}" if record["skipped"] or record["nonfinite_rewards"] else ""))
 
@@ -466,14 +541,20 @@ def train(config, reward=None, monitor_reward=None):
     state = runs.resume_checkpoint(out_dir / "checkpoint.pt", config, RESUME_MAY_CHANGE) if config.resume else None
     log = print if dist_info.is_main else (lambda *a, **k: None)
 
-    # ---- rewards and prompts first (bad specs fail before the slow loads), then the models
-    reward = reward or rewards.build_reward(config.reward, device, dtype)
-    others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype) if config.monitor_rewards else None)
+    # ---- reward specs and prompts first (bad ones fail before the slow loads), then the models
+    for spec, given in ((config.reward, reward), (config.monitor_rewards, monitor_reward)):
+        if given is None and spec:
+            rewards.check_reward_spec(spec)
     train_prompts, heldout_prompts = runs.train_and_heldout_prompts(  # the backbone's own prompts by default
         config.prompts or ("toy" if config.backbone.startswith("toy") else "pickapic"), config.heldout_prompts,
         config.max_prompts or None, config.monitor_prompts, config.seed)
-    runs.seed_everything(config.seed)  # same LoRA init on every rank
-    backbone, critic = load_backbone_and_critic(config, device, dtype)
+    backbone = load_backbone(config, device, dtype)
+    # the rewards after the backbone: an lrm: term runs on it when it is its LRM's model
+    shared = lrm_backbone(config, backbone)
+    reward = reward or rewards.build_reward(config.reward, device, dtype, shared)
+    others = monitor_reward or (rewards.build_reward(config.monitor_rewards, device, dtype, shared) if config.monitor_rewards else None)
+    runs.seed_everything(config.seed)  # same LoRA init on every rank (the critic's and the policy's set-up draw numbers)
+    critic = load_critic(config, backbone, device, dtype)
     refiner, params = load_policy(config, device, dtype)
     preview_decoder = None if config.blank_preview else promptloop.PreviewDecoder(config.preview_decoder, backbone)
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
@@ -506,10 +587,11 @@ def train(config, reward=None, monitor_reward=None):
         scores = trajectories.score(reward)  # (B*G,) terminal rewards
         advantages, zero_variance = action_advantages(scores, trajectories, critic, config)  # (K, B*G), (B,)
         outputs = trajectories.refiner_outputs  # K RefinerOutputs: the actions
-        old, ref = old_and_reference_logprobs(refiner, outputs, chunk=len(scores) // config.minibatches)
-        stats = update(refiner, params, optimizer, outputs, old, ref, advantages, torch.isfinite(scores), config, dist_info, generator)
+        partition = minibatch_partition(len(scores), config.minibatches, generator)  # (M, B*G / M), for old, ref and update
+        old, ref = old_and_reference_logprobs(refiner, outputs, partition)
+        stats = update(refiner, params, optimizer, outputs, old, ref, advantages, torch.isfinite(scores), partition, config, dist_info, generator)
 
-        record = step_record(step, trajectories, scores, zero_variance, old, stats, reward, config, dist_info, t0)
+        record = step_record(step, trajectories, scores, zero_variance, advantages, old, stats, reward, config, dist_info, t0)
         log(log_line(record, config.steps))
         append_log(log_path, record, dist_info)
         if config.monitor_every and step % config.monitor_every == 0 and step < config.steps:

@@ -2,10 +2,10 @@
 flag, and behaviour tests cover the flags no other test uses, each with an assertion that fails
 if the flag did nothing (compared with the default run where the effect is relative)."""
 
+import ast
 import contextlib
 import dataclasses
 import importlib
-import inspect
 import io
 import json
 import re
@@ -40,32 +40,172 @@ SCRIPTS = {"sample": "Config", "train_reward": "Config", "train_refiner": "Confi
 
 # -----------------------------------------------------------------------------
 # the meta-test
+#
+# The rule: a flag of script S is covered when some test *passes it to S at a value other than its
+# field's default*. Read statically from the test files' syntax trees:
+#   - a test "runs S" when its body (with the test-file helpers it calls, e.g. tiny_args, run_train)
+#     names S's module (`S.main()`, `tr.train(...)` after `import train_refiner as tr`,
+#     `S.parse_config(...)`, `S.Config(...)`) or the file S.py (a subprocess argv, sys.argv);
+#   - the flags it passes are the "--flag" strings in its argument lists (`[..., "--flag", value]`,
+#     `("--flag", value)`, `f(..., "--flag", value)`, `{"--flag": value}`, "--flag=value"), each
+#     with the element after it as its value, and the keywords of an `S.Config(field=value)` call;
+#   - the value must not be the default: a literal is parsed with S's Config and compared with the
+#     field's default (`--lora-rank 16` does not count, `--no-t5` and a bare `--blank-preview` do),
+#     nor is it what the default resolves to on the tests' CPU (`--device cpu`, `--dtype fp32`);
+#     a value computed in the test (a tmp_path, a loop variable) counts as given.
+# Limits, kept on purpose: a test that runs two scripts counts its flags for both; a flag passed
+# only to check its error message counts; the assertions on the effect are the reviewer's to read.
+
+# What --device auto / --dtype auto resolve to on the CPU the tests run on: passing these changes nothing.
+SAME_AS_DEFAULT = {"device": "cpu", "dtype": "fp32"}
+TEST_FILES = sorted(TESTS.glob("test_*.py")) + [TESTS / "conftest.py"]
 
 
-def flag_spellings(field):
-    """How a test passes the field: --name-with-dashes; a boolean defaulting to True is switched off
-    with --no-name (or given a value, e.g. --cache-latents false)."""
-    name = field.name.replace("_", "-")
-    if field.type in (bool, "bool") and field.default is True:
-        return [f"--no-{name}", f"--{name}"]
-    return [f"--{name}"]
+def script_aliases(tree):
+    """The names a test file gives the scripts' modules: {'tr': 'train_refiner', 'bench': 'bench'}."""
+    return {alias.asname or alias.name: alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)
+            for alias in node.names if alias.name in SCRIPTS}
+
+
+def flag_elements(node):
+    """(flag string, value node or None) for each "--flag" string in an argument list or dict under node."""
+    for seq in ast.walk(node):
+        if isinstance(seq, ast.Dict):
+            pairs = zip(seq.keys, seq.values)
+        elif isinstance(seq, (ast.List, ast.Tuple, ast.Call)):
+            items = [e.value if isinstance(e, ast.Starred) else e for e in (seq.args if isinstance(seq, ast.Call) else seq.elts)]
+            pairs = zip(items, items[1:] + [None])
+        else:
+            continue
+        for key, value in pairs:
+            if isinstance(key, ast.Constant) and isinstance(key.value, str) and key.value.startswith("--"):
+                name, eq, text = key.value.partition("=")
+                if eq:
+                    yield name, ast.Constant(text)
+                elif isinstance(value, ast.Constant) and str(value.value).startswith("--"):
+                    yield name, None  # a bare switch, followed by the next flag
+                else:
+                    yield name, value
+
+
+def parse_value(config_class, flag, value):
+    """config_class's field after [flag, value] (value None: a bare switch); None if it is no flag of it."""
+    args = [flag] if value is None else [flag, str(value)]
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            return common.parse_config(config_class, args)
+    except (SystemExit, common.UserError, ValueError):
+        return None
+
+
+def all_test_functions():
+    """Every function in the test files: (name, node, the file's tree, the file's script aliases)."""
+    found = []
+    for path in TEST_FILES:
+        tree = ast.parse(path.read_text())
+        aliases = script_aliases(tree)
+        found += [(node.name, node, path, aliases) for node in ast.walk(tree) if isinstance(node, ast.FunctionDef)]
+    return found
+
+
+def scripts_named(nodes, aliases):
+    """The scripts the nodes run: a module attribute (`tr.train`, `bench.parse_config`) or a path to S.py."""
+    scripts = set()
+    for sub in (sub for node in nodes for sub in ast.walk(node)):
+        if isinstance(sub, ast.Attribute) and isinstance(sub.value, ast.Name) and sub.value.id in aliases:
+            scripts.add(aliases[sub.value.id])
+        if isinstance(sub, ast.Constant) and isinstance(sub.value, str):
+            scripts |= {s for s in SCRIPTS if re.search(rf"(^|[/\\]){s}\.py$", sub.value)}
+    return scripts
+
+
+def parametrized_scripts(function):
+    """(script, case) for each case of a @pytest.mark.parametrize over scripts: a script's name, or a
+    tuple that starts with one (the flags in the rest of the tuple are that script's)."""
+    for decorator in function.decorator_list:
+        if (isinstance(decorator, ast.Call) and getattr(decorator.func, "attr", None) == "parametrize"
+                and len(decorator.args) > 1 and isinstance(decorator.args[1], (ast.List, ast.Tuple))):
+            for case in decorator.args[1].elts:
+                first = case.elts[0] if isinstance(case, ast.Tuple) and case.elts else case
+                if isinstance(first, ast.Constant) and first.value in SCRIPTS:
+                    yield first.value, case
+
+
+def own_parts(node):
+    """What a function passes to every script it runs: its body, and the cases of its parametrize
+    decorators that are not led by a script's name (those are their script's alone)."""
+    if not isinstance(node, ast.FunctionDef):
+        return [node]
+    led = {id(case) for _, case in parametrized_scripts(node)}
+    cases = [case for d in node.decorator_list if isinstance(d, ast.Call) and getattr(d.func, "attr", None) == "parametrize"
+             for arg in d.args[1:2] if isinstance(arg, (ast.List, ast.Tuple)) for case in arg.elts if id(case) not in led]
+    return node.body + cases
+
+
+def passed_flags(script, nodes, aliases):
+    """The fields of script's config that the nodes pass at a value that counts (the rule above)."""
+    config_class = getattr(importlib.import_module(script), SCRIPTS[script])
+    fields, defaults, passed = {f.name for f in dataclasses.fields(config_class)}, config_class(), set()
+
+    def counts(name, literal):
+        return literal not in (getattr(defaults, name), SAME_AS_DEFAULT.get(name))
+
+    for node in (part for node in nodes for part in own_parts(node)):
+        for flag_text, value in flag_elements(node):
+            name = flag_text[2:].replace("-", "_")
+            name = name[3:] if name.startswith("no_") and name[3:] in fields else name
+            if name not in fields:
+                continue
+            if value is None or isinstance(value, ast.Constant):  # a literal: parsed as the script would
+                config = parse_value(config_class, flag_text, None if value is None else value.value)
+                if config is None or not counts(name, getattr(config, name)) or value is not None and not counts(name, value.value):
+                    continue
+            passed.add(name)  # or a value computed in the test
+        for call in ast.walk(node):  # S.Config(field=value)
+            if (isinstance(call, ast.Call) and isinstance(call.func, ast.Attribute) and call.func.attr == SCRIPTS[script]
+                    and isinstance(call.func.value, ast.Name) and aliases.get(call.func.value.id) == script):
+                passed |= {k.arg for k in call.keywords if k.arg in fields
+                           and (not isinstance(k.value, ast.Constant) or counts(k.arg, k.value.value))}
+    return passed
+
+
+def covered_flags():
+    """{script: {field name: the test functions that pass it to the script at a value that counts}}."""
+    functions = all_test_functions()
+    by_name = {}
+    for name, node, path, _ in functions:
+        by_name.setdefault(name, []).append((path, node))
+
+    def with_helpers(node, path, seen):
+        """node and the test-file functions it calls, transitively (a helper's own file first)."""
+        nodes = [node]
+        for call in ast.walk(node):
+            if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id in by_name:
+                defs = by_name[call.func.id]
+                helper = next((n for p, n in defs if p == path), defs[0][1])
+                if helper not in seen:
+                    seen.add(helper)
+                    nodes += with_helpers(helper, path, seen)
+        return nodes
+
+    covered = {script: {} for script in SCRIPTS}
+    for test, node, path, aliases in functions:
+        nodes, cases = with_helpers(node, path, {node}), list(parametrized_scripts(node))
+        passed = [(script, passed_flags(script, nodes, aliases)) for script in scripts_named(nodes, aliases) | {s for s, _ in cases}]
+        passed += [(script, passed_flags(script, [case], aliases)) for script, case in cases]
+        for script, names in passed:
+            for name in names:
+                covered[script].setdefault(name, set()).add(test)
+    return covered
 
 
 def test_every_flag_of_every_script_is_exercised():
-    """Each field of each script's config appears as a flag in some test file (this test's own text,
-    which builds the flags from the dataclasses, does not count)."""
-    own = inspect.getsource(test_every_flag_of_every_script_is_exercised)
-    texts = [path.read_text().replace(own, "") for path in sorted(TESTS.glob("test_*.py"))]
-    missing = []
-    for module, class_name in SCRIPTS.items():
-        fields = dataclasses.fields(getattr(importlib.import_module(module), class_name))
-        assert fields, module
-        for field in fields:
-            spellings = flag_spellings(field)
-            # whole flags only: --lr must not be found inside --lrm-draws
-            if not any(re.search(re.escape(s) + r"(?![\w-])", text) for s in spellings for text in texts):
-                missing.append(f"{module}.py {spellings[0]}")
-    assert not missing, f"flags no test passes: {', '.join(missing)}"
+    """Each field of each script's config is passed to that script, at a value other than its
+    default, by some test (the rule above)."""
+    covered = covered_flags()
+    missing = [f"{script}.py {common.flag(f.name)}" for script, class_name in SCRIPTS.items()
+               for f in dataclasses.fields(getattr(importlib.import_module(script), class_name)) if f.name not in covered[script]]
+    assert not missing, f"flags no test passes to their script at a non-default value: {', '.join(missing)}"
 
 
 # -----------------------------------------------------------------------------
@@ -407,8 +547,13 @@ def toy_build(tmp_path_factory):
 
     out = tmp_path_factory.mktemp("toy-world")
     size = ["--out", str(out), "--image-size", "16"]
-    seen = dict(settled=0, drops=[], pair_steps=[])
+    seen = dict(settled=0, drops=[], pair_steps=[], lrs=[])
     uninformative, conditioning, refined_sample = btw.uninformative_background, btw.text_conditioning, promptloop.refined_sample
+    train_backbone = btw.train_toy_backbone
+
+    def recording_training(pipe, images, captions, steps, batch_size, lr, *args, **kwargs):
+        seen["lrs"].append(lr)
+        return train_backbone(pipe, images, captions, steps, batch_size, lr, *args, **kwargs)
 
     def settled(caption, generator):
         seen["settled"] += 1
@@ -432,9 +577,10 @@ def toy_build(tmp_path_factory):
         with pytest.MonkeyPatch.context() as monkeypatch, contextlib.redirect_stdout(io.StringIO()):
             monkeypatch.setattr(btw, "uninformative_background", settled)
             monkeypatch.setattr(btw, "text_conditioning", recording_conditioning)
+            monkeypatch.setattr(btw, "train_toy_backbone", recording_training)
             btw.main(["--stages", "backbones", *size, "--no-parallel", "--dataset-size", "16", "--vae-steps", "2",
                       "--unet-steps", "3", "--batch-size", "4", "--eval-samples", "2", "--sample-steps", "3",
-                      "--background-settles", "1000", "--caption-dropout", "1.0"])
+                      "--background-settles", "1000", "--caption-dropout", "1.0", "--lr", "0.003", "--guidance", "2.5"])
             monkeypatch.setattr(promptloop, "refined_sample", recording_sample)
             default = pairs()
             monkeypatch.setattr(promptloop, "refined_sample", refined_sample)
@@ -449,14 +595,15 @@ def toy_build(tmp_path_factory):
 
 @pytest.mark.slow
 def test_toy_backbone_flags(toy_build):
-    """--sample-steps and --image-size become the backbones' promptloop.json defaults;
-    --background-settles 1000 (above every training t) makes every training caption's background
+    """--sample-steps, --image-size and --guidance become the backbones' promptloop.json defaults;
+    --lr is the learning rate each backbone is trained with; --background-settles 1000 (above every training t) makes every training caption's background
     uninformative; --caption-dropout 1 drops every caption."""
     for name in ("toy-sd15", "toy-sdxl"):
         defaults = json.loads((toy_build["out"] / name / "promptloop.json").read_text())
-        assert defaults["steps"] == 3 and defaults["size"] == 16
+        assert defaults["steps"] == 3 and defaults["size"] == 16 and defaults["guidance"] == 2.5
         assert common.load_backbone(str(toy_build["out"] / name)).spec.steps == 3
     seen = toy_build["seen"]
+    assert seen["lrs"] == [0.003, 0.003]
     assert seen["settled"] == 2 * 3 * 4  # 2 backbones x 3 steps x batch 4
     assert len(seen["drops"]) == 2 * 3 * 4 and all(seen["drops"])
 
@@ -489,3 +636,285 @@ def test_toy_refiner_steps(toy_build):
     """--refiner-steps sets the toy refiner's supervised steps."""
     assert toy_build["metrics"]["refiner"]["train_steps"] == 2
     assert (toy_build["out"] / "toy-refiner" / "config.json").is_file()
+
+
+# -----------------------------------------------------------------------------
+# the run flags (seed, device, dtype, threads) of each script: in force at its first load
+
+
+def _first_load(seen):
+    """A loader stand-in: records the device, dtype, torch threads and torch seed in force, then stops."""
+
+    def load(*args, **kwargs):
+        values = [*args, *kwargs.values()]
+        seen.update(device=next(v for v in values if isinstance(v, torch.device)), dtype=next(v for v in values if isinstance(v, torch.dtype)),
+                    threads=torch.get_num_threads(), seed=torch.initial_seed())
+        raise _Stop
+
+    return load
+
+
+@pytest.mark.parametrize("script, extra", [
+    ("sample", ["--prompt", "a circle"]), ("train_reward", ["--seed", "7"]), ("train_refiner", ["--prompts", "toy"]),
+    ("evaluate", ["--seed", "7", "--limit", "4"]), ("bench", ["--seed", "7", "--rows", "1"])])
+def test_run_flags_are_in_force_at_the_first_load(script, extra, monkeypatch, tmp_path):
+    """--device cuda --dtype fp16 reach the script's first loader (nothing touches a GPU before it);
+    --threads 2 is set before it; --seed 7 seeds torch before it where the script seeds first
+    (train_reward, bench) and draws evaluate's toy prompts."""
+    import sys
+
+    import rewards
+
+    module = importlib.import_module(script)
+    argv = [f"{script}.py", "--device", "cuda", "--dtype", "fp16", "--threads", "2", "--out", str(tmp_path), *extra]
+    seen, drawn = {}, []
+    if script == "bench":
+        monkeypatch.setattr(module, "device_name", str)  # its cuda branch asks the GPU's name
+        monkeypatch.setitem(module.ROW_FUNCTIONS, "1", _first_load(seen))
+    else:  # the backbone or the rewards, whichever the script loads first
+        monkeypatch.setattr(common, "load_backbone", _first_load(seen))
+        monkeypatch.setattr(rewards, "build_reward", _first_load(seen))
+    load_prompts = runs.load_prompts
+    monkeypatch.setattr(runs, "load_prompts", lambda *args: drawn.append(load_prompts(*args)) or drawn[-1])
+    monkeypatch.setattr(sys, "argv", argv)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.raises(_Stop), contextlib.redirect_stdout(io.StringIO()):
+            module.main()
+    finally:
+        torch.set_num_threads(threads)
+    assert seen["device"] == torch.device("cuda") and seen["dtype"] == torch.float16 and seen["threads"] == 2
+    if script in ("train_reward", "bench"):
+        assert seen["seed"] == 7
+    if script == "evaluate":
+        assert drawn == [load_prompts("toy", "test", 4, 7)] != [load_prompts("toy", "test", 4, 0)]
+
+
+def test_toy_world_seed_and_threads(monkeypatch, tmp_path):
+    """build_toy_world.py --seed 7 --threads 2 are in force when its first stage starts (default 0, 1)."""
+    import build_toy_world as btw
+
+    seen = {}
+
+    def first_stage(config, out, log):
+        seen.update(threads=torch.get_num_threads(), seed=torch.initial_seed())
+        raise _Stop
+
+    monkeypatch.setattr(btw, "build_toy_data", first_stage)
+    threads = torch.get_num_threads()
+    try:
+        with pytest.raises(_Stop), contextlib.redirect_stdout(io.StringIO()):
+            btw.main(["--stages", "data", "--out", str(tmp_path), "--seed", "7", "--threads", "2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert seen == dict(threads=2, seed=7)
+
+
+# -----------------------------------------------------------------------------
+# the sampling flags (--fast-decode, --preview-size, ...) reach the refiner the script loads
+
+
+def loaded_refiner(monkeypatch):
+    """Make refiners.load_refiner stop the script once it has loaded the refiner; returns the list it
+    is put in and the real load_refiner."""
+    import refiners
+
+    loaded, load_refiner = [], refiners.load_refiner
+
+    def load_and_stop(*args, **kwargs):
+        loaded.append(load_refiner(*args, **kwargs))
+        raise _Stop
+
+    monkeypatch.setattr(refiners, "load_refiner", load_and_stop)
+    return loaded, load_refiner
+
+
+def vision_tokens(refiner):
+    """How many merged vision tokens the refiner's processor makes of a 32 px preview (28 px each)."""
+    inputs = refiner._inputs(torch.rand(1, 3, 32, 32), ["a circle"], ["a circle"], 1, 2)
+    return int(inputs["image_grid_thw"].prod()) // 4
+
+
+def test_sample_fast_decode_and_preview_size(monkeypatch, tmp_path):
+    """sample.py --fast-decode on loads the FastRefiner on a CPU too (auto: only on a GPU);
+    --preview-size 112 resizes its previews to 112 px: (112 / 28)^2 = 16 vision tokens."""
+    import sys
+
+    import refiners
+    import sample
+
+    loaded, load_refiner = loaded_refiner(monkeypatch)
+    monkeypatch.setattr(common, "load_backbone", lambda *args, **kwargs: None)
+    monkeypatch.setattr(sys, "argv", ["sample.py", "--prompt", "a circle", "--device", "cpu", "--fast-decode", "on",
+                                      "--preview-size", "112", "--out", str(tmp_path)])
+    with pytest.raises(_Stop):
+        sample.main()
+    (refiner,) = loaded
+    assert type(refiner) is refiners.FastRefiner and refiner.preview_size == 112 and vision_tokens(refiner) == 16
+    default = load_refiner(str(common.TOY_DIR / "toy-refiner"))
+    assert type(default) is refiners.Refiner and vision_tokens(default) != 16
+
+
+def test_evaluate_fast_decode_preview_size_and_adapter(monkeypatch, tmp_path):
+    """evaluate.py --adapter puts the toy GRPO adapter over the toy refiner (its LoRA weights loaded,
+    its logits not the base model's); --fast-decode on: the FastRefiner; --preview-size 56: 4 tokens."""
+    import sys
+
+    import evaluate
+    import refiners
+
+    adapter = common.TOY_DIR / "adapters" / "grpo-toy-composite"
+    loaded, load_refiner = loaded_refiner(monkeypatch)
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--rewards", "toy-aesthetic", "--device", "cpu", "--adapter", str(adapter),
+                                      "--fast-decode", "on", "--preview-size", "56", "--out", str(tmp_path)])
+    with pytest.raises(_Stop), contextlib.redirect_stdout(io.StringIO()):
+        evaluate.main()
+    (refiner,) = loaded
+    assert type(refiner) is refiners.FastRefiner and refiner.preview_size == 56 and vision_tokens(refiner) == 4
+    lora = {k: v for k, v in refiner.model.state_dict().items() if "lora_B" in k}
+    saved = load_file(adapter / "adapter_model.safetensors")
+    assert lora and all(any(torch.equal(v, s) for s in saved.values()) for v in lora.values())
+    base = load_refiner(str(common.TOY_DIR / "toy-refiner"), preview_size=56)
+    inputs = refiner._inputs(torch.rand(1, 3, 32, 32), ["a circle"], ["a circle"], 1, 2)
+    with torch.no_grad():
+        assert not torch.allclose(refiner.model(**inputs).logits, base.model(**inputs).logits, atol=1e-3)
+
+
+def test_evaluate_guidance_and_blank_preview_reach_every_arm(monkeypatch):
+    """evaluate.py --guidance 2.5 --blank-preview: each arm's refined_sample call gets them (default:
+    None, the backbone's own guidance, and the real preview)."""
+    import evaluate
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs)
+        raise _Stop
+
+    monkeypatch.setattr(promptloop, "refined_sample", record)
+    for flags in ([], ["--guidance", "2.5", "--blank-preview"]):
+        arms = evaluate.sampling_arms(None, object(), common.parse_config(evaluate.Config, flags))
+        for sample_arm, _ in arms.values():
+            with pytest.raises(_Stop):
+                sample_arm(["a circle"], 0, [0])
+    assert [(c["guidance"], c["blank_preview"]) for c in calls] == [(None, False)] * 2 + [(2.5, True)] * 2
+
+
+def test_evaluate_preference_split_seed_and_limit(monkeypatch, tmp_path):
+    """evaluate.py --preference-split validation --preference-limit 5 --seed 3: the LRM's preference
+    accuracy is read from that split, for that many pairs, with that seed's noise."""
+    import sys
+
+    import evaluate
+
+    seen = []
+
+    def accuracy(*args):
+        seen.append(args)
+        raise _Stop
+
+    monkeypatch.setattr(lrm, "load_lrm", lambda *args: "the lrm")
+    monkeypatch.setattr(lrm, "preference_accuracy", accuracy)
+    data = common.TOY_DIR / "pickapic-toy"
+    monkeypatch.setattr(sys, "argv", ["evaluate.py", "--refiner", "none", "--rewards", "toy-aesthetic", "--device", "cpu",
+                                      "--lrm", "x", "--preference-data", str(data), "--preference-split", "validation",
+                                      "--preference-limit", "5", "--seed", "3", "--out", str(tmp_path)])
+    with pytest.raises(_Stop), contextlib.redirect_stdout(io.StringIO()):
+        evaluate.main()
+    ((model, scorers, source, split, limit, seed, device, dtype),) = seen
+    assert (model, source, split, limit, seed) == ("the lrm", str(data), "validation", 5, 3)
+
+
+def test_train_refiner_policy_flags(monkeypatch, tmp_path):
+    """train_refiner.py --fast-decode on --preview-size 56 --temperature 0.5 --lora-rank 4
+    --preview-decoder linear: the policy its monitor samples with is a FastRefiner on 56 px previews
+    at temperature 0.5 with rank-4 LoRA matrices, its previews decoded by the linear map."""
+    import refiners
+    import train_refiner as tr
+
+    seen = {}
+
+    def monitor(backbone, refiner, prompts, reward, others, config, preview_decoder, refined=True):
+        seen.update(refiner=refiner, preview_decoder=preview_decoder)
+        raise _Stop
+
+    monkeypatch.setattr(tr, "monitor", monitor)
+    args = tiny_args(common.TOY_DIR / "toy-sd15", common.TOY_DIR / "toy-refiner", tmp_path, "--fast-decode", "on",
+                     "--preview-size", "56", "--temperature", "0.5", "--lora-rank", "4", "--preview-decoder", "linear")
+    with pytest.raises(_Stop), contextlib.redirect_stdout(io.StringIO()):
+        tr.train(common.parse_config(tr.Config, args), reward=lowercase_reward)
+    refiner = seen["refiner"]
+    assert type(refiner) is refiners.FastRefiner and refiner.preview_size == 56 and vision_tokens(refiner) == 4
+    assert refiner.temperature == 0.5
+    shapes = [p.shape for name, p in refiner.model.named_parameters() if "lora_" in name]
+    assert shapes and all(4 in shape for shape in shapes)
+    assert {shape[0] for name, shape in zip(["A", "B"] * len(shapes), shapes) if name == "A"} == {4}
+    assert seen["preview_decoder"].kind == "linear"
+
+
+def test_train_refiner_guidance_reaches_the_pipeline(monkeypatch):
+    """train_refiner.py --guidance 2.5 is the refined_sample call's guidance; the default -1 leaves
+    it None (the backbone's own)."""
+    import train_refiner as tr
+
+    calls = []
+
+    def record(*args, **kwargs):
+        calls.append(kwargs["guidance"])
+
+    monkeypatch.setattr(promptloop, "refined_sample", record)
+    for flags in ([], ["--guidance", "2.5"]):
+        tr.sample(None, None, ["a circle"], None, None, common.parse_config(tr.Config, flags), None)
+    assert calls == [None, 2.5]
+
+
+# -----------------------------------------------------------------------------
+# bench.py: --resolution (full-size rows), --prompts-per-step and --group-size (row 4)
+
+
+def test_resolution_sets_the_full_size_latents(monkeypatch):
+    """--resolution 256: row 1's full-size SD1.5 (built on the meta device: no memory, no time)
+    makes 256 px images, (4, 32, 32) latents; the default 512 makes (4, 64, 64)."""
+    import architectures
+    import bench
+
+    built, random_sd15 = [], architectures.random_sd15
+
+    def build_and_stop(*args):
+        built.append(random_sd15(*args))
+        raise _Stop
+
+    monkeypatch.setattr(architectures, "random_sd15", build_and_stop)
+    for flags in ([], ["--resolution", "256"]):
+        cfg = bench.parse_config(["--rows", "1", *flags])
+        bench.check_config(cfg)
+        with pytest.raises(_Stop):
+            bench.row_lrm_vs_pixel(cfg, torch.device("meta"), torch.float32, "unused")
+    assert [common.latent_shape(b) for b in built] == [(4, 64, 64), (4, 32, 32)]
+
+
+def test_prompts_per_step_and_group_size_shape_row_4(monkeypatch, tmp_path):
+    """Row 4 rolls out --prompts-per-step 3 x --group-size 2 trajectories in its batched call, the
+    members of a group adjacent and on the same initial noise."""
+    import bench
+
+    calls = []
+
+    def record(backbone, prompts, refiner, **kwargs):
+        calls.append((prompts, kwargs["latents"]))
+        raise _Stop
+
+    def time_batched(variants, *args):
+        variants["batched"]()
+
+    monkeypatch.setattr(promptloop, "refined_sample", record)
+    monkeypatch.setattr(bench, "time_side_by_side", time_batched)
+    cfg = bench.parse_config(["--rows", "4", "--size", "tiny", "--preview-decoder", "vae", "--prompts-per-step", "3",
+                              "--group-size", "2"])
+    bench.check_config(cfg)
+    with pytest.raises(_Stop):
+        bench.row_grpo_batching(cfg, torch.device("cpu"), torch.float32, str(tmp_path))
+    ((prompts, latents),) = calls
+    assert prompts == ["a circle", "a circle", "a square", "a square", "a triangle", "a triangle"]
+    assert len(latents) == 6 and torch.equal(latents[0], latents[1]) and not torch.equal(latents[1], latents[2])

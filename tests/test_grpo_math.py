@@ -5,11 +5,13 @@ test_train_refiner.py checks the formulas against hand values and TRL; these tes
 pieces are wired so that the policy moves the right way, in seconds (the learning runs that would
 also catch a flipped sign are slow)."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+import lrm
 import refiners
 import runs
 import train_refiner as tr
@@ -86,28 +88,27 @@ def test_one_grpo_step_raises_the_better_completion():
 
 
 def test_action_advantages_use_the_critic_per_refinement():
-    """--credit per-refinement: action k's advantage is refinement_advantages' r - V(x_{t_k}),
-    (K, N), from a stub critic; without a critic every row is the terminal advantage."""
+    """--credit per-refinement: action k's advantage is refinement_advantages(r, V) with V the
+    critic's score fitted to r per refinement (lrm.critic_values), (K, N), from a stub critic;
+    without a critic every row is the terminal advantage."""
     config = SimpleNamespace(group_size=2, advantage_eps=1e-4)
-    scores = torch.tensor([1.0, 3.0, 2.0, 2.0])
+    scores = torch.tensor([1.0, 3.0, 2.0, 4.0])
 
     def critic(latents, prompts, level):  # V = the latent's single entry
         return latents.flatten(1).sum(1)
 
     trajectories = SimpleNamespace(
         prompts=[["a", "a", "b", "b"]], refiner_outputs=[None, None],
-        latents=torch.tensor([[1.0], [3.0], [2.0], [2.0]]),  # the final latents: R = V_final, the fit is the identity
-        states=[torch.tensor([[0.0], [0.0], [1.0], [1.0]]), torch.tensor([[1.0], [0.0], [0.0], [2.0]])], state_levels=[700, 300])
+        # refinement 0: one score per group (shared noise and prompt); refinement 1: R = 2 V exactly
+        states=[torch.tensor([[0.0], [0.0], [1.0], [1.0]]), torch.tensor([[0.5], [1.5], [1.0], [2.0]])], state_levels=[700, 300])
     terminal, zero_variance = tr.group_advantages(scores, 2, 1e-4)
-    assert zero_variance.tolist() == [False, True]
     plain, _ = tr.action_advantages(scores, trajectories, None, config)
     assert plain.shape == (2, 4) and torch.equal(plain[0], terminal) and torch.equal(plain[1], terminal)
     credited, zero = tr.action_advantages(scores, trajectories, critic, config)
-    values = torch.stack([s.flatten() for s in trajectories.states])
-    torch.testing.assert_close(credited, tr.refinement_advantages(scores, values, 2, 1e-4))
+    torch.testing.assert_close(credited, tr.refinement_advantages(scores, lrm.critic_values(critic, trajectories, scores), 2, 1e-4))
     assert torch.equal(zero, zero_variance)
-    # group 2 has equal rewards, yet its second actions are credited apart: r - V_1 = (2, 0)
-    assert credited[1, 2] > 0 > credited[1, 3] and (credited[1] != terminal).any()
+    torch.testing.assert_close(credited[0], terminal)  # a score shared by the group takes nothing away
+    torch.testing.assert_close(credited[1], torch.zeros(4), rtol=0, atol=1e-5)  # r foreseen at refinement 1: no credit left
 
 
 class RecordingOptimizer:
@@ -126,23 +127,24 @@ class RecordingOptimizer:
 
 @pytest.fixture
 def lora_rollout(refiner):
-    """The tiny refiner with a LoRA adapter, K = 2 refinement outputs of 4 trajectories, and the
-    old log-probs (= the reference ones: LoRA B starts at 0)."""
+    """The tiny refiner with a LoRA adapter, K = 2 refinement outputs of 4 trajectories, one minibatch
+    of all 4 and the old log-probs on it (= the reference ones: LoRA B starts at 0)."""
     params = refiners.add_lora(refiner, rank=4, alpha=8)
     previews = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     users = ["a circle", "a red square", "a blue triangle", "a green circle"]
     torch.manual_seed(0)
     outputs = [refiner.refine(previews, users, users, step, 4) for step in (1, 3)]
-    old, ref = tr.old_and_reference_logprobs(refiner, outputs, chunk=4)
+    partition = torch.arange(4).view(1, 4)
+    old, ref = tr.old_and_reference_logprobs(refiner, outputs, partition)
     assert all(out.completion_mask.sum() > 4 for out in outputs)
-    return refiner, params, outputs, old, ref
+    return refiner, params, outputs, partition, old, ref
 
 
 def test_update_applies_each_refinements_own_advantages(lora_rollout):
     """update() weighs refinement k's tokens by advantages[k]: with only row k nonzero, its gradient
     is that of -sum(A_k log pi(action k)) / num_tokens (rho = 1, no KL), and differs between k."""
-    refiner, params, outputs, old, ref = lora_rollout
-    config = SimpleNamespace(inner_epochs=1, minibatches=1, clip_epsilon=0.2, kl_coef=0.0, max_grad_norm=1e9)
+    refiner, params, outputs, partition, old, ref = lora_rollout
+    config = SimpleNamespace(inner_epochs=1, clip_epsilon=0.2, kl_coef=0.0, max_grad_norm=1e9)
     single = runs.Distributed(0, 1, torch.device("cpu"))
     row = torch.tensor([1.0, -1.0, 0.5, -0.5])
     num_tokens = sum(out.completion_mask.sum().item() for out in outputs)
@@ -151,7 +153,7 @@ def test_update_applies_each_refinements_own_advantages(lora_rollout):
         advantages = torch.zeros(2, 4)
         advantages[k] = row
         optimizer = RecordingOptimizer(params)
-        tr.update(refiner, params, optimizer, outputs, old, ref, advantages, torch.ones(4, dtype=torch.bool), config, single,
+        tr.update(refiner, params, optimizer, outputs, old, ref, advantages, torch.ones(4, dtype=torch.bool), partition, config, single,
                   torch.Generator().manual_seed(0))
         assert len(optimizer.grads) == 1
         got = optimizer.grads[0]
@@ -165,3 +167,61 @@ def test_update_applies_each_refinements_own_advantages(lora_rollout):
         gradients.append(torch.cat([g.flatten() for g in got]))
     assert gradients[0].abs().max() > 1e-4 and gradients[1].abs().max() > 1e-4
     assert not torch.allclose(gradients[0], gradients[1], atol=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# pi_old and pi_ref on the update's own minibatches: rho = 1 before the first update
+
+
+def two_minibatch_rollout(lora_rollout):
+    """lora_rollout's actions, a random partition into 2 minibatches of 2 and pi_old / pi_ref on it."""
+    refiner, params, outputs, _, _, _ = lora_rollout
+    partition = tr.minibatch_partition(4, 2, torch.Generator().manual_seed(1))
+    old, ref = tr.old_and_reference_logprobs(refiner, outputs, partition)
+    return refiner, params, outputs, partition, old, ref
+
+
+def test_old_logprobs_are_computed_on_the_update_minibatches(lora_rollout, monkeypatch):
+    """Every teacher-forced forward of pi_old, pi_ref and both inner epochs' updates sees one of the
+    partition's minibatches (the same rows through select_rows) in train mode."""
+    refiner, params, outputs, _, _, _ = lora_rollout
+    calls = []
+    token_logprobs = refiner.token_logprobs
+
+    def spy(inputs, completion_ids, completion_mask):
+        calls.append((inputs["input_ids"], completion_ids, refiner.model.training))
+        return token_logprobs(inputs, completion_ids, completion_mask)
+
+    monkeypatch.setattr(refiner, "token_logprobs", spy)
+    refiner, params, outputs, partition, old, ref = two_minibatch_rollout(lora_rollout)
+    batches = [(refiners.select_rows(out.inputs, idx)["input_ids"], out.completion_ids[idx]) for idx in partition.tolist() for out in outputs]
+    old_calls = calls[:]  # per minibatch, per refinement: pi_old then pi_ref
+    assert len(old_calls) == 2 * len(batches)
+    for (inputs, completions), call in zip([b for b in batches for _ in range(2)], old_calls):
+        assert torch.equal(call[0], inputs) and torch.equal(call[1], completions) and call[2]
+    config = SimpleNamespace(inner_epochs=2, clip_epsilon=0.2, kl_coef=0.04, max_grad_norm=1.0)
+    tr.update(refiner, params, RecordingOptimizer(params), outputs, old, ref, torch.randn(2, 4, generator=torch.Generator().manual_seed(0)),
+              torch.ones(4, dtype=torch.bool), partition, config, runs.Distributed(0, 1, torch.device("cpu")), torch.Generator().manual_seed(0))
+    update_calls = calls[len(old_calls):]
+    assert len(update_calls) == 2 * len(batches)  # 2 epochs
+    for inputs, completions, training in update_calls:
+        assert training and any(torch.equal(inputs, i) and torch.equal(completions, c) for i, c in batches)
+    assert not refiner.model.training  # back in eval mode for the next rollout
+
+
+def test_ratio_gap_is_zero_before_the_first_update(lora_rollout):
+    """update() reports max |rho - 1| of its first minibatch before any update: a shifted pi_old
+    shows as a gap of the shift's size; pi_old from old_and_reference_logprobs gives exactly 0 in
+    fp32, though AdamW moves the policy for the later minibatches (their KL to pi_ref > 0)."""
+    refiner, params, outputs, partition, old, ref = two_minibatch_rollout(lora_rollout)
+    config = SimpleNamespace(inner_epochs=2, clip_epsilon=0.2, kl_coef=0.04, max_grad_norm=1.0)
+    single = runs.Distributed(0, 1, torch.device("cpu"))
+    advantages = torch.tensor([[1.0, -1.0, 0.5, -0.5], [0.5, 1.0, -1.0, -0.5]])
+    valid = torch.ones(4, dtype=torch.bool)
+    shifted = [o + 1e-3 * out.completion_mask for o, out in zip(old, outputs)]  # pi_old off by 1e-3 on every token
+    stats = tr.update(refiner, params, RecordingOptimizer(params), outputs, shifted, ref, advantages, valid, partition,
+                      config, single, torch.Generator().manual_seed(0))
+    assert stats["ratio_gap"] == pytest.approx(1 - math.exp(-1e-3), rel=1e-2)
+    stats = tr.update(refiner, params, torch.optim.AdamW(params, lr=1e-2), outputs, old, ref, advantages, valid, partition,
+                      config, single, torch.Generator().manual_seed(0))
+    assert stats["ratio_gap"] == 0.0 and stats["skipped"] == 0 and stats["kl"] > 1e-7

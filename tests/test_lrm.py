@@ -203,24 +203,6 @@ def test_affine_fit_hand_computed():
     assert lrm.affine_fit(torch.tensor([0.0, 1.0, 5.0]), torch.tensor([0.0, 2.0, math.nan])) == pytest.approx((2.0, 0.0))
 
 
-def test_critic_values_are_on_the_reward_scale():
-    """The critic's score of each refinement's noisy latent (at that state's level), mapped by the
-    affine fit of the rewards on its score of the final latents (level None): here R = 2 V + 1."""
-    from types import SimpleNamespace
-
-    levels = []
-
-    def critic(latents, prompts, level):  # V = the sum of a (N, 1) latent's entries
-        levels.append(level)
-        return latents.flatten(1).sum(1)
-
-    trajectories = SimpleNamespace(prompts=[["a", "b", "c"]], latents=torch.tensor([[0.0], [1.0], [2.0]]),
-                                   states=[torch.ones(3, 1), torch.tensor([[0.5], [3.0], [-1.0]])], state_levels=[700, 300])
-    values = lrm.critic_values(critic, trajectories, torch.tensor([1.0, 3.0, 5.0]))
-    torch.testing.assert_close(values, torch.tensor([[3.0, 3.0, 3.0], [2.0, 7.0, -1.0]]))
-    assert levels == [700, 300, None]
-
-
 # -----------------------------------------------------------------------------
 # the Thurstone variance: the same reward gap means less at a higher noise level
 

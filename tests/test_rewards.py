@@ -172,15 +172,15 @@ def test_toy_rewards_come_from_the_toy_world():
 def test_lrm_hook_calls_lrm_reward(monkeypatch):
     seen = {}
 
-    def fake_lrm_reward(path, device, dtype):
-        seen.update(path=path, device=device, dtype=dtype)
+    def fake_lrm_reward(path, device, dtype, backbone=None):
+        seen.update(path=path, device=device, dtype=dtype, backbone=backbone)
         return lambda images, prompts, *, latents=None, **_: latents.flatten(1).mean(1)
 
     monkeypatch.setattr(lrm, "lrm_reward", fake_lrm_reward)
     reward = rewards.build_reward("lrm:some/dir:0.5")
     latents = torch.randn(3, 4, 8, 8)
     torch.testing.assert_close(reward(None, ["a"] * 3, latents=latents), 0.5 * latents.flatten(1).mean(1))
-    assert seen == dict(path="some/dir", device=torch.device("cpu"), dtype=torch.float32)
+    assert seen == dict(path="some/dir", device=torch.device("cpu"), dtype=torch.float32, backbone=None)
     assert reward.inputs == {"latents"}
 
 

@@ -102,8 +102,8 @@ def test_scores_do_not_depend_on_the_row_or_the_call(model, sd15):
 
 
 def test_critic_fit_does_not_depend_on_the_row(model, sd15):
-    """critic_values' affine fit scores the final latents by final_scores: reversing the trajectories
-    reverses the values."""
+    """critic_values scores each refinement's noisy latents with shared draws and fits them to the
+    rewards level by level: reversing the trajectories reverses the values."""
     critic = lrm.search_scorer(model, sd15)
     shape = common.latent_shape(sd15)
     latents, states = (torch.randn(4, *shape, generator=torch.Generator().manual_seed(s)) for s in (3, 4))

@@ -63,8 +63,9 @@ def test_refinement_advantages_hand_computed():
     # k = 0: r - V_0 = (1, 3 | 1, 1) -> the terminal advantages; group 2 has no spread -> 0
     torch.testing.assert_close(a[0], torch.tensor([-h, h, 0.0, 0.0]))
     torch.testing.assert_close(a[0], tr.group_advantages(r, 2, eps=0.0)[0])
-    # k = 1: r - V_1 = (0, 3 | 2, 0): group 2's equal rewards now credit its two second actions apart
-    torch.testing.assert_close(a[1], torch.tensor([-h, h, h, -h]))
+    # k = 1: r - V_1 = (0, 3 | 2, 0), centred per group and scaled by the std of r (sqrt 2 | 0): a
+    # critic cannot inflate the credit, and a group with no reward spread gets none
+    torch.testing.assert_close(a[1], torch.tensor([-1.5 * h, 1.5 * h, 0.0, 0.0]))
 
 
 def test_clipped_surrogate_hand_computed():
@@ -455,7 +456,8 @@ def test_same_command_seed_and_threads_give_the_same_numbers(tiny_sd15_dir, poli
     """Reproducibility, as the README states it: the same command with the same --seed and --threads
     gives bit-identical numbers (rewards, losses, held-out scores, adapter weights) when run twice --
     here at the same time, so machine load cannot matter either."""
-    args = tiny_args(tiny_sd15_dir, policy_dir, "OUT", "--steps", "3", "--monitor-every", "3", "--reward", "jpeg",
+    # --no-shared-noise: the tiny policy never answers in format, so only the noise spreads a group's rewards
+    args = tiny_args(tiny_sd15_dir, policy_dir, "OUT", "--steps", "3", "--monitor-every", "3", "--reward", "jpeg", "--no-shared-noise",
                      "--monitor-rewards", "toy-aesthetic", "--learning-rate", "1e-2", "--refine-steps", "2", "--threads", "1", "--seed", "3")
     runs = [subprocess.Popen([sys.executable, str(REPO / "train_refiner.py"), *[str(tmp_path / run) if a == "OUT" else a for a in args]],
                              env=cli_env(), cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for run in "ab"]
