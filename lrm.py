@@ -652,7 +652,12 @@ def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=
     bucket's timesteps) and eps, as in training, `bucket_draws` times, rewards and t (bucket_draws * N,),
     draw-major (labels.repeat(bucket_draws) matches); and each clean latent scored on its own over the
     model's ensemble draws, (D, N) each, at random t ("draws") and at the fixed sigma `levels` ("levels",
-    the same number of draws): a row is a single-draw score, the mean over rows the noise ensemble."""
+    the same number of draws): a row is a single-draw score, the mean over rows the noise ensemble.
+    Those two give the two sides of a pair *different* draws (the generator runs on from side 0 to
+    side 1); result["shared"] = {"draws": ..., "levels": ...} scores them again with the *same* (t, eps)
+    per draw for both sides of a pair, as candidates are compared in use (final_scores: a GRPO group,
+    search's candidates). Different draws add noise to each difference r_0 - r_1 that averaging over
+    draws then removes, so they overstate what ensembling gains where draws are shared."""
     n = len(captions)
     batches = [torch.arange(i, min(n, i + batch_size)) for i in range(0, n, batch_size)]
     clean = [pair_latents(idx) for idx in batches]  # once: pair_latents may run the VAE
@@ -669,13 +674,19 @@ def lrm_validation_rewards(model, pair_latents, captions, generator, batch_size=
             r_1.append(r[len(idx):])
             ts.append(t)
         result["buckets"][(lo, hi)] = (torch.cat(r_0), torch.cat(r_1), torch.cat(ts))
-    for name, at in (("draws", ()), ("levels", levels)):
-        scores = [[], []]
-        for idx, pair in zip(batches, clean):
-            for side, latents in enumerate(pair):
-                scores[side].append(model.noised_scores(latents.to(device, dtype), [captions[i] for i in idx], generator=generator,
-                                                        levels=at).float().cpu())
-        result[name] = (torch.cat(scores[0], 1), torch.cat(scores[1], 1))
+    # "different" first, so that its generator use (and its numbers) are what they were before "shared"
+    for shared in (False, True):
+        for name, at in (("draws", ()), ("levels", levels)):
+            scores = [[], []]
+            for idx, pair in zip(batches, clean):
+                state = generator.get_state()
+                for side, latents in enumerate(pair):
+                    if shared:  # side 1 replays side 0's draws: row b of both sides gets the same (t, eps)
+                        generator.set_state(state)
+                    scores[side].append(model.noised_scores(latents.to(device, dtype), [captions[i] for i in idx], generator=generator,
+                                                            levels=at).float().cpu())
+            protocol = result.setdefault("shared", {}) if shared else result
+            protocol[name] = (torch.cat(scores[0], 1), torch.cat(scores[1], 1))
     return result
 
 
@@ -692,8 +703,8 @@ def preference_accuracy(model, scorers, source, split, limit, seed, device="cpu"
     preferred (evaluate.py --preference-data). The LRM per noise bucket (sigma): both images of a pair
     noised with the same t (uniform over the bucket) and the same eps, as in training; then
     noise-ensembled on the clean latents (how it is used as a reward), at random t and at DiNa-LRM's
-    fixed levels. Each pixel reward of `scorers` ({label: reward fn}, rewards.py) on the same pairs'
-    clean images. source, split: the pairs (Pick-a-Pic v2 schema); limit: how many (0 = all); seed:
+    fixed levels, with different and with shared draws for a pair's two sides (lrm_validation_rewards).
+    Each pixel reward of `scorers` ({label: reward fn}, rewards.py) on the same pairs' clean images. source, split: the pairs (Pick-a-Pic v2 schema); limit: how many (0 = all); seed:
     the noise draws. Returns (rows {scorer, bucket, accuracy, n}, counts of rows read / skipped)."""
     pairs = read_pairs(source, split, image_side(model.backbone), limit or None)
     labels, captions = pairs["labels"], pairs["captions"]  # labels: P(image 0 preferred): 1, 0 or 0.5
@@ -709,9 +720,10 @@ def preference_accuracy(model, scorers, source, split, limit, seed, device="cpu"
             for (lo, hi), (r_0, r_1, _) in result["buckets"].items()]
     draws = model.config.ensemble_draws
     for name, how in (("draws", f"t ~ U[0, {model.config.ensemble_t_max})"), ("levels", f"σ = {', '.join(map(str, DINA_LEVELS))}")):
-        single, ensemble = ensemble_accuracies(*result[name], labels)
-        rows += [dict(scorer=f"lrm, single noise draw at {how} (mean over draws)", bucket="clean", accuracy=single, n=n),
-                 dict(scorer=f"lrm, noise-ensembled ({draws} draws at {how})", bucket="clean", accuracy=ensemble, n=n)]
+        for scores, shared in ((result[name], ""), (result["shared"][name], ", shared by a pair's two sides")):
+            single, ensemble = ensemble_accuracies(*scores, labels)
+            rows += [dict(scorer=f"lrm, single noise draw at {how}{shared} (mean over draws)", bucket="clean", accuracy=single, n=n),
+                     dict(scorer=f"lrm, noise-ensembled ({draws} draws at {how}{shared})", bucket="clean", accuracy=ensemble, n=n)]
     for label, reward in scorers.items():
         scores = [torch.cat([reward(pixels[side][b].float() / 255, captions[b], latents=latents[side][b].to(device, dtype)) for b in batches])
                   for side in (0, 1)]
@@ -815,7 +827,8 @@ def lrm_reward(path, device="cpu", dtype=torch.float32, backbone=None):
         # only to t ~ U[0, ensemble_t_max) (400 by default: sigma < 0.54 on SD1.5's schedule, which
         # `toy` shares; sigma < 0.4 on flow matching), where the LRM is most accurate (docs/RESULTS.md, toy pairs: 0.82 at sigma
         # < 0.4, 0.81 at [0.4, 0.6), 0.79 at [0.6, 0.8), 0.71 at sigma >= 0.8), and the ensemble_draws
-        # draws are averaged (noise ensembling: +0.8 to +1.6 points over a single draw there).
+        # draws are averaged (noise ensembling, both sides on shared draws: +0.4 points over a single draw
+        # at random t on the toy LRM; with different draws per side it looked like +2.4).
         return final_scores(model, latents, prompts)
 
     reward.lrm_model = model

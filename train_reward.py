@@ -23,7 +23,8 @@ sqrt(1 - abar) / (sqrt(abar) + sqrt(1 - abar)); on a flow backbone abar_t = (1 -
 The VAE latents of the data are encoded once and cached on disk (--cache-dir). Validation reports
 accuracy and calibration error (ECE) per noise bucket sigma in [0, 0.2), [0.2, 0.4), ... and the
 accuracy of single-draw vs noise-ensembled scores of the clean latents, at random t and at DiNa-LRM's
-fixed levels sigma = 0.2, 0.5, 0.7 (the same number of draws); all in metrics.json.
+fixed levels sigma = 0.2, 0.5, 0.7 (the same number of draws), each with different draws for the two
+sides of a pair and with shared ones (as candidates are compared in use; "shared_*"); all in metrics.json.
 Output: OUT/model.safetensors + OUT/lrm_config.json (lrm.load_lrm, the reward `lrm:OUT`),
 OUT/ckpt.pt (resume), OUT/log.jsonl, OUT/metrics.json.
 
@@ -209,10 +210,12 @@ def evaluate(model, data, cfg, device, batch_size=64):
         p = lrm.preference_probability(cfg.loss, r_0, r_1, variance)
         result["buckets"][f"{lo:.1f}-{hi:.1f}"] = dict(accuracy=lrm.pairwise_accuracy(p, repeated), ece=lrm.expected_calibration_error(p, repeated),
                                                loss=lrm.preference_loss(cfg.loss, r_0, r_1, variance, repeated).item())
-    single, ensemble = lrm.ensemble_accuracies(*rewards["draws"], labels)
-    level_single, level_ensemble = lrm.ensemble_accuracies(*rewards["levels"], labels)
-    result.update(single_accuracy=single, ensemble_accuracy=ensemble, ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max,
-                  levels_single_accuracy=level_single, levels_ensemble_accuracy=level_ensemble, levels=list(lrm.DINA_LEVELS))
+    result.update(ensemble_draws=cfg.ensemble_draws, ensemble_t_max=cfg.ensemble_t_max, levels=list(lrm.DINA_LEVELS))
+    # different draws for a pair's two sides (unprefixed keys) and shared ones (shared_*: how candidates are compared in use)
+    for prefix, scores in (("", rewards), ("shared_", rewards["shared"])):
+        for name, key in (("draws", ""), ("levels", "levels_")):
+            single, ensemble = lrm.ensemble_accuracies(*scores[name], labels)
+            result.update({f"{prefix}{key}single_accuracy": single, f"{prefix}{key}ensemble_accuracy": ensemble})
     model.train()
     return result
 
@@ -220,7 +223,8 @@ def evaluate(model, data, cfg, device, batch_size=64):
 def eval_line(step, result):
     buckets = " ".join(f"{k}:{v['accuracy']:.3f}" for k, v in result["buckets"].items())
     return (f"eval {step:05d} | acc per sigma-bucket {buckets} | single {result['single_accuracy']:.3f} | ensemble {result['ensemble_accuracy']:.3f}"
-            f" | fixed levels {result['levels_ensemble_accuracy']:.3f}")
+            f" | fixed levels {result['levels_ensemble_accuracy']:.3f} | shared draws: single {result['shared_single_accuracy']:.3f}"
+            f" | ensemble {result['shared_ensemble_accuracy']:.3f}")
 
 
 # -----------------------------------------------------------------------------

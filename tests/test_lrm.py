@@ -244,3 +244,23 @@ def test_model_variance_follows_the_timestep(tiny_sd15_dir, variance):
     if variance == "learned":  # v0 and kappa get gradients through the loss
         lrm.preference_loss("thurstone-nll", r_w, r_l, v, target).backward()
         assert model.log_v0.grad.abs() > 0 and model.log_kappa.grad.abs() > 0
+
+
+def test_shared_draws_give_a_pair_of_equal_latents_even_odds(tiny_sd15_dir):
+    """lrm_validation_rewards scores a pair's two sides with the same (t, eps) per draw under "shared"
+    (as candidates are compared in use): a pair of two equal latents gets p = 0.5 exactly for every
+    number of draws averaged, across batches (6 pairs in batches of 4 and 2). Under "different" draws
+    (the unprefixed results) the noise alone tells the two sides apart."""
+    backbone = common.load_backbone(str(tiny_sd15_dir))
+    model = lrm.LatentRewardModel(backbone, lrm.LRMConfig(backbone="tiny", ensemble_draws=4)).eval()
+    latents = torch.randn(6, *common.latent_shape(backbone), generator=torch.Generator().manual_seed(0))
+    captions = ["a red circle", "a square on a blue background", "a red square"] * 2
+    result = lrm.lrm_validation_rewards(model, lambda idx: (latents[idx], latents[idx].clone()), captions,
+                                        torch.Generator().manual_seed(0), batch_size=4, levels=(0.2, 0.5))
+    for name in ("draws", "levels"):
+        assert result["shared"][name][0].shape == (4, 6)
+        for draws in range(1, 5):
+            shared_0, shared_1 = (r[:draws].mean(0) for r in result["shared"][name])
+            different_0, different_1 = (r[:draws].mean(0) for r in result[name])
+            assert torch.equal(torch.sigmoid(shared_0 - shared_1), torch.full((6,), 0.5)), (name, draws)
+            assert (different_0 != different_1).all(), (name, draws)
