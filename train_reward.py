@@ -194,6 +194,16 @@ def step_noise(step, seed, batch_size, latent_shape, num_timesteps):
     return t, torch.randn((batch_size, *latent_shape), generator=generator)
 
 
+def pair_loss(model, latents_0, latents_1, noise, t, captions, targets, loss):
+    """One training step's loss: both images of each pair noised with the same eps and t (B,), their
+    rewards (B,), (B,), and the Thurstone variance v(t) of *that* noise level (the calibration: the
+    same reward gap means less at a higher noise level). model: the LatentRewardModel or its DDP
+    wrapper. Returns (loss, r_0, r_1, variance)."""
+    r_0, r_1 = lrm.pair_rewards(model, latents_0, latents_1, noise, t, captions)
+    variance = (model.module if hasattr(model, "module") else model).variance(t)  # (B,)
+    return lrm.preference_loss(loss, r_0, r_1, variance, targets), r_0, r_1, variance
+
+
 @torch.no_grad()
 def evaluate(model, data, cfg, device, batch_size=64):
     """Accuracy, ECE and loss per noise bucket (same t and eps for a pair), and the accuracy of
@@ -309,9 +319,8 @@ def main():
         latents_0, latents_1 = pair_latents(model, train, indices)
         captions = [train["captions"][i] for i in indices]
         targets = train["labels"][indices].to(device)
-        r_0, r_1 = lrm.pair_rewards(ddp_model, latents_0.to(device), latents_1.to(device), noise.to(device), t.to(device), captions)
-        variance = model.variance(t.to(device))
-        loss = lrm.preference_loss(cfg.loss, r_0, r_1, variance, targets)
+        loss, r_0, r_1, variance = pair_loss(ddp_model, latents_0.to(device), latents_1.to(device), noise.to(device), t.to(device),
+                                             captions, targets, cfg.loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)

@@ -392,3 +392,24 @@ def test_eval_every_zero_validates_at_the_end_only(pairs_dir, sd15_dir, cache, t
 def test_bad_values_are_one_clear_error(pairs_dir, sd15_dir, cache, tmp_path, monkeypatch, flags, message):
     with pytest.raises(common.UserError, match=message):
         run_train(base_args(pairs_dir, sd15_dir, tmp_path / "run", cache, 2) + flags, monkeypatch)
+
+
+def test_training_loss_calibrates_each_pair_at_its_own_noise_level(sd15):
+    """train_reward's step (pair_loss): the Thurstone variance of each pair is v(t) of the t its
+    two images were noised to, so the loss of a pair at high noise is calibrated differently from
+    one at low noise. Taking the variance at t = 0 (or at any other t) in the step fails it."""
+    import train_reward
+
+    torch.manual_seed(0)
+    model = lrm.LatentRewardModel(sd15, lrm.LRMConfig(backbone=str(sd15.name), hidden=16))
+    latents = torch.randn(4, *common.latent_shape(sd15))
+    noise, t = torch.randn(2, *common.latent_shape(sd15)), torch.tensor([900, 10])
+    targets = torch.tensor([1.0, 1.0])
+    loss, r_0, r_1, variance = train_reward.pair_loss(model, latents[:2], latents[2:], noise, t, ["a circle"] * 2, targets,
+                                                      "thurstone-nll")
+    assert loss.requires_grad  # the step trains through it
+    torch.testing.assert_close(variance, model.variance(t))
+    assert variance[0] > variance[1]  # v(t) grows with the noise level
+    torch.testing.assert_close(loss, lrm.preference_loss("thurstone-nll", r_0, r_1, model.variance(t), targets))
+    at_zero = lrm.preference_loss("thurstone-nll", r_0, r_1, model.variance(torch.zeros_like(t)), targets)
+    assert not torch.isclose(loss, at_zero)
