@@ -143,14 +143,13 @@ class SamplingFlags:
     overlap: int = field(default=0, metadata={"help": "D: a refinement's prompts take effect D steps after the preview it read, the refiner running beside the denoiser meanwhile (0 = synchronous)"})
 
 
-def setup_run(config):
-    """Apply a RunFlags config: torch's CPU threads; returns (device, dtype)."""
+def setup_run(config, device=None):
+    """Apply a RunFlags config: torch's CPU threads; returns (device, dtype). device: one chosen
+    already (under torchrun, the rank's), else --device's."""
     require(config, non_negative=("threads",))
-    if config.dtype not in DTYPES:
-        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{config.dtype}'")
     if config.threads > 0:
         torch.set_num_threads(config.threads)
-    device = pick_device(config.device)
+    device = device or pick_device(config.device)
     return device, pick_dtype(config.dtype, device)
 
 
@@ -195,6 +194,8 @@ def pick_device(name="auto"):
 
 def pick_dtype(name, device):
     """'auto' = bf16 on GPU (fp16 for the SD VAE is fragile), fp32 on CPU."""
+    if name not in DTYPES:
+        raise UserError(f"--dtype must be one of {', '.join(DTYPES)}, got '{name}'")
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return DTYPES[name]
@@ -276,8 +277,11 @@ class Family:
         prompt when guidance > 1 (true_cfg is FLUX's alone); SD3's T5 length."""
         if true_cfg != 1.0:
             raise UserError(f"true CFG is FLUX's; backbone '{backbone.name}' uses --guidance for classifier-free guidance")
-        kwargs = dict(guidance_scale=guidance, negative_prompt=negative_prompt if guidance > 1 else None)
-        if self.flow_matching and backbone.spec.text_length is not None:
+        return self._call_kwargs(backbone, guidance, negative_prompt if guidance > 1 else None)
+
+    def _call_kwargs(self, backbone, guidance, negative_prompt, **extra):
+        kwargs = dict(guidance_scale=guidance, negative_prompt=negative_prompt, **extra)
+        if self.flow_matching and backbone.spec.text_length is not None:  # SD3 / FLUX: the T5 length
             kwargs["max_sequence_length"] = backbone.spec.text_length
         return kwargs
 
@@ -299,10 +303,7 @@ class FluxFamily(Family):
         return unpack_latents(latents, side)
 
     def sampling_kwargs(self, backbone, guidance, true_cfg, negative_prompt):
-        kwargs = dict(guidance_scale=guidance, negative_prompt=negative_prompt if true_cfg > 1 else None, true_cfg_scale=true_cfg)
-        if backbone.spec.text_length is not None:
-            kwargs["max_sequence_length"] = backbone.spec.text_length
-        return kwargs
+        return self._call_kwargs(backbone, guidance, negative_prompt if true_cfg > 1 else None, true_cfg_scale=true_cfg)
 
     @contextlib.contextmanager
     def text_swap(self, denoiser):

@@ -32,7 +32,6 @@ class Overlap(Hook):
         if delay < 0:
             raise UserError(f"--overlap must be >= 0 steps, got {delay}")
         self.delay, self.pending = delay, None  # pending: (the step its prompts take effect, the refiner's future)
-        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refiner")
 
     def check(self, schedule, num_steps):
         for step, after in zip(schedule, schedule[1:] + [num_steps]):
@@ -48,7 +47,7 @@ class Overlap(Hook):
 
     def refine(self, result, refiner, *args):
         step = args[-2]  # refine(previews, user_prompts, current_prompts, step, num_steps)
-        self.pending = (step + self.delay, self.worker.submit(self._refine, refiner, *args))
+        self.pending = (step + self.delay, refiner_thread().submit(self._refine, refiner, *args))
 
     def _refine(self, refiner, *args):
         if self.stream is None:
@@ -64,6 +63,18 @@ class Overlap(Hook):
         out, self.pending = self.pending[1].result(), None  # the loop waits here if the refiner is not done
         result.add_refinement(out, step)
         return out.prompts
+
+
+_WORKER = []
+
+
+def refiner_thread():
+    """The one worker thread every overlapped refinement runs on, made on first use: one refinement
+    is in flight at a time, and one thread for a whole run (not one per sampling call) keeps a
+    compiled CUDA-graph decode step on the thread it was recorded on."""
+    if not _WORKER:
+        _WORKER.append(ThreadPoolExecutor(max_workers=1, thread_name_prefix="refiner"))
+    return _WORKER[0]
 
 
 def overlap_hook(delay):

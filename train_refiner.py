@@ -532,10 +532,8 @@ def train(config, reward=None, monitor_reward=None):
     """The training run; `reward` / `monitor_reward` (callables like rewards.Reward) override the
     registry specs -- the tests use that to train on rewards they define."""
     check_config(config)
-    if config.threads > 0:
-        torch.set_num_threads(config.threads)
     dist_info = runs.setup_distributed(config.device)
-    device, dtype = dist_info.device, common.pick_dtype(config.dtype, dist_info.device)
+    device, dtype = common.setup_run(config, dist_info.device)
     out_dir, log_path = Path(config.out), Path(config.out) / "log.jsonl"
     out_dir.mkdir(parents=True, exist_ok=True)
     state = runs.resume_checkpoint(out_dir / "checkpoint.pt", config, RESUME_MAY_CHANGE) if config.resume else None

@@ -248,10 +248,8 @@ def main():
     if cfg.batch_size % dist.world_size:
         raise common.UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world_size} processes")
     runs.seed_everything(cfg.seed)
-    if cfg.threads > 0:
-        torch.set_num_threads(cfg.threads)
+    device, dtype = common.setup_run(cfg, dist.device)
     out = Path(cfg.out)
-    device, dtype = dist.device, common.pick_dtype(cfg.dtype, dist.device)
     ckpt_path = out / "ckpt.pt"
     out.mkdir(parents=True, exist_ok=True)
     state = runs.resume_checkpoint(ckpt_path, cfg, RESUME_MAY_CHANGE) if cfg.resume else None

@@ -1,6 +1,7 @@
 """common.py's small helpers: config checks, resume, log trimming, paths vs hub ids, sizes."""
 
 import json
+import sys
 from dataclasses import dataclass, field
 
 import pytest
@@ -103,3 +104,19 @@ def test_refined_sample_scores_with_every_input_a_reward_reads(sd15):
     assert torch.equal(seen["latents"], result.latents)
     with pytest.raises(ValueError, match="1 scores for 2 images"):
         result.score(lambda images, prompts, **_: torch.zeros(1))
+
+
+def test_an_unknown_dtype_is_a_user_error_in_every_script(tmp_path, monkeypatch):
+    """--dtype is checked where it is resolved (common.pick_dtype), so the scripts that pick their
+    device themselves (train_refiner.py and train_reward.py under torchrun) refuse it in one line too."""
+    import train_refiner
+    import train_reward
+
+    with pytest.raises(common.UserError, match="--dtype must be one of"):
+        common.pick_dtype("fp64", torch.device("cpu"))
+    with pytest.raises(common.UserError, match="--dtype must be one of"):
+        train_refiner.train(train_refiner.Config(dtype="fp64", backbone="toy", refiner="toy-refiner", reward="toy-aesthetic",
+                                                 out=str(tmp_path / "refiner")))
+    monkeypatch.setattr(sys, "argv", ["train_reward.py", "--dtype", "fp64", "--out", str(tmp_path / "lrm")])
+    with pytest.raises(common.UserError, match="--dtype must be one of"):
+        train_reward.main()

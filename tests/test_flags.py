@@ -474,8 +474,7 @@ def test_threads_of_train_refiner_and_evaluate(monkeypatch, tmp_path):
 
     calls = []
     monkeypatch.setattr(torch, "set_num_threads", calls.append)
-    monkeypatch.setattr(runs, "setup_distributed", _stop)  # the first thing after the threads
-    monkeypatch.setattr(common, "pick_device", _stop)
+    monkeypatch.setattr(common, "pick_dtype", _stop)  # both scripts: right after the threads (common.setup_run)
     with pytest.raises(_Stop):
         train_refiner.train(common.parse_config(train_refiner.Config, tiny_args("b", "r", tmp_path, "--threads", "3")))
     monkeypatch.setattr(sys, "argv", ["evaluate.py", "--threads", "5", "--out", str(tmp_path)])

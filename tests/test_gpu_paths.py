@@ -3,6 +3,7 @@
 
 import pytest
 import torch
+from test_sampling import PROMPTS, STEPS, ScriptedRefiner, seeded
 
 import common
 import overlap
@@ -10,21 +11,7 @@ import promptloop
 import refiners
 import rewards
 
-PROMPTS = ["a red circle", "a blue square on a green background"]
-STEPS, GUIDANCE = 8, 4.0
-
-
-class ScriptedRefiner:
-    def __init__(self, script):
-        self.script, self.steps = script, []
-
-    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        self.steps.append(step)
-        return refiners.RefinerOutput.from_prompts(self.script[len(self.steps) - 1])
-
-
-def seeded():
-    return torch.Generator().manual_seed(0)
+GUIDANCE = 4.0
 
 
 def conditioning_per_step(backbone, hook, script):
@@ -37,7 +24,7 @@ def conditioning_per_step(backbone, hook, script):
                                            generator=seeded(), hook=hook)
     finally:
         handle.remove()
-    return result, records, refiner.steps
+    return result, records, [call["step"] for call in refiner.calls]
 
 
 @torch.no_grad()

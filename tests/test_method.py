@@ -8,29 +8,18 @@ refinement), run `pytest -q tests/test_method.py`, watch it fail, and take the b
 
 import pytest
 import torch
+from test_sampling import (
+    PROMPTS,
+    STEPS,
+    ScriptedRefiner,
+    record_unet_conditioning,
+    seeded,
+)
 
 import common
 import promptloop
-import refiners
 
-PROMPTS = ["a red circle", "a blue square on a green background"]
-STEPS, GUIDANCE = 8, 4.0
-
-
-class ScriptedRefiner:
-    """Writes the scripted prompts (or keeps the current ones) and records what it was shown."""
-
-    def __init__(self, script=None):
-        self.script, self.calls = script, []
-
-    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
-        self.calls.append(dict(previews=previews, current=list(current_prompts), step=step))
-        new = list(current_prompts) if self.script is None else self.script[len(self.calls) - 1]
-        return refiners.RefinerOutput.from_prompts(new)
-
-
-def seeded():
-    return torch.Generator().manual_seed(0)
+GUIDANCE = 4.0
 
 
 @torch.no_grad()
@@ -64,17 +53,6 @@ def test_the_refiner_sees_the_decoded_denoised_estimate(sd15):
     torch.testing.assert_close(refiner.calls[0]["previews"], expected, atol=1e-4, rtol=1e-4)
     noisy = (vae.decode(result.states[0] / vae.config.scaling_factor).sample / 2 + 0.5).clamp(0, 1)
     assert (noisy - expected).abs().mean() > 10 * 1e-4  # the check can tell x0_hat from the noisy latents
-
-
-def record_unet_conditioning(pipe):
-    """Every UNet call's text conditioning (B_cfg, L, D) and SDXL's pooled embedding (B_cfg, D2)."""
-    records = []
-
-    def hook(module, args, kwargs):
-        added = kwargs.get("added_cond_kwargs") or {}
-        records.append((kwargs["encoder_hidden_states"].clone(), added.get("text_embeds")))
-
-    return records, pipe.unet.register_forward_pre_hook(hook, with_kwargs=True)
 
 
 @pytest.mark.parametrize("name", ["sd15", "sdxl"])
