@@ -59,6 +59,7 @@ import torch
 import architectures
 import common
 import lrm
+import overlap
 import promptloop
 import refiners
 import runs
@@ -96,6 +97,7 @@ class Config(common.RunFlags):
     batches: str = field(default="1,4,8", metadata={"help": "rows 9, 10: images (= refiner rows) per call"})
     answer_lengths: str = field(default="16,32,64", metadata={"help": "row 9: refiner answers forced to these lengths in tokens"})
     fast_decode: str = field(default="both", metadata={"help": "rows 9, 10: the refiner's decode path: both | on | off"})
+    overlaps: str = field(default="0", metadata={"help": "rows 3a, 9: --overlap D values to time (each refinement runs beside the next D denoiser steps)"})
     preview_sizes: str = field(default="448,224", metadata={"help": "row 10: refiner preview sides in px; the first is the decode rows' one"})
     decode_tokens: int = field(default=32, metadata={"help": "row 10: tokens timed after the first (ms per token)"})
     rollout_rows: int = field(default=16, metadata={"help": "row 11: refiner rows of one rollout call (B*G)"})
@@ -122,7 +124,7 @@ def check_config(cfg):
         raise common.UserError(f"--size must be full or tiny, got '{cfg.size}'")
     if cfg.fast_decode not in DECODE_MODES:
         raise common.UserError(f"--fast-decode must be one of {', '.join(DECODE_MODES)}, got '{cfg.fast_decode}'")
-    for flag, minimum in (("batches", 1), ("answer_lengths", 1), ("preview_sizes", 28)):
+    for flag, minimum in (("batches", 1), ("answer_lengths", 1), ("preview_sizes", 28), ("overlaps", 0)):
         common.parse_ints(getattr(cfg, flag), "--" + flag.replace("_", "-"), minimum)
     common.parse_list(cfg.full_backbones, "--full-backbones", FULL_BACKBONES)
     if cfg.preview_decoder not in promptloop.PreviewDecoder.KINDS:
@@ -385,9 +387,9 @@ class TimedRefiner:
         return out
 
 
-def overhead_times(cfg, backbone, refiners_by_label, decoder, num_steps, guidance, device, batch=None):
+def overhead_times(cfg, backbone, refiners_by_label, decoder, num_steps, guidance, device, batch=None, delays=None):
     """Plain vs refined sampling (one variant per refiner of {label: refiner}) of the same batch
-    from the same initial latents, timed side by side.
+    from the same initial latents, timed side by side; delays[label]: the variant's --overlap D (0).
 
     Returns (times, notes): times[label] and times["plain"]; notes[label] says how much of a
     refined run the refiner's calls took and how long its answers were."""
@@ -396,16 +398,16 @@ def overhead_times(cfg, backbone, refiners_by_label, decoder, num_steps, guidanc
     latents = random_latents(backbone, batch, cfg.seed)
     timed = {label: TimedRefiner(refiner) for label, refiner in refiners_by_label.items()}
 
-    def sample(refiner):
+    def sample(refiner, delay=0):
         torch.manual_seed(cfg.seed)  # the refiner's token sampling
         return promptloop.refined_sample(backbone, prompts, refiner, refine_steps=cfg.refine_steps,
                                          num_steps=num_steps, guidance=guidance, generator=torch.Generator().manual_seed(cfg.seed),
-                                         latents=latents, preview_decoder=decoder)
+                                         latents=latents, preview_decoder=decoder, hook=overlap.overlap_hook(delay))
 
     if decoder.kind == "linear":
         decoder(latents)  # the linear map is fitted on its first preview: before timing
     variants = {"plain": functools.partial(sample, None)}
-    variants.update({label: functools.partial(sample, refiner) for label, refiner in timed.items()})
+    variants.update({label: functools.partial(sample, refiner, (delays or {}).get(label, 0)) for label, refiner in timed.items()})
     times = time_side_by_side(variants, cfg.repeats, cfg.warmup, device)
     runs = cfg.repeats + cfg.warmup
     notes = {label: f"refiner calls {t.seconds / runs:.3f}s of a refined run, {t.tokens / max(1, t.answers):.0f} tokens per answer "
@@ -423,9 +425,14 @@ def overhead_row(row, compared, times, label, target, device, notes, limit=None)
 def row_refined_overhead(cfg, device, dtype, tmp):
     backbone, refiner, which = toy_models(cfg, device, dtype)
     decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
-    variants = {f"refined, fast {mode}": architectures.refiner_view(refiner, fast=mode == "on") for mode in DECODE_MODES[cfg.fast_decode]}
-    times, notes = overhead_times(cfg, backbone, variants, decoder, cfg.sampling_steps, backbone.spec.guidance, device)
-    rows = [overhead_row("3a", f"sampling, toy size: refined (K={cfg.refine_steps}, {label.split(', ')[1]} decode) vs plain", times,
+    variants, delays, what = {}, {}, {}
+    for mode in DECODE_MODES[cfg.fast_decode]:
+        for delay in overlap_delays(cfg):
+            label = f"refined, fast {mode}" + (f", overlap {delay}" if delay else "")
+            variants[label], delays[label] = architectures.refiner_view(refiner, fast=mode == "on"), delay
+            what[label] = f"fast {mode} decode" + (f", --overlap {delay}" if delay else "")
+    times, notes = overhead_times(cfg, backbone, variants, decoder, cfg.sampling_steps, backbone.spec.guidance, device, delays=delays)
+    rows = [overhead_row("3a", f"sampling, toy size: refined (K={cfg.refine_steps}, {what[label]}) vs plain", times,
                          label, "report (overhead; <= 1.3x is the full-size target)", device,
                          f"{which}; batch {cfg.batch}, {cfg.sampling_steps} steps, preview {cfg.preview_decoder}; {notes[label]}")
             for label in variants]
@@ -457,12 +464,17 @@ def full_overhead_row(cfg, row, name, backbone, refiner, device, dtype, tmp):
 
 
 def grid_target(backbone, batch, tokens):
-    """The issue's GPU targets for refined / plain: 32-token answers; SD1.5 batch 8 and 1, SDXL any batch."""
+    """The GPU targets for refined / plain (the paper reports ~1.2x for 5 refinements): 32-token answers;
+    SD1.5 batch 1 and 8, SDXL batch 1."""
     if tokens != 32:
         return None
     if backbone == "sdxl":
-        return 1.15
-    return {8: 1.3, 1: 1.5}.get(batch)
+        return 1.15 if batch == 1 else None
+    return {1: 1.3, 8: 1.2}.get(batch)
+
+
+def overlap_delays(cfg):
+    return common.parse_ints(cfg.overlaps, "--overlaps", minimum=0)
 
 
 def row_refined_grid(cfg, device, dtype, tmp):
@@ -480,9 +492,14 @@ def row_refined_grid(cfg, device, dtype, tmp):
         decoder = make_preview_decoder(cfg.preview_decoder, backbone, tmp)
         steps, guidance = backbone.spec.steps, backbone.spec.guidance
         for batch in batches:
-            variants = {f"{n} tokens, fast {mode}": architectures.refiner_view(refiner, fast=mode == "on", fixed_length=True, max_new_tokens=n)
-                        for n in lengths for mode in modes}
-            times, notes = overhead_times(cfg, backbone, variants, decoder, steps, guidance, device, batch=batch)
+            variants, delays = {}, {}
+            for n in lengths:
+                for mode in modes:
+                    for delay in overlap_delays(cfg):
+                        label = f"{n} tokens, fast {mode}" + (f", overlap {delay}" if delay else "")
+                        variants[label] = architectures.refiner_view(refiner, fast=mode == "on", fixed_length=True, max_new_tokens=n)
+                        delays[label] = delay
+            times, notes = overhead_times(cfg, backbone, variants, decoder, steps, guidance, device, batch=batch, delays=delays)
             for label in variants:
                 limit = grid_target(key, batch, int(label.split()[0]))
                 rows.append(overhead_row(

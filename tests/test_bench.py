@@ -13,6 +13,7 @@ import torch
 import architectures
 import bench
 import common
+import overlap
 import refiners
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,3 +225,38 @@ def test_cached_latents_row_measures_the_cache_winning():
     assert (row["baseline"]["label"], row["candidate"]["label"]) == ("encode_each_step", "cached_latents")
     assert row["ratio"] == pytest.approx(row["baseline"]["median_s"] / row["candidate"]["median_s"])
     assert row["ratio"] > 1.05, row
+
+
+def test_flow_resolution_sets_row_8s_image_side(monkeypatch):
+    """--flow-resolution is the side of row 8's full-size SD3.5-Medium: built here on the meta device
+    (shapes only) and stopped before any timing, the backbone the row would score is 768 px."""
+    built, original = [], architectures.random_sd35m
+
+    def build(size, resolution, device, dtype, seed=0, t5=True):
+        built.append(original(size, resolution, torch.device("meta"), dtype, seed, t5))
+        raise StopIteration
+
+    monkeypatch.setattr(architectures, "random_sd35m", build)
+    cfg = bench.parse_config(["--rows", "8", "--flow-resolution", "768"])
+    bench.check_config(cfg)
+    with pytest.raises(StopIteration):
+        bench.row_flow_lrm_vs_pixel(cfg, torch.device("cpu"), torch.bfloat16, None)
+    backbone, = built
+    assert backbone.spec.size == 768 and common.latent_shape(backbone) == (16, 96, 96)
+    assert backbone.pipe.text_encoder_3 is None  # row 8 runs without T5
+
+
+def test_overlaps_time_one_variant_per_delay(monkeypatch, tmp_path):
+    """--overlaps 0,1 times refined sampling twice per decode path: synchronously and with the
+    refinement overlapped by one step (the hook refined_sample got), each against plain."""
+    delays = []
+    hook = overlap.overlap_hook
+    monkeypatch.setattr(overlap, "overlap_hook", lambda delay: delays.append(delay) or hook(delay))
+    cfg = bench.parse_config(["--quick", "--rows", "3", "--overlaps", "0,1", "--refine-steps", "1", "--fast-decode", "off", "--threads", "1",
+                              "--warmup", "0", "--out", str(tmp_path)])
+    bench.check_config(cfg)
+    rows = bench.row_refined_overhead(cfg, torch.device("cpu"), torch.float32, str(tmp_path))
+    toy_rows = [row for row in rows if row["row"] == "3a"]
+    assert [row["candidate"]["label"] for row in toy_rows] == ["refined, fast off", "refined, fast off, overlap 1"]
+    assert "--overlap 1" in toy_rows[1]["compared"] and "overlap" not in toy_rows[0]["compared"]
+    assert sorted(set(delays)) == [0, 1] and delays.count(1) == cfg.repeats  # every timed call of the variant overlapped
