@@ -254,10 +254,14 @@ class Family:
 
     text_inputs:   the callback tensors that carry the prompt, which a refinement swaps (the pooled
                    embedding under the name the pipeline's loop gives it)
-    flow_matching: x = (1 - sigma) x0 + sigma eps (SD3, FLUX), not a DDPM schedule"""
+    flow_matching: x = (1 - sigma) x0 + sigma eps (SD3, FLUX), not a DDPM schedule
+    row_inputs:    other callback tensors with a row per sample, which follow the rows when a hook
+                   changes them (SDXL's time ids: they interleave the CFG halves, but refined_sample
+                   passes no negative sizes, so every row is the same)"""
 
     text_inputs: tuple
     flow_matching: bool = False
+    row_inputs: tuple = ()
 
     def pack(self, latents):
         """(B, C, h, w) latents -> what the pipeline's loop holds (the same, but for FLUX)."""
@@ -288,8 +292,9 @@ class Family:
     @contextlib.contextmanager
     def text_swap(self, denoiser):
         """Context for a sampling run whose text conditioning a refinement swaps: yields
-        `swapped(updates, encoded)`, told each swap (the callback's updates, encode_prompts' output)."""
-        yield lambda updates, encoded: None
+        `swapped(updates, encoded=None, rows=None)`, told each swap (the callback's updates,
+        encode_prompts' output) and each change of the rows (an index into the rows held)."""
+        yield lambda updates, encoded=None, rows=None: None
 
 
 class FluxFamily(Family):
@@ -312,15 +317,28 @@ class FluxFamily(Family):
         # pre-hook (a public torch mechanism; nothing in the pipeline changes) puts the refined
         # prompts' pooled CLIP embedding there, on the calls whose text tokens are the refined
         # prompts' -- the tensor the callback returned -- and not on true CFG's negative pass.
-        refined = {}
+        # When the loop changes its rows, the tensors the pipeline built before its loop with a row
+        # per sample take the same rows here: `guidance`, true CFG's negative text, the pooled embedding.
+        refined, own, held = {}, {}, {}  # own: the pipeline's pooled embedding; held["rows"]: its rows the loop holds
 
         def pooled_projections(module, args, kwargs):
+            own.setdefault("pooled", kwargs["pooled_projections"])  # the first call: the pipeline's own text
+            rows = held.get("rows")
             if "embeds" in refined and kwargs.get("encoder_hidden_states") is refined["embeds"]:
                 kwargs["pooled_projections"] = refined["pooled"].to(kwargs["pooled_projections"].dtype)
+            elif rows is not None:  # true CFG's negative pass
+                kwargs.update(encoder_hidden_states=kwargs["encoder_hidden_states"][rows], pooled_projections=kwargs["pooled_projections"][rows])
+            if rows is not None and kwargs.get("guidance") is not None:
+                kwargs["guidance"] = kwargs["guidance"][rows]
             return args, kwargs
 
-        def swapped(updates, encoded):
-            refined.update(embeds=updates["prompt_embeds"], pooled=encoded["pooled_prompt_embeds"])
+        def swapped(updates, encoded=None, rows=None):
+            if rows is not None:  # new rows: of the pipeline's own tensors and of the pooled embedding in force
+                held["rows"] = rows if "rows" not in held else held["rows"][rows]
+                refined["pooled"] = refined.get("pooled", own["pooled"])[rows]
+            if encoded is not None:
+                refined["pooled"] = encoded["pooled_prompt_embeds"]
+            refined["embeds"] = updates["prompt_embeds"]
 
         hook = denoiser.register_forward_pre_hook(pooled_projections, with_kwargs=True)
         try:
@@ -331,7 +349,7 @@ class FluxFamily(Family):
 
 FAMILIES = {
     "sd": Family(("prompt_embeds",)),
-    "sdxl": Family(("prompt_embeds", "add_text_embeds")),
+    "sdxl": Family(("prompt_embeds", "add_text_embeds"), row_inputs=("add_time_ids",)),
     "sd3": Family(("prompt_embeds", "pooled_prompt_embeds"), flow_matching=True),
     "flux": FluxFamily(("prompt_embeds",), flow_matching=True),
 }

@@ -9,8 +9,8 @@ Rewards across backbones, baseline vs refined: the tables behind the paper's cla
     python evaluate.py --backbones sd15 --refiner none ...                         # baseline only
     python evaluate.py --backbones toy --refiner none --rewards toy-aesthetic \
         --lrm runs/lrm --preference-data toy_world/pickapic-toy ...               # + LRM accuracy per noise bucket
-    python evaluate.py --backbones toy --refiner toy-refiner --adapter ADAPTER_DIR --lrm runs/lrm --search 2,4,8 ...
-                                                                       # + LRM-guided search vs best-of-n
+    python evaluate.py --backbones toy --refiner toy-refiner --adapter ADAPTER_DIR --lrm runs/lrm --search 2,4,8 \
+        --best-of 2,3,4,5,6,8 ...                                      # + LRM-guided search vs best-of-n
 
 A composite reward goes into the list with '+' between its terms: --rewards imagereward,imagereward:1+vlm:0.5.
 One process on one device (--device auto: the GPU if there is one); to spread the work over
@@ -34,12 +34,16 @@ baseline vs refined).
 With --lrm and --preference-data it also reports the latent reward model's preference accuracy
 per noise bucket next to the pixel rewards' accuracy on the same pairs (lrm.preference_accuracy).
 
-With --lrm and --search 2,4,8 it adds, per M, two arms at M x the denoiser evaluations: "search M"
-(at each refinement M candidate prompts, each continued to the next refinement point, the one
-whose latents the LRM scores best kept: search.Search) and "best-of-M" (M whole refined images
-from M initial noises, the first the other arms' noise, the LRM's pick by final latents). Their
-table (in results.md; search.csv) gives every arm's mean and its paired difference
-from the refined and the baseline arm; search.png plots reward against denoiser evaluations.
+With --lrm and --search 2,4,8 it adds the arms "search M" (at each refinement M candidate prompts,
+each distinct one continued to the next refinement point, the one whose latents the LRM scores best
+kept: search.Search) and, per n of --best-of (default: the same counts), "best-of-n" (n whole
+refined images from n initial noises, the first the other arms' noise, the LRM's pick by final
+latents). Every arm counts the denoiser evaluations it makes per image (RefinedSample.evaluations:
+a search runs one row per image before its first refinement and one per distinct candidate after).
+Their table (in results.md; search.csv) gives every arm's mean, its actual cost and its paired
+difference from the refined and the baseline arm, and each search's paired difference from
+best-of at the search's actual cost (equal_cost_best_of: the two best-of arms around that cost,
+mixed; the refined arm is best-of-1); search.png plots reward against denoiser evaluations.
 
 Statistics, said plainly: an image is the unit; the intervals treat the prompts x seeds images
 of a cell as independent draws (seeds of one prompt are not quite independent, so with few
@@ -92,7 +96,9 @@ class Config(common.RunFlags, common.SamplingFlags):
     confidence: float = field(default=0.95, metadata={"help": "confidence level of the intervals"})
     sheet_prompts: int = field(default=4, metadata={"help": "prompts shown in samples.png (first seed)"})
     lrm: str | None = field(default=None, metadata={"help": "latent reward model folder: its preference accuracy per noise bucket (with --preference-data), the scorer of --search"})
-    search: str = field(default="", metadata={"help": "comma-separated candidate counts M (>= 2), e.g. 2,4,8: adds the arms LRM-guided search and best-of-M at M x the denoiser evaluations (needs --lrm)"})
+    search: str = field(default="", metadata={"help": "comma-separated candidate counts M (>= 2), e.g. 2,4,8: adds the arms LRM-guided search M and best-of-n (needs --lrm)"})
+    best_of: str = field(default="", metadata={"help": "with --search: comma-separated n (>= 2) of the best-of-n arms (default: the --search counts); "
+                                                   "give the n around each search's actual cost, e.g. 2,3,4,5,6,8, for its equal-cost comparison"})
     preference_data: str | None = field(default=None, metadata={"help": "preference pairs (Pick-a-Pic v2 schema: hub id or parquet) for --lrm"})
     preference_split: str = field(default="test", metadata={"help": "split of --preference-data"})
     preference_limit: int = field(default=256, metadata={"help": "number of preference pairs (0 = all)"})
@@ -104,9 +110,14 @@ def reward_specs(text):
     return {label: label.replace("+", ",") for label in common.parse_list(text, "--rewards")}
 
 
-def search_counts(text):
-    """'2,4,8' -> [2, 4, 8]: candidate counts of --search ('' -> none)."""
-    return common.parse_ints(text, "--search", minimum=2) if text.strip() else []
+def search_counts(text, flag="--search"):
+    """'2,4,8' -> [2, 4, 8]: candidate counts of --search or --best-of ('' -> none)."""
+    return common.parse_ints(text, flag, minimum=2) if text.strip() else []
+
+
+def best_of_counts(config):
+    """The n of the best-of-n arms: --best-of, else the --search counts (none without --search)."""
+    return (search_counts(config.best_of, "--best-of") or search_counts(config.search)) if search_counts(config.search) else []
 
 
 def backbone_labels(names, variant=""):
@@ -131,6 +142,8 @@ def check(config):
         raise common.UserError("--preference-data needs --lrm (the latent reward model whose accuracy it measures)")
     if search_counts(config.search) and (config.lrm is None or config.refiner == "none"):
         raise common.UserError("--search needs --lrm DIR (the candidates' scorer) and a --refiner (their proposer)")
+    if search_counts(config.best_of, "--best-of") and not search_counts(config.search):
+        raise common.UserError("--best-of is the comparison of --search: give --search too")
     if search_counts(config.search) and config.overlap:
         raise common.UserError("--search and --overlap do not go together: a search's candidates look ahead synchronously")
     common.parse_ints(config.seeds, "--seeds")
@@ -261,8 +274,8 @@ def load_sampler(name, lrm_models, config, device, dtype):
 
 
 def sampling_arms(backbone, refiner, config, score=None):
-    """Arm name -> (sample(prompts, seed, indices) -> RefinedSample, denoiser evaluations per image
-    in units of the N sampling steps): baseline, refined, and per --search M the search and best-of-M."""
+    """Arm name -> sample(prompts, seed, indices) -> RefinedSample: baseline, refined, search M per
+    --search M, best-of-n per --best-of n."""
     kwargs = dict(
         refine_steps=config.refine_steps, num_steps=config.steps, guidance=config.guidance, size=config.size,
         preview_decoder=config.preview_decoder, blank_preview=config.blank_preview,
@@ -277,22 +290,20 @@ def sampling_arms(backbone, refiner, config, score=None):
             backbone, prompts, m, score, candidate_noise(backbone, seed, indices, m, config.size), refiner=refiner, **(kwargs | more))[0]
 
     refined = plain(refiner, overlap.overlap_hook(config.overlap))  # --overlap D: the refiner beside the denoiser
-    arms = {"baseline": (plain(None), 1)} | ({"refined": (refined, 1)} if refiner is not None else {})
-    for m in search_counts(config.search):
-        arms[f"search {m}"] = (plain(refiner, search.Search(m, score)), m)
-        arms[f"best-of-{m}"] = (best_of(m), m)
-    return arms
+    arms = {"baseline": plain(None)} | ({"refined": refined} if refiner is not None else {})
+    arms |= {f"search {m}": plain(refiner, search.Search(m, score)) for m in search_counts(config.search)}
+    return arms | {f"best-of-{n}": best_of(n) for n in best_of_counts(config)}
 
 
 def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_prompts=0, score=None):
     """Sample every (seed, prompt) in every arm (sampling_arms) from the same initial noise, score each
     image with every reward. Returns (records: one dict per (seed, prompt), seconds per arm, refiner
     fallbacks, refinement count (of the refined arm), sheet: the first seed's first `sheet_prompts`
-    images of the baseline and refined arms)."""
+    images of the baseline and refined arms, denoiser evaluations per image of each arm (mean))."""
     arms = sampling_arms(backbone, refiner, config, score)
     # warm-up on one prompt, a few steps, so that one-time costs (lazy init, allocator) are not timed:
     # one refinement, before step D + 1 of 2D + 2, leaves --overlap D its steps
-    for sample, _ in arms.values():
+    for sample in arms.values():
         sample(prompts[:1], 0, [0], num_steps=2 + 2 * config.overlap, refine_steps=1)
 
     records, seconds, fallbacks, refinements = [], {arm: 0.0 for arm in arms}, 0, 0
@@ -302,7 +313,7 @@ def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_
         indices = list(range(start, min(start + config.batch_size, len(prompts))))
         user_prompts = [prompts[i] for i in indices]
         samples, scores = {}, {}
-        for arm, (sample, _) in arms.items():  # side by side, batch by batch: shared machine load hits all
+        for arm, sample in arms.items():  # side by side, batch by batch: shared machine load hits all
             torch.manual_seed(runs.mix_seed(seed, start))  # the refiner samples with the global generator (same --batch-size, same result)
             t0 = time.perf_counter()
             samples[arm] = sample(user_prompts, seed, indices)
@@ -317,6 +328,7 @@ def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_
                 "backbone": backbone.name, "seed": seed, "prompt_index": i, "prompt": prompts[i],
                 "refined_prompt": refined.final_prompts[b] if refined is not None else None,
                 "scores": {arm: {label: float(scores[arm][label][b]) for label in scorers} for arm in arms},
+                "evaluations": {arm: int(samples[arm].evaluations[b]) for arm in arms},  # denoiser evaluations made
             })
         if seed == seeds[0]:
             take = [b for b, i in enumerate(indices) if i < sheet_prompts]
@@ -326,7 +338,7 @@ def evaluate_backbone(backbone, refiner, scorers, prompts, seeds, config, sheet_
             sheet["final_prompts"] += [refined.final_prompts[b] if refined is not None else prompts[indices[b]] for b in take]
         line = " | ".join(f"{label} " + " ".join(f"{arm if arm.startswith(('search', 'best')) else arm[:4]} {np.mean(scores[arm][label]):.3f}" for arm in arms) for label in scorers)
         tqdm.write(f"{backbone.name} seed {seed} prompts {start:04d}-{indices[-1]:04d} | {line}")
-    evaluations = {arm: m for arm, (_, m) in arms.items()}
+    evaluations = {arm: float(np.mean([r["evaluations"][arm] for r in records])) for arm in arms}
     return records, seconds, fallbacks, refinements, sheet, evaluations
 
 
@@ -365,26 +377,52 @@ def summarize(records, reward_labels, backbone_labels, timing, confidence):
     return rows
 
 
+def equal_cost_best_of(cost, costs):
+    """The best-of arms around a search's actual cost: (the cheaper, the dearer, w), where running the
+    dearer with probability w, else the cheaper, costs `cost` on average: w = (cost - c_low) /
+    (c_high - c_low); its expected score per image is (1 - w) s_low + w s_high. None outside the costs.
+
+    >>> equal_cost_best_of(70.0, {"refined": 20.0, "best-of-2": 40.0, "best-of-4": 80.0})
+    ('best-of-2', 'best-of-4', 0.75)"""
+    ordered = sorted(costs.items(), key=lambda item: item[1])
+    for (low, c_low), (high, c_high) in zip(ordered, ordered[1:]):
+        if c_low <= cost <= c_high:
+            return low, high, (cost - c_low) / (c_high - c_low)
+    return None
+
+
 def search_summary(records, reward_labels, backbone_labels, timing, confidence):
     """With --search: one row per backbone x reward x arm, in the arms' order: the arm's mean, its
-    paired difference from the refined and from the baseline arm, its win rate over the refined arm,
-    denoiser evaluations and seconds per image."""
+    denoiser evaluations per image (the mean of those made), its paired difference from the refined
+    and from the baseline arm, its win rate over the refined arm, seconds per image; a search's
+    paired difference from best-of at its actual cost (equal_cost_best_of; the refined arm is best-of-1)."""
     rows = []
     for backbone in backbone_labels:
         mine, t = [r for r in records if r["backbone"] == backbone], timing[backbone]
+        costs = {arm: float(np.mean([r["evaluations"][arm] for r in mine])) for arm in mine[0]["evaluations"]}
+        best_of_costs = {arm: cost for arm, cost in costs.items() if arm == "refined" or arm.startswith("best-of")}
         for label in reward_labels:
-            scores = {arm: np.array([r["scores"][arm][label] for r in mine]) for arm in t["evaluations"]}
-            for arm, m in t["evaluations"].items():
+            scores = {arm: np.array([r["scores"][arm][label] for r in mine]) for arm in costs}
+            for arm, cost in costs.items():
                 keep = np.isfinite(scores[arm]) & np.isfinite(scores["refined"]) & np.isfinite(scores["baseline"])
                 ci = mean_ci(scores[arm][keep], confidence)
                 vs_refined = paired_difference(scores[arm][keep], scores["refined"][keep], confidence)
                 vs_baseline = paired_difference(scores[arm][keep], scores["baseline"][keep], confidence)
+                match = equal_cost_best_of(cost, best_of_costs) if arm.startswith("search") else None
+                vs_equal_cost, equal_cost = Interval(math.nan, math.nan, math.nan, 0), ""
+                if match is not None:
+                    low, high, w = match
+                    pair = keep & np.isfinite(scores[low]) & np.isfinite(scores[high])
+                    matched = (1 - w) * scores[low][pair] + w * scores[high][pair]
+                    vs_equal_cost, equal_cost = paired_difference(scores[arm][pair], matched, confidence), f"{low} / {high}, w {w:.2f}"
                 rows.append(dict(
                     backbone=backbone, reward=label, arm=arm, n=ci.n, nonfinite_dropped=int((~keep).sum()),
-                    evaluations=m * t["steps"], mean=ci.mean, low=ci.low, high=ci.high,
+                    evaluations=cost, mean=ci.mean, low=ci.low, high=ci.high,
                     vs_refined_mean=vs_refined.mean, vs_refined_low=vs_refined.low, vs_refined_high=vs_refined.high,
                     vs_baseline_mean=vs_baseline.mean, vs_baseline_low=vs_baseline.low, vs_baseline_high=vs_baseline.high,
                     win_rate_vs_refined=win_rate(scores[arm][keep], scores["refined"][keep]), s_per_image=t["seconds"][arm] / len(mine),
+                    equal_cost_best_of=equal_cost, vs_equal_cost_mean=vs_equal_cost.mean, vs_equal_cost_low=vs_equal_cost.low,
+                    vs_equal_cost_high=vs_equal_cost.high,
                 ))
     return rows
 

@@ -848,8 +848,7 @@ def search_scorer(model, backbone):
         raise UserError(f"an LRM reads DDPM-scaled latents; '{backbone.name}' samples with {type(backbone.pipe.scheduler).__name__} "
                         f"(use DDIM, DDPM, PNDM or LCM)")
 
-    def score(latents, prompts, level, group=1):
-        # group (the m candidates of an image) needs nothing here: final_scores gives every row the same draws
+    def score(latents, prompts, level):  # final_scores gives every row the same draws: a score is the latent's alone
         if level is None:
             return final_scores(model, latents, prompts)
         return model.score(latents.to(model.denoiser.device, model.denoiser.dtype), list(prompts), model.state_timestep(level)).float().cpu()

@@ -215,6 +215,7 @@ class RefinedSample:
     refiner_outputs: list = field(default_factory=list)  # what the refiner returned at each refinement
     applied_steps: list = field(default_factory=list)  # the step from which each refinement's prompts were in force
     candidates: list = field(default_factory=list)  # search: candidates[k] = {"prompts": [[M prompts] per image], "scores": (B, M), "chosen": (B,)}
+    evaluations: torch.Tensor = None  # (B,) denoiser evaluations spent on each image: rows x steps (a CFG pair counts once)
 
     @property
     def final_prompts(self):
@@ -232,7 +233,7 @@ class RefinedSample:
         return RefinedSample(
             self.images[rows], self.latents[rows], self.schedule, [[p[r] for r in rows.tolist()] for p in self.prompts],
             [x[rows] for x in self.previews], [x[rows] for x in self.states], self.state_levels,
-            [out.rows(rows) for out in self.refiner_outputs], self.applied_steps)
+            [out.rows(rows) for out in self.refiner_outputs], self.applied_steps, evaluations=self.evaluations[rows])
 
     def score(self, reward):
         """A reward (rewards.py) of each sample: (B,) float32 on the CPU, NaN where not finite. The reward
@@ -250,17 +251,19 @@ class Hook:
     """refined_sample's extension point; this default is plain refined sampling: each refinement's
     prompts take effect at once, before the step it was made for.
 
-    copies: rows the pipeline runs per image (search: M candidates per image). An extension
+    The loop holds rows, one per image at first; a hook may change them between two steps (search:
+    M candidates per image after a refinement, each image's best one where they are judged), and the
+    loop takes the same rows of the latents and of every tensor that carries the batch. An extension
     (search.Search, overlap.Overlap) overrides what it changes:
       check(schedule, num_steps) -- UserError if the extension cannot act on this schedule
-      start(backbone, images, latents, generator, size) -> (latents, generator) of the B * copies rows
-      keep(result, level) -> None, or the (B * copies,) rows the sampling goes on from after a
-          lookahead (result.latents are the current ones, at noise level `level`; None at the end)
-      refine(result, refiner, *args) -- ask the refiner for a refinement (refiner.refine(*args))
-      due(result, step) -> the (B * copies,) prompts that take effect before `step`, or None
+      start(backbone, images, latents, generator, size) -> (latents, generator) of the B images
+      keep(result, level) -> None, or the rows the sampling goes on with (an index into the rows held,
+          one row per image in order): where a refinement reads the latents (result.latents, the rows
+          held, at noise level `level`) and after the last step, before the pipeline decodes (level None)
+      refine(result, refiner, *args) -- ask the refiner for a refinement (refiner.refine(*args), one row per image)
+      due(result, step) -> the prompts that take effect before `step` (one per row after `branch`), or None
+      branch(result) -> None, or the rows that due's prompts continue (an index into the rows held, one per prompt)
       finish(result) -- after the pipeline's loop"""
-
-    copies = 1
 
     def check(self, schedule, num_steps):
         pass
@@ -281,8 +284,15 @@ class Hook:
         result.add_refinement(out, step)
         return out.prompts
 
+    def branch(self, result):
+        return None
+
     def finish(self, result):
         pass
+
+
+def _copy_generator(generator):
+    return torch.Generator(generator.device).set_state(generator.get_state())
 
 
 def refined_sample(
@@ -327,55 +337,73 @@ def refined_sample(
     schedule = refinement_schedule(num_steps, refine_steps) if refiner is not None else []
     hook = hook if hook is not None and schedule else Hook()
     hook.check(schedule, num_steps)
-    b, m = len(prompts), hook.copies
+    b = len(prompts)
     latents, generator = hook.start(backbone, b, latents, generator, size)
-    rows = [p for p in prompts for _ in range(m)]  # row r is image r // m (m = 1: the prompts themselves)
-    negative = guidance_kwargs["negative_prompt"]
-    if isinstance(negative, str):
-        guidance_kwargs["negative_prompt"] = [negative] * len(rows)  # the pipeline wants one per prompt
-    elif negative is not None:
-        guidance_kwargs["negative_prompt"] = [p for p in negative for _ in range(m)]
+    if isinstance(generator, list):  # one per row; the loop may change the rows, in this copy of the list
+        generator = list(generator)
+    if isinstance(guidance_kwargs["negative_prompt"], str):
+        guidance_kwargs["negative_prompt"] = [guidance_kwargs["negative_prompt"]] * b  # the pipeline wants one per prompt
     latent_side = size // pipe.vae_scale_factor
     if latents is not None:  # the pipeline moves given latents to its device but keeps their dtype
         latents = family.pack(latents.to(backbone.device, backbone.denoiser.dtype))
-    result = RefinedSample(images=None, latents=None, schedule=schedule, prompts=[prompts])
+    result = RefinedSample(images=None, latents=None, schedule=schedule, prompts=[prompts], evaluations=torch.zeros(b, dtype=torch.long))
+    owner = torch.arange(b)  # (R,) the image of each row the loop holds
     decoder = preview_decoder if isinstance(preview_decoder, PreviewDecoder) else None
     if schedule and decoder is None and not blank_preview:
         decoder = PreviewDecoder(preview_decoder, backbone)
 
+    def take_rows(rows, tensors, updates):
+        """Go on with `rows` (an index into the rows held): the latents and every tensor of the loop
+        that carries the batch take them, with CFG in both halves of cat([negative, positive])."""
+        nonlocal owner
+        held, rows = len(owner), torch.as_tensor(rows).long()
+        owner, result.latents = owner[rows], result.latents[rows]
+        for key in ("latents", *family.text_inputs, *family.row_inputs):
+            x = updates.get(key, tensors[key])
+            updates[key] = torch.cat([x[:held][rows], x[held:][rows]]) if len(x) == 2 * held else x[rows]
+        if isinstance(generator, list):  # the pipeline holds this list: a stochastic sampler's step noise, one per row
+            generator[:] = [_copy_generator(generator[r]) for r in rows.tolist()]
+        swapped(updates, rows=rows)  # what the family passes outside the callback (FLUX: guidance, pooled text)
+
     def on_step_end(pipe, i, t, tensors):
+        result.evaluations += torch.bincount(owner, minlength=b)  # the step just taken ran every row held
         result.latents = family.unpack(tensors["latents"], latent_side)
-        updates = {}
-        if i + 1 in schedule:
-            level = family.noise_level(pipe.scheduler, i + 1)
-            x0 = family.unpack(denoised["x0"], latent_side)
-            keep = hook.keep(result, level)  # search: the candidates have looked ahead to here, the best go on
+        updates, refining, keep = {}, i + 1 in schedule, None
+        if refining or i + 1 == num_steps:
+            level = family.noise_level(pipe.scheduler, i + 1) if refining else None
+            keep = hook.keep(result, level)  # search: the candidates have looked ahead to here, each image's best goes on
             if keep is not None:
-                result.latents, x0 = result.latents[keep], x0[keep]
-                updates["latents"] = family.pack(result.latents)
-            previews = torch.full((b, 3, 64, 64), 0.5) if blank_preview else decoder(x0[::m])  # (B, 3, h, w): one per image
-            current = [p for p in result.prompts[-1] for _ in range(m)]
-            hook.refine(result, refiner, previews.float().cpu().repeat_interleave(m, 0), rows, current, i + 1, num_steps)
+                take_rows(keep, tensors, updates)
+        if refining:
+            if not torch.equal(owner, torch.arange(b)):
+                raise ValueError("a refinement reads one row per image: a hook's keep must leave them so")
+            x0 = family.unpack(denoised["x0"], latent_side)
+            previews = torch.full((b, 3, 64, 64), 0.5) if blank_preview else decoder(x0 if keep is None else x0[keep])  # (B, 3, h, w)
+            hook.refine(result, refiner, previews.float().cpu(), prompts, result.prompts[-1], i + 1, num_steps)
             result.previews.append(previews.float().cpu())
-            result.states.append(result.latents[::m].float().cpu())  # what step i + 1 will denoise
+            result.states.append(result.latents.float().cpu())  # what step i + 1 will denoise
             result.state_levels.append(level)
         new_prompts = hook.due(result, i + 1)  # plain: the refinement just made; overlap: one made D steps ago
         if new_prompts is None:
             return updates
+        branch = hook.branch(result)  # search: each image's distinct candidates, each from the image's row
+        if branch is not None:
+            take_rows(branch, tensors, updates)
         new = encode_prompts(pipe, list(new_prompts), backbone.spec.text_length if backbone.flow_matching else None)
         for key in family.text_inputs:
-            old, value = tensors[key], new[key].to(tensors[key].dtype)
+            old, value = updates.get(key, tensors[key]), new[key].to(tensors[key].dtype)
             # with CFG the loop holds cat([negative, positive]); keep the negative half
-            updates[key] = torch.cat([old[: len(rows)], value]) if len(old) == 2 * len(rows) else value
+            updates[key] = torch.cat([old[: len(value)], value]) if len(old) == 2 * len(value) else value
         swapped(updates, new)
         return updates
 
+    tensor_inputs = ["latents", *family.text_inputs, *family.row_inputs] if schedule else ["latents"]
     call_kwargs = dict(
-        prompt=rows, num_inference_steps=num_steps, generator=generator, latents=latents, output_type="pt",
-        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=["latents"] + (list(family.text_inputs) if schedule else []),
+        prompt=prompts, num_inference_steps=num_steps, generator=generator, latents=latents, output_type="pt",
+        callback_on_step_end=on_step_end, callback_on_step_end_tensor_inputs=tensor_inputs,
         height=size, width=size, **guidance_kwargs,
     )
     with family.text_swap(backbone.denoiser) as swapped, capture_denoised(pipe.scheduler) as denoised, torch.no_grad():
-        result.images = pipe(**call_kwargs).images.float().cpu()
+        result.images = pipe(**call_kwargs).images.float().cpu()  # the rows held at the end: one per image
     hook.finish(result)
     return result

@@ -54,12 +54,19 @@ def markdown_table(rows, confidence):
 def search_table(rows, confidence):
     pct = f"{confidence:.0%}"
     lines = [f"| backbone | reward | arm | denoiser evals / image | mean ({pct} CI) | − refined ({pct} CI, paired) "
-             f"| − baseline ({pct} CI, paired) | win rate vs refined | s / image |", "|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['backbone']} | {r['reward']} | {r['arm']} | {r['evaluations']} | {_interval(r['mean'], r['low'], r['high'])} "
+             f"| − baseline ({pct} CI, paired) | win rate vs refined | s / image | − best-of at equal cost ({pct} CI, paired) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['backbone']} | {r['reward']} | {r['arm']} | {_num(r['evaluations'], 1)} | {_interval(r['mean'], r['low'], r['high'])} "
               f"| {_interval(r['vs_refined_mean'], r['vs_refined_low'], r['vs_refined_high'])} "
               f"| {_interval(r['vs_baseline_mean'], r['vs_baseline_low'], r['vs_baseline_high'])} | {_num(r['win_rate_vs_refined'], 2)} "
-              f"| {_num(r['s_per_image'])} |" for r in rows]
+              f"| {_num(r['s_per_image'])} | {_equal_cost(r)} |" for r in rows]
     return "\n".join(lines)
+
+
+def _equal_cost(row):
+    if not row["equal_cost_best_of"]:
+        return "—"
+    return f"{_interval(row['vs_equal_cost_mean'], row['vs_equal_cost_low'], row['vs_equal_cost_high'])} ({row['equal_cost_best_of']})"
 
 
 def lrm_table(rows):
@@ -97,9 +104,12 @@ def write_markdown(path, rows, meta, lrm_rows=None, search_rows=None):
         text += [
             "## LRM-guided search vs best-of-n", "",
             f"Scorer: the latent reward model `{config['lrm']}`. search M: at each refinement M candidate prompts, each "
-            "continued to the next refinement point (the last to the end), the one whose latents the LRM scores best "
-            "kept. best-of-M: M whole refined images from M initial noises (the first the other arms'), the LRM's pick "
-            "by final latents. Both cost M x the denoiser evaluations and M x the refiner rows of the refined arm.", "",
+            "distinct one continued to the next refinement point (the last to the end), the one whose latents the LRM "
+            "scores best kept. best-of-n: n whole refined images from n initial noises (the first the other arms'), the "
+            "LRM's pick by final latents. Denoiser evaluations: those made per image (a search runs one row per image "
+            "before its first refinement, one per distinct candidate after); both cost M (n) x the refiner rows of the "
+            "refined arm. Best-of at equal cost: the two best-of arms around the search's cost (the refined arm is "
+            "best-of-1), the dearer with probability w, so that the mixture costs what the search did; paired per image.", "",
             search_table(search_rows, config["confidence"]), "",
         ]
     if lrm_rows:
@@ -190,8 +200,8 @@ def plot_rewards(path, rows, backbone_labels, reward_labels, confidence):
 
 
 def plot_search(path, rows, backbone_labels, reward_labels, confidence):
-    """Reward against denoiser evaluations per image: search M and best-of-M from the refined arm
-    (M = 1) on, the baseline as a dashed line; one panel per backbone x reward."""
+    """Reward against the denoiser evaluations made per image: search M and best-of-n from the
+    refined arm (M = n = 1) on, the baseline as a dashed line; one panel per backbone x reward."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -208,11 +218,11 @@ def plot_search(path, rows, backbone_labels, reward_labels, confidence):
                 y = np.array([r["mean"] for r in line], dtype=float)
                 errors = np.nan_to_num(np.stack([y - np.array([r["low"] for r in line], dtype=float),
                                                  np.array([r["high"] for r in line], dtype=float) - y]))
-                ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=color, label=f"{prefix} M (M = 1: refined)")
+                ax.errorbar(x, y, yerr=errors, marker="o", capsize=3, color=color, label=f"{prefix} (1: refined)")
             ax.axhline(mine["baseline"]["mean"], color="#9aa5b1", linestyle="--", label="baseline (no refiner)")
             ax.set_xscale("log", base=2)
-            ticks = sorted({r["evaluations"] for r in mine.values()})
-            ax.set_xticks(ticks, [str(e) for e in ticks])
+            ticks = sorted({r["evaluations"] for arm, r in mine.items() if not arm.startswith("search")})  # a search's cost is its own
+            ax.set_xticks(ticks, [f"{e:.0f}" for e in ticks])
             ax.minorticks_off()
             ax.set_xlabel("denoiser evaluations per image")
             ax.set_title(f"{backbone}: {label}")

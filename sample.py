@@ -13,11 +13,12 @@ several GPUs, run one process per GPU with its own prompts and --out. Writes to 
 prompt, `trajectory.png` (the preview seen at each refinement with the prompt in force after it)
 and `trajectory.json`.
 
-With --search M --lrm DIR the refiner proposes M candidate prompts at each refinement, each is
-continued to the next refinement point (the last to the end), a latent reward model
-(train_reward.py) scores the latents they reach and each image keeps its best candidate
-(search.Search): no decode, no pixel reward in the loop, M x the denoiser evaluations. Every
-candidate and its score goes into trajectory.json and trajectory.png.
+With --search M --lrm DIR the refiner proposes M candidate prompts at each refinement, each
+distinct one is continued to the next refinement point (the last to the end), a latent reward
+model (train_reward.py) scores the latents they reach and each image keeps its best candidate
+(search.Search): no decode, no pixel reward in the loop, at most M x the denoiser evaluations
+after the first refinement. Every candidate and its score goes into trajectory.json and
+trajectory.png.
 
 Left out on purpose: negative-prompt refinement (the refiner rewrites the positive prompt
 only, as in the paper), image-to-image and inpainting pipelines.

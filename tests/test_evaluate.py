@@ -142,7 +142,7 @@ def test_baseline_is_the_stock_pipeline_and_the_pairs_share_their_noise(sd15):
     # an identity refiner changes nothing: the refined image is the baseline image, bit for bit
     records, seconds, fallbacks, refinements, sheet, evaluations = evaluate.evaluate_backbone(
         sd15, ScriptedRefiner(), scorers, prompts, [0, 1], _config(), sheet_prompts=2)
-    assert evaluations == {"baseline": 1, "refined": 1}
+    assert evaluations == {"baseline": 3, "refined": 3}  # denoiser evaluations per image: N = 3 steps
     assert len(records) == 6 and refinements == 6 * 2 and fallbacks == 0
     assert all(r["scores"]["baseline"] == r["scores"]["refined"] for r in records)
     assert torch.equal(sheet["baseline"][0], sheet["refined"][0]) and len(sheet["baseline"]) == 2
@@ -282,7 +282,8 @@ def test_evaluation_on_flow_matching_backbones(tiny_sd3_dir, tiny_flux_dir, tiny
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["backbone", "reward", "empty prompts", "seeds", "answers reward", "search without lrm", "search count"])
+@pytest.mark.parametrize("case", ["backbone", "reward", "empty prompts", "seeds", "answers reward", "search without lrm", "search count",
+                                  "best-of without search"])
 def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path, monkeypatch, capsys):
     args = {"--backbones": str(tiny_sd15_dir), "--refiner": "none", "--rewards": "toy-aesthetic",
             "--prompts": str(prompt_file), "--seeds": "0", "--out": str(tmp_path / "eval")}
@@ -300,6 +301,8 @@ def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path,
         args["--search"] = "2,4"
     elif case == "search count":
         args["--search"] = "1,4"
+    elif case == "best-of without search":
+        args["--best-of"] = "2,3"
     else:  # `structure` scores the refiner's answers: a baseline image has none
         args["--rewards"] = "toy-aesthetic,structure"
     argv = [x for pair in args.items() for x in pair]
@@ -316,13 +319,16 @@ def test_bad_input_is_one_clear_line(case, tiny_sd15_dir, prompt_file, tmp_path,
     lines = [line for line in stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:"), stderr
     keyword = {"backbone": "no-such-backbone", "reward": "no-such-reward", "empty prompts": "prompt", "seeds": "seeds",
-               "answers reward": "structure", "search without lrm": "--lrm", "search count": ">= 2"}[case]
+               "answers reward": "structure", "search without lrm": "--lrm", "search count": ">= 2",
+               "best-of without search": "--search"}[case]
     assert keyword in lines[0]
 
 
-def test_search_arms_share_the_noise_and_cost_m_evaluations(sd15):
+def test_search_arms_share_the_noise_and_count_the_evaluations_made(sd15):
     """--search 2: the search and best-of-2 arms beside baseline and refined; best-of-n's first
-    candidate starts from the other arms' noise (so best-of-1 would be the refined arm)."""
+    candidate starts from the other arms' noise (so best-of-1 would be the refined arm). The search
+    costs what it ran: 1 step of one row per image, then 2 x 2 of its two distinct candidates (5, not
+    2 x 3); it is compared with best-of at that cost: refined (3) and best-of-2 (6) mixed, w = 2/3."""
     from test_search import CandidateRefiner, ScriptedScore
 
     prompts = ["a red circle", "a blue square", "a large triangle"]
@@ -335,12 +341,15 @@ def test_search_arms_share_the_noise_and_cost_m_evaluations(sd15):
     scorers = {"toy-aesthetic": rewards.build_reward("toy-aesthetic")}
     records, seconds, _, _, sheet, evaluations = evaluate.evaluate_backbone(
         sd15, CandidateRefiner(2), scorers, prompts, [0], _config(search="2"), sheet_prompts=1, score=ScriptedScore(2))
-    assert evaluations == {"baseline": 1, "refined": 1, "search 2": 2, "best-of-2": 2}
-    assert all(set(r["scores"]) == set(evaluations) for r in records) and set(seconds) == set(evaluations)
+    assert evaluations == {"baseline": 3, "refined": 3, "search 2": 5, "best-of-2": 6}
+    assert all(set(r["scores"]) == set(evaluations) == set(r["evaluations"]) for r in records) and set(seconds) == set(evaluations)
     assert set(sheet) == {"baseline", "refined", "final_prompts"}
     timing = {sd15.name: {"seconds": seconds, "evaluations": evaluations, "steps": 3}}
     rows = evaluate.search_summary(records, ["toy-aesthetic"], [sd15.name], timing, 0.95)
-    assert [r["arm"] for r in rows] == list(evaluations) and [r["evaluations"] for r in rows] == [3, 3, 6, 6]
+    assert [r["arm"] for r in rows] == list(evaluations) and [r["evaluations"] for r in rows] == [3, 3, 5, 6]
+    assert rows[2]["equal_cost_best_of"] == "refined / best-of-2, w 0.67" and not rows[3]["equal_cost_best_of"]
+    matched = [(r["scores"]["refined"]["toy-aesthetic"] + 2 * r["scores"]["best-of-2"]["toy-aesthetic"]) / 3 for r in records]
+    assert rows[2]["vs_equal_cost_mean"] == pytest.approx(np.mean([r["scores"]["search 2"]["toy-aesthetic"] - x for r, x in zip(records, matched)]))
     refined = [r for r in rows if r["arm"] == "refined"][0]
     assert refined["vs_refined_mean"] == 0 and refined["win_rate_vs_refined"] == 0.5
     by_hand = np.mean([r["scores"]["search 2"]["toy-aesthetic"] - r["scores"]["baseline"]["toy-aesthetic"] for r in records])
@@ -356,10 +365,11 @@ def test_search_end_to_end(tiny_sd15_dir, tiny_refiner_dir, prompt_file, tmp_pat
     monkeypatch.setattr(sys, "argv", [
         "evaluate.py", "--backbones", str(tiny_sd15_dir), "--refiner", str(tiny_refiner_dir), "--rewards", "toy-aesthetic",
         "--prompts", str(prompt_file), "--limit", "2", "--seeds", "0", "--steps", "3", "--refine-steps", "2", "--max-new-tokens", "8",
-        "--out", str(out), "--lrm", str(lrm_dir), "--search", "2,3"])
+        "--out", str(out), "--lrm", str(lrm_dir), "--search", "2,3", "--best-of", "2,4"])
     evaluate.main()
     data = json.loads((out / "results.json").read_text())
-    assert [r["arm"] for r in data["search_rows"]] == ["baseline", "refined", "search 2", "best-of-2", "search 3", "best-of-3"]
+    assert [r["arm"] for r in data["search_rows"]] == ["baseline", "refined", "search 2", "search 3", "best-of-2", "best-of-4"]
+    assert [r["evaluations"] for r in data["search_rows"] if r["arm"].startswith("best-of")] == [6, 12]
     assert "## LRM-guided search vs best-of-n" in (out / "results.md").read_text()
     assert (out / "search.png").stat().st_size > 0 and len((out / "search.csv").read_text().splitlines()) == 7
 

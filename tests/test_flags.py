@@ -794,7 +794,7 @@ def test_evaluate_guidance_and_blank_preview_reach_every_arm(monkeypatch):
     monkeypatch.setattr(promptloop, "refined_sample", record)
     for flags in ([], ["--guidance", "2.5", "--blank-preview"]):
         arms = evaluate.sampling_arms(None, object(), common.parse_config(evaluate.Config, flags))
-        for sample_arm, _ in arms.values():
+        for sample_arm in arms.values():
             with pytest.raises(_Stop):
                 sample_arm(["a circle"], 0, [0])
     assert [(c["guidance"], c["blank_preview"]) for c in calls] == [(None, False)] * 2 + [(2.5, True)] * 2

@@ -100,7 +100,7 @@ def test_grpo_rollouts_and_evaluation_take_the_overlap(sd15):
     result = tr.sample(sd15, ScriptedRefiner(script), PROMPTS, None, seeded(), config, promptloop.PreviewDecoder("vae", sd15))
     assert result.schedule == [3, 5] and result.applied_steps == [4, 6] and result.prompts[1:] == script
     arms = evaluate.sampling_arms(sd15, ScriptedRefiner(script), evaluate.Config(overlap=1, refine_steps=2, steps=STEPS))
-    refined = arms["refined"][0](PROMPTS, 0, [0, 1])
+    refined = arms["refined"](PROMPTS, 0, [0, 1])
     assert refined.applied_steps == [4, 6]
     # the whole evaluation, its warm-up included (a short run that must leave the delay its steps)
     config = evaluate.Config(overlap=1, refine_steps=2, steps=STEPS, batch_size=2)

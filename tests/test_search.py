@@ -1,9 +1,13 @@
 """Reward-guided refinement at sampling time (search.Search) and best-of-n: the best-scored
-candidate is kept, candidates are batched, M = 1 is plain refined sampling bit for bit."""
+candidate is kept, candidates are batched, M = 1 is plain refined sampling bit for bit; one row per
+image runs before the first refinement, an image's equal candidates run once, only the kept rows
+are decoded, and the denoiser evaluations counted are the ones made."""
+
+import contextlib
 
 import pytest
 import torch
-from diffusers import PNDMScheduler
+from diffusers import DDPMScheduler, PNDMScheduler
 from test_sampling import ScriptedRefiner, seeded
 
 import common
@@ -36,8 +40,7 @@ class ScriptedScore:
     def best(self, call, image):
         return (image + call + 1) % self.m
 
-    def __call__(self, latents, prompts, level, group):
-        assert group == self.m
+    def __call__(self, latents, prompts, level):
         call = len(self.calls)
         self.calls.append(dict(latents=latents.clone(), prompts=list(prompts), level=level))
         scores = torch.zeros(len(latents) // self.m, self.m)
@@ -46,7 +49,7 @@ class ScriptedScore:
         return scores.flatten() - 0.1 * torch.arange(len(latents))  # distinct scores, the known best still first
 
 
-def never_called(latents, prompts, level, group):
+def never_called(latents, prompts, level):
     raise AssertionError("a search with one candidate must not score anything")
 
 
@@ -61,16 +64,31 @@ def test_one_candidate_is_refined_sampling_bit_for_bit(name, refiner, request):
     assert runs[0].prompts == runs[1].prompts and not runs[1].candidates
 
 
-@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux"])
+CASES = {  # backbone fixture, its sampler, refined_sample's guidance arguments
+    "sd15": ("sd15", None, {}), "sdxl": ("sdxl", None, {}), "sd3": ("sd3", None, {}), "flux": ("flux", None, {}),
+    "flux true CFG": ("flux", None, dict(true_cfg=2.0, negative_prompt="a green background")),
+    "sd15 DDPM": ("sd15", DDPMScheduler, {}),  # step noise from each image's generator
+}
+
+
+def generators(name):
+    """A generator per image where the sampler draws step noise (the rows of an image draw alike), else one."""
+    return [torch.Generator().manual_seed(i) for i in range(len(PROMPTS))] if "DDPM" in name else seeded()
+
+
+@pytest.mark.parametrize("name", list(CASES))
 def test_search_keeps_the_best_scored_candidate(name, request):
     """M = 3, K = 3: one refiner call per refinement over B*M rows; each image continues from the
     latents of the candidate the score preferred, with its prompt; replaying the kept prompts
     without search from the same noise gives the same image."""
-    backbone, m = request.getfixturevalue(name), 3
+    fixture, scheduler, kwargs = CASES[name]
+    backbone, m = request.getfixturevalue(fixture), 3
+    if scheduler is not None:
+        backbone.pipe.scheduler = scheduler.from_config(backbone.pipe.scheduler.config)
     refiner, score = CandidateRefiner(m), ScriptedScore(m)
     steps = 7
-    result = promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=seeded(), size=64,
-                                   hook=search.Search(m, score))
+    result = promptloop.refined_sample(backbone, PROMPTS, refiner, refine_steps=3, num_steps=steps, generator=generators(name), size=64,
+                                       hook=search.Search(m, score), **kwargs)
     b, schedule = len(PROMPTS), promptloop.refinement_schedule(steps, 3)
     # batched: one call per refinement, every image's m rows; its copies share one preview and one current prompt
     assert [c["step"] for c in refiner.calls] == schedule and len(score.calls) == len(schedule)
@@ -97,9 +115,72 @@ def test_search_keeps_the_best_scored_candidate(name, request):
     assert result.images.shape[0] == b and [o.prompts for o in result.refiner_outputs] == result.prompts[1:]
     # the kept trajectory, replayed without search from the same noise (batch B, not B*M: float-level equal)
     replay = promptloop.refined_sample(backbone, PROMPTS, ScriptedRefiner(result.prompts[1:]), refine_steps=3, num_steps=steps,
-                                   generator=seeded(), size=64)
+                                       generator=generators(name), size=64, **kwargs)
     torch.testing.assert_close(replay.images, result.images, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(replay.latents.float(), result.latents.float(), rtol=1e-4, atol=1e-4)
+
+
+class RepeatingRefiner:
+    """Image i's candidate j is '<user prompt> <COLOURS[min(i, j)]>': image 0 proposes one prompt m
+    times, image 1 two distinct ones (the first once, the second m - 1 times)."""
+
+    def __init__(self, m):
+        self.m = m
+
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        return refiners.RefinerOutput.from_prompts([f"{u} {COLOURS[min(r // self.m, r % self.m)]}" for r, u in enumerate(user_prompts)])
+
+
+@contextlib.contextmanager
+def denoiser_batches(backbone):
+    """The batch of every denoiser call (with CFG a row counts twice: cat([negative, positive]))."""
+    seen = []
+
+    def record(module, args, kwargs):
+        seen.append(len(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]))
+
+    handle = backbone.denoiser.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("name", ["sd15", "sdxl", "sd3", "flux", "toy", "toy-sdxl", "toy-sd3"])
+def test_search_runs_each_distinct_candidate_once(name, request, monkeypatch):
+    """M = 3, K = 2 of 6 steps (refinements before steps 2 and 4): B rows up to the first refinement,
+    then one per distinct candidate (image 0: 1, image 1: 2), one per image again where they are
+    judged; equal candidates share their score; the VAE decodes one row per image (previews and the
+    final images); the evaluations counted are the rows the denoiser ran."""
+    backbone = request.getfixturevalue(name) if name in ("sd15", "sdxl", "sd3", "flux") else common.load_backbone(name)
+    m, steps, b = 3, 6, len(PROMPTS)
+    decoded = []
+    decode = backbone.pipe.vae.decode
+    monkeypatch.setattr(backbone.pipe.vae, "decode", lambda z, *args, **kwargs: decoded.append(len(z)) or decode(z, *args, **kwargs))
+
+    def score(latents, prompts, level):  # the last row of each image is best
+        return torch.arange(len(latents)).float()
+
+    with denoiser_batches(backbone) as batches:
+        result = promptloop.refined_sample(backbone, PROMPTS, RepeatingRefiner(m), refine_steps=2, num_steps=steps, generator=seeded(),
+                                           hook=search.Search(m, score))
+    cfg = 2 if getattr(backbone.pipe, "do_classifier_free_guidance", False) else 1
+    assert [n // cfg for n in batches] == [b, b, 3, 3, 3, 3] and all(n % cfg == 0 for n in batches)
+    assert result.evaluations.tolist() == [2 + 4 * 1, 2 + 4 * 2] and int(result.evaluations.sum()) == sum(batches) // cfg
+    for found in result.candidates:  # image 0's three equal candidates, image 1's last two: one score each
+        assert len(set(found["scores"][0].tolist())) == 1 and found["scores"][1, 1] == found["scores"][1, 2]
+        assert found["scores"][1, 2] > found["scores"][1, 0] and found["chosen"].tolist() == [0, 1]  # the first of the equal best
+    assert result.prompts[1:] == [[f"{PROMPTS[0]} red", f"{PROMPTS[1]} blue"]] * 2
+    assert decoded == [b, b, b] and result.images.shape[0] == b  # two previews, the final images
+
+
+def test_evaluations_of_refined_sampling_and_best_of_n(sd15):
+    """Plain (refined) sampling spends N evaluations per image; best-of-n n x N per prompt."""
+    plain = promptloop.refined_sample(sd15, PROMPTS, CandidateRefiner(1), refine_steps=2, num_steps=5)
+    assert plain.evaluations.tolist() == [5, 5]
+    noise = torch.randn(len(PROMPTS), 3, *common.latent_shape(sd15), generator=seeded())
+    best, _ = search.best_of_sample(sd15, PROMPTS, 3, ScriptedScore(3), noise, refiner=CandidateRefiner(1), refine_steps=1, num_steps=4)
+    assert best.evaluations.tolist() == [12, 12]
 
 
 def test_search_refuses_a_multistep_sampler(tiny_sd15_dir):
@@ -133,7 +214,7 @@ def test_lrm_search_scorer(sd15, sd3, tiny_sd15_dir):
     torch.testing.assert_close(score(latents, PROMPTS, None), lrm.final_scores(model, latents, PROMPTS))
     # candidates of one image are compared under the same noise draws: equal latents, equal scores
     copies = latents[:1].repeat(3, 1, 1, 1)
-    shared = score(copies, PROMPTS[:1] * 3, None, 3)
+    shared = score(copies, PROMPTS[:1] * 3, None)
     assert shared.max() - shared.min() < 1e-6  # every row the same draws: up to batched float rounding
     with pytest.raises(common.UserError, match="cannot judge"):
         lrm.search_scorer(model, sd3)
