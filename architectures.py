@@ -298,11 +298,12 @@ REFINER_CLASSES = {(False, False): refiners.Refiner, (True, False): refiners.Fas
 
 def refiner_view(refiner, fast=None, fixed_length=None, **changes):
     """Another refiner over the same model and processor: fast decoding or not, answers of a fixed
-    length or not (None: as `refiner`), and its settings with `changes` (max_new_tokens, preview_size, ...)."""
+    length or not (None: as `refiner`), and its settings with `changes` (max_new_tokens, preview_size,
+    prefix_cache, ...)."""
     fast = isinstance(refiner, refiners.FastRefiner) if fast is None else fast
     fixed_length = isinstance(refiner, FixedLength) if fixed_length is None else fixed_length
     settings = dict(temperature=refiner.temperature, max_new_tokens=refiner.max_new_tokens, do_sample=refiner.do_sample,
-                    max_words=refiner.max_words, preview_size=refiner.preview_size)
+                    max_words=refiner.max_words, preview_size=refiner.preview_size, prefix_cache=refiner.prefix_cache)
     return REFINER_CLASSES[fast, fixed_length](refiner.model, refiner.processor, **{**settings, **changes})
 
 

@@ -27,7 +27,8 @@ Rows (each: what is compared, the median of >= 3 repeats after a warm-up, the ra
      24 GiB CPU machine next to the rest: the transformer still sees 77 + 256 text tokens)
   9  refined vs plain at the paper's cost (SD1.5 512 px, SDXL 1024 px + Qwen2.5-VL-3B) over batch x
      answer length x decode path (full size: GPU only)
-  10 the refiner's prefill per preview size and its time per generated token, plain loop vs fast path
+  10 the refiner's prefill per preview size and with / without the prefix cache, and its time per
+     generated token, plain loop vs fast path
   11 the peak memory of a GRPO rollout's refiner call: generate keeping every step's logits vs the lean loop
   12 one refinement part by part (preview decode, processor, prefill, decode, prompt re-encoding) next to
      one denoiser step, per batch: what each lever of the refined-sampling overhead could save
@@ -715,6 +716,8 @@ def row_refiner_decoding(cfg, device, dtype, tmp):
             variants[f"{mode} 1"] = functools.partial(views[mode].generate, inputs[sizes[0]], 1)
             variants[f"{mode} {1 + n}"] = functools.partial(views[mode].generate, inputs[sizes[0]], 1 + n)
         variants.update({f"prefill {size} px": functools.partial(views[modes[0]].generate, inputs[size], 1) for size in sizes[1:]})
+        uncached = architectures.refiner_view(views[modes[0]], prefix_cache=False)
+        variants["prefill, no prefix cache"] = functools.partial(uncached.generate, inputs[sizes[0]], 1)
         times = time_side_by_side(variants, cfg.repeats, cfg.warmup, device)
         times[f"prefill {sizes[0]} px"] = times[f"{modes[0]} 1"]  # the same call
         tokens = {size: f"{int((inputs[size]['input_ids'][0] == image_pad).sum())} vision of {inputs[size]['input_ids'].shape[1]} tokens"
@@ -725,6 +728,12 @@ def row_refiner_decoding(cfg, device, dtype, tmp):
             rows.append(ratio_row("10a", f"refiner prefill per call, batch {batch}: preview {sizes[0]} px vs {size} px",
                                   (f"{sizes[0]} px", base), (f"{size} px", cand), median_ratio(base, cand),
                                   "report", device, f"{common_notes}; {sizes[0]} px: {tokens[sizes[0]]}, {size} px: {tokens[size]}"))
+        shared = refiners.shared_prefix_length(refiners.padding_before_image(inputs[sizes[0]]))
+        rows.append(ratio_row("10c", f"refiner prefill per call, batch {batch}: no prefix cache vs prefix cache",
+                              ("no prefix cache", times["prefill, no prefix cache"]), ("prefix cache", times[f"prefill {sizes[0]} px"]),
+                              median_ratio(times["prefill, no prefix cache"], times[f"prefill {sizes[0]} px"]), "report", device,
+                              f"{common_notes}; preview {sizes[0]} px ({tokens[sizes[0]]}); {shared} shared text tokens before the "
+                              "image computed once at batch 1 (none at batch 1: nothing to share)"))
         per_token = {mode: [(long - short) / n for long, short in zip(times[f"{mode} {1 + n}"], times[f"{mode} 1"])] for mode in modes}
         if len(modes) == 2:
             rows.append(ratio_row("10b", f"refiner s per generated token, batch {batch}: default loop (dynamic cache) vs fast "

@@ -6,6 +6,8 @@ refiners.py: the refiner -- a multimodal LLM policy (Qwen2.5-VL) that rewrites t
     Refiner               batched generation with the vision tokens suppressed (a plain decode
                           loop on a DynamicCache), and the teacher-forced log-probs GRPO needs
                           (every input the generation got)
+    prefix caching        the text before the image (system message, chat template) is the same in
+                          every row: its keys and values are computed once per call, at batch 1
     FastRefiner           the same loop on a static KV cache with a compiled step, prompts padded
                           to a few shapes (--fast-decode; auto: on a GPU); load_refiner picks one
     adapters              PEFT LoRA on the language model, saved as a folder sample.py loads
@@ -131,10 +133,11 @@ class Refiner:
 
     VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>")
 
-    def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60, preview_size=None):
+    def __init__(self, model, processor, temperature=1.0, max_new_tokens=96, do_sample=True, max_words=60, preview_size=None,
+                 prefix_cache=True):
         self.model, self.processor = model, processor
         self.temperature, self.max_new_tokens, self.do_sample = temperature, max_new_tokens, do_sample
-        self.max_words, self.preview_size = max_words, preview_size
+        self.max_words, self.preview_size, self.prefix_cache = max_words, preview_size, prefix_cache
         tokenizer = processor.tokenizer
         tokenizer.padding_side = "left"  # batched generation continues every row at the same column
         self.suppressed = [i for i in tokenizer.convert_tokens_to_ids(list(self.VISION_TOKENS)) if i is not None and i != tokenizer.unk_token_id]
@@ -222,7 +225,7 @@ class Refiner:
             attention_mask=batch["attention_mask"])[0]  # (3, B, L): the multimodal rope positions
         columns = batch["attention_mask"].shape[1]
         # prefill (eager: its shapes change with the images), then one token per step
-        logits = self.model(**batch, position_ids=positions, past_key_values=cache, use_cache=True, logits_to_keep=1).logits[:, -1]
+        logits = self.prefill(batch, positions, cache)
         next_position = positions[..., -1:] + 1  # (3, B, 1): text continues after the last position
         eos = torch.tensor(self.eos_ids, device=logits.device)
         done = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
@@ -253,8 +256,42 @@ class Refiner:
         column per generated token)."""
         from transformers import DynamicCache
 
-        batch = {k: v.to(self.model.device) for k, v in inputs.items()}
+        batch = self._decoding_batch(inputs)
         return batch, DynamicCache(config=self.model.config), batch["attention_mask"]
+
+    def _decoding_batch(self, inputs):
+        """The inputs on the model's device; with prefix_cache, each row's left padding moved to just
+        before its image, so that the text every row shares fills the same first columns."""
+        inputs = padding_before_image(inputs) if self.prefix_cache else inputs
+        return {k: v.to(self.model.device) for k, v in inputs.items()}
+
+    def prefill(self, batch, positions, cache):
+        """The prompt into the empty `cache`: (B, V) logits at its last column. With prefix_cache, the
+        columns that every row shares come from _fill_prefix and only the rest runs at batch B.
+        The positions are explicit, sliced from those of the whole prompt: the model's own fallback
+        after a filled cache (arange + rope_deltas kept from an earlier call) would be stale."""
+        start = self._fill_prefix(batch, positions, cache) if self.prefix_cache else 0
+        rest = dict(batch, input_ids=batch["input_ids"][:, start:], mm_token_type_ids=batch["mm_token_type_ids"][:, start:])
+        return self.model(**rest, position_ids=positions[..., start:], past_key_values=cache, use_cache=True,
+                          logits_to_keep=1).logits[:, -1]
+
+    def _fill_prefix(self, batch, positions, cache):
+        """The keys and values of the columns every row shares, computed at batch 1 and written into
+        every row of the empty `cache` (cache.update: a StaticCache in place, so a compiled step keeps
+        its addresses). Returns how many columns the cache now holds. Computed again in every call:
+        kept across calls, it could outlive the weights (a fused AdamW step or a write through
+        .data updates a parameter without bumping its _version)."""
+        from transformers import DynamicCache
+
+        rows, length = batch["input_ids"].shape[0], shared_prefix_length(batch)
+        if length == 0:
+            return 0  # nothing to share
+        prefix = DynamicCache(config=self.model.config)
+        self.model(input_ids=batch["input_ids"][:1, :length], attention_mask=batch["attention_mask"][:1, :length],
+                   position_ids=positions[:, :1, :length], past_key_values=prefix, use_cache=True, logits_to_keep=1)
+        for i, layer in enumerate(prefix.layers):  # (1, heads, P, head_dim) -> (B, heads, P, head_dim)
+            cache.update(layer.keys.expand(rows, -1, -1, -1), layer.values.expand(rows, -1, -1, -1), i)
+        return length
 
     def _grow_mask(self, mask, column):
         """The mask once the token at `column` is in the cache: (B, column) -> (B, column + 1)."""
@@ -283,6 +320,36 @@ class Refiner:
         logits = self.model(**forward, use_cache=False, logits_to_keep=steps + 1).logits[:, :-1]  # (B, T, V)
         logprobs = torch.log_softmax(self._policy_logits(logits), -1)
         return logprobs.gather(-1, completion_ids.to(device).unsqueeze(-1)).squeeze(-1) * completion_mask.to(device)
+
+
+# -----------------------------------------------------------------------------
+# prefix caching: the chat template's text before the image is the same in every row, so its keys
+# and values are computed once, at batch 1; the padding moves out of its way
+
+
+def padding_before_image(inputs):
+    """Left-padded processor outputs with each row's padding moved to just before its image: every
+    row then starts with its text before the image in columns 0.., and ends where it did. A row
+    without an image keeps its padding on the left. Moves no position (the rope positions count
+    unmasked tokens only)."""
+    pads = (inputs["attention_mask"] == 0).sum(1, keepdim=True)  # (B, 1)
+    image = (inputs["mm_token_type_ids"] != 0).long().argmax(1, keepdim=True)  # (B, 1) first image column; 0: none
+    text = (image - pads).clamp(min=0)  # (B, 1) tokens before the image
+    columns = torch.arange(inputs["input_ids"].shape[1], device=pads.device)  # (L,)
+    # column c of the result takes c + pads (the text), c - text (the padding), or c (image and after)
+    source = torch.where(columns < text, columns + pads, torch.where(columns < text + pads, columns - text, columns))
+    return dict(inputs, **{k: inputs[k].gather(1, source) for k in ("input_ids", "attention_mask", "mm_token_type_ids")})
+
+
+def shared_prefix_length(batch):
+    """How many first columns every row holds the same text tokens in (no padding, no image), at
+    most all but the last column (the prefill must run at least one); 0 for a single row, which
+    shares nothing."""
+    ids = batch["input_ids"]
+    if len(ids) == 1:
+        return 0
+    shared = (ids == ids[:1]).all(0) & batch["attention_mask"].bool().all(0) & (batch["mm_token_type_ids"] == 0).all(0)  # (L,)
+    return min(int(shared.long().cumprod(0).sum()), ids.shape[1] - 1)
 
 
 # -----------------------------------------------------------------------------
@@ -320,8 +387,7 @@ class FastRefiner(Refiner):
         self._caches, self._compiled_step = {}, None  # {(rows, length): StaticCache}, the compiled decode_step
 
     def _start_decoding(self, inputs, max_new_tokens):
-        inputs = pad_to_bucket(inputs, self.pad_id)
-        batch = {k: v.to(self.model.device) for k, v in inputs.items()}
+        batch = self._decoding_batch(pad_to_bucket(inputs, self.pad_id))
         mask = batch["attention_mask"]
         cache = self._static_cache(mask.shape[0], mask.shape[1] + max_new_tokens)
         return batch, cache, torch.cat([mask, mask.new_zeros(mask.shape[0], max_new_tokens)], 1)

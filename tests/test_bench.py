@@ -18,7 +18,7 @@ import refiners
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c", "8", "9", "10a", "10b", "11", "12"}
+ROW_IDS = {"1a", "1b", "1c", "2a", "2b", "3a", "3b", "3c", "4", "5", "6a", "6b", "6c", "7a", "7b", "7c", "8", "9", "10a", "10b", "10c", "11", "12"}
 GPU_ROWS = {"3b", "3c", "6a", "6b", "6c"}
 OVERHEAD_ROWS = {"3a", "3b", "3c", "9"}  # refined vs plain: the ratio is refined / plain
 
@@ -98,6 +98,8 @@ def test_quick_run_writes_every_row(tmp_path):
         if name == "10b":  # a difference of two timings (1 + N vs 1 tokens): at tiny size it is noise and may be < 0
             assert all(abs(t) < 10 for side in ("baseline", "candidate") for t in row[side]["times_s"])
             continue
+        if name == "10c":  # --quick times batch 2: the rows share the chat template's text before the image
+            assert int(row["notes"].split(" shared text tokens")[0].rsplit(" ", 1)[1]) > 0, row["notes"]
         key = "median_s" if "median_s" in row["baseline"] else "peak_gib"
         base, cand = row["baseline"][key], row["candidate"][key]
         assert base > 0 and cand > 0, name
@@ -210,7 +212,8 @@ def test_decoding_rows_follow_their_flags(tmp_path):
     assert [row["candidate"]["label"] for row in grid] == ["3 tokens, fast off"] and "batch 1" in grid[0]["compared"]
     assert "3 tokens per answer" in grid[0]["notes"]  # the answers were forced to the length
     decoding = bench.row_refiner_decoding(cfg, cpu, torch.float32, str(tmp_path))
-    assert [row["row"] for row in decoding] == ["10a"]  # one decode path: no default-vs-fast row
+    assert [row["row"] for row in decoding] == ["10a", "10c"]  # one decode path: no default-vs-fast row
+    assert "; 0 shared text tokens" in decoding[1]["notes"]  # batch 1: nothing to share
     assert "56 px: 4 vision" in decoding[0]["notes"] and "28 px: 1 vision" in decoding[0]["notes"]
     memory = bench.row_rollout_memory(cfg, cpu, torch.float32, str(tmp_path))
     assert "2 rows x 5 tokens" in memory[0]["compared"] and "preview 28 px" in memory[0]["notes"]
