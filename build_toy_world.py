@@ -292,12 +292,13 @@ class ScriptedRefiner:
 
     Keeps the user's size and background, adds "large" when the size is free, and picks the
     shape colour with the most contrast -- overriding the user's colour, as a policy trained on
-    the aesthetic alone learns to: sees_preview=True against the background the preview shows
-    (and names it); sees_preview=False on average over the backgrounds it could meet (the best
-    a blind policy can do once the background is settled)."""
+    the aesthetic alone learns to (faithful=True: only where the user left the colour free, the
+    best a policy can do without hacking): sees_preview=True against the background the preview
+    shows (and names it); sees_preview=False on average over the backgrounds it could meet (the
+    best a blind policy can do once the background is settled)."""
 
-    def __init__(self, sees_preview):
-        self.sees_preview = sees_preview
+    def __init__(self, sees_preview, faithful=False):
+        self.sees_preview, self.faithful = sees_preview, faithful
 
     @staticmethod
     def best_shape_colour(backgrounds):
@@ -323,19 +324,23 @@ class ScriptedRefiner:
                 named["background"] = background
             else:
                 candidates = list(TOY_COLOURS)
-            named["colour"] = self.best_shape_colour(candidates)
+            if not (self.faithful and "colour" in named):
+                named["colour"] = self.best_shape_colour(candidates)
             named.setdefault("size", "large")
             prompts.append(toy_caption(**named))
         return refiners.RefinerOutput.from_prompts(prompts)
 
 
-def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2):
-    """Mean toy aesthetic of user prompts that leave the background free: plain, blind scripted
-    refiner, seeing scripted refiner (same initial noise for all three). Shows how much latent
-    feedback can be worth."""
+def preview_feedback_gain(backbone, n=48, seed=0, refine_steps=2, others=()):
+    """Mean toy aesthetic (and faithfulness) of user prompts that leave the background free: plain,
+    blind scripted refiner, seeing scripted refiner, the seeing one that keeps the user's colour,
+    then each (name, refiner) of `others` (same initial noise for all). Shows how much latent feedback can be worth, and how far a refiner is
+    from it."""
     prompts = toy.toy_prompts("test", n=n, seed=seed, kind="open")
     result = {}
-    for name, refiner in (("plain", None), ("blind", ScriptedRefiner(False)), ("seeing", ScriptedRefiner(True))):
+    arms = (("plain", None), ("blind", ScriptedRefiner(False)), ("seeing", ScriptedRefiner(True)),
+            ("oracle", ScriptedRefiner(True, faithful=True)), *others)
+    for name, refiner in arms:
         generator = torch.Generator().manual_seed(seed)
         sample = promptloop.refined_sample(backbone, prompts, refiner=refiner, refine_steps=refine_steps, generator=generator)
         result[name] = round(float(toy.toy_aesthetic(sample.images).mean()), 4)
@@ -597,10 +602,25 @@ def build_toy_pairs(config, out, log=print):
 # on the answer tokens of refiners.format_answer(target), where the target is a *random* valid
 # refinement of the user's prompt: all the user's attributes, plus some of the missing ones; an
 # added background is the one the preview shows (the refiner describes what it sees).
+# With describe_fraction > 0, that share of its states asks it instead to write the prompt of the
+# image it sees (background, shape, shape colour and size, read from the preview by
+# toy.toy_analyze), as an instruction-tuned MLLM can; perception_probe asks the same of held-out
+# previews. The committed refiner was built without it (describe_fraction = 0, the default): what
+# the option does to perception and to keeping the user's words is measured in docs/RESULTS.md.
 # So the supervised refiner writes well-formed prompts that keep the user's words, reads the
 # preview, and is uncommitted about what it adds; which additions raise the reward is GRPO's to learn.
 
 ANSWER_TAGS = ("<prompt>", "</prompt>")  # one token each: the format costs 2 tokens, not 17 bytes
+DESCRIBE_REQUEST = "Write the prompt of the image."  # words of the fixed text: the vocabulary stays as it was
+
+
+def describe_messages():
+    """The chat that asks the refiner what it sees: its system prompt, the image and DESCRIBE_REQUEST;
+    the answer is a prompt in the refiner's format (the perception probe's question)."""
+    return [
+        {"role": "system", "content": refiners.REFINER_SYSTEM},
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": DESCRIBE_REQUEST}]},
+    ]
 
 
 def refiner_vocabulary(prompts):
@@ -611,7 +631,7 @@ def refiner_vocabulary(prompts):
     import re
 
     template = refiners.refiner_messages("", "", 0, 0)[1]["content"][1]["text"]
-    texts = [refiners.REFINER_SYSTEM, template, *prompts]
+    texts = [refiners.REFINER_SYSTEM, template, DESCRIBE_REQUEST, *prompts]
     return sorted({word for text in texts for word in re.findall(r"[A-Za-z]+", text)})
 
 
@@ -667,9 +687,26 @@ def refinement_target(user_prompt, rng, p_add=0.5, seen_background=None, p_seen=
     return toy_caption(**attributes)
 
 
-def seen_backgrounds(previews):
-    """The background colour each preview (list of (3, h, w)) shows, None for a blank (grey) one."""
-    return [None if preview.std() < 1e-3 else toy.toy_analyze(preview[None])[0]["background"] for preview in previews]
+def seen_attributes(previews):
+    """What each preview (list of (3, h, w)) shows, read by toy.toy_analyze: a dict with its
+    background and, once a shape has emerged, its shape, colour and size; None for a blank (grey)
+    preview (refined_sample's blank_preview ablation), which shows nothing."""
+    seen = []
+    for preview in previews:
+        if preview.std() < 1e-3:
+            seen.append(None)
+            continue
+        found = toy.toy_analyze(preview[None])[0]
+        keys = ("background", "shape", "colour", "size") if found["shape"] is not None else ("background",)
+        seen.append({key: found[key] for key in keys})
+    return seen
+
+
+def describe_target(seen):
+    """The prompt of what a preview shows (a caption of the toy grammar), or None where it shows no shape."""
+    if seen is None or "shape" not in seen or seen["colour"] == seen["background"]:
+        return None
+    return toy_caption(**seen)
 
 
 class PreviewRecorder:
@@ -710,18 +747,24 @@ def refinement_state(preview, user_prompt, step, num_steps, rng):
 def sft_batch(processor, states, rng):
     """One SFT batch: states (preview, user prompt, current prompt, step, num_steps) rendered
     with the inference chat template, a fresh random target's answer appended (an added
-    background names the one the preview shows).
+    background names the one the preview shows). A state whose user prompt is None asks the
+    refiner to describe its preview (describe_messages); the answer is describe_target's prompt.
 
     Returns (inputs, labels): the processor's outputs for the whole sequences (right-padded)
     and labels (B, L) = the answer's tokens and its end token, -100 elsewhere (the loss is on
     the answer only)."""
     tokenizer = processor.tokenizer
     texts, answers = [], []
-    seen = seen_backgrounds([state[0] for state in states])
-    for (_, user, current, step, num_steps), background in zip(states, seen):
-        messages = refiners.refiner_messages(user, current, step, num_steps)
+    seen = seen_attributes([state[0] for state in states])
+    for (_, user, current, step, num_steps), shown in zip(states, seen):
+        if user is None:
+            messages, target = describe_messages(), describe_target(shown)
+            if target is None:
+                raise ValueError("a describe state needs a preview that shows a shape")
+        else:
+            messages = refiners.refiner_messages(user, current, step, num_steps)
+            target = refinement_target(user, rng, seen_background=shown and shown["background"])
         prompt = processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-        target = refinement_target(user, rng, seen_background=background)
         answers.append(refiners.format_answer(target) + tokenizer.eos_token)
         texts.append(prompt + answers[-1])
     images = [common.to_pil(state[0][None])[0] for state in states]  # sizes differ (blank previews)
@@ -777,14 +820,61 @@ def refiner_sampling_stats(refiner, previews, user_prompts, step, num_steps, sam
     )
 
 
+PERCEIVED = ("background", "colour", "size")  # what the perception probe scores
+
+
+@torch.no_grad()
+def perception_probe(refiner, previews):
+    """How well `refiner` reads its previews: asked to write the prompt of each (describe_messages,
+    at the refiner's own temperature), is the background, the shape's colour and its size it names
+    the one toy.toy_analyze reads from the preview? previews: (P, 3, h, w); only those that show a
+    shape count. Returns the rate of each attribute, of all three at once, of answers in the toy
+    grammar, and the number of previews scored."""
+    seen = seen_attributes(list(previews))
+    rows = [i for i, shown in enumerate(seen) if describe_target(shown) is not None]
+    if not rows:
+        raise ValueError("no preview shows a shape: nothing to probe")
+    inputs = refiners.chat_inputs(refiner.processor, [describe_messages()] * len(rows), previews[rows], refiner.preview_size)
+    completion, _, _ = refiner.generate(inputs)
+    answers = refiner.processor.tokenizer.batch_decode(completion, skip_special_tokens=True)
+    named = [toy.parse_toy_prompt(refiners.parse_answer(answer) or "") for answer in answers]
+    correct = {key: [said.get(key) == seen[row][key] for row, said in zip(rows, named)] for key in PERCEIVED}
+    rates = {key: sum(hits) / len(rows) for key, hits in correct.items()}
+    rates["all"] = sum(all(hits) for hits in zip(*correct.values())) / len(rows)
+    rates["grammatical"] = sum(in_toy_grammar(refiners.parse_answer(a) or "") for a in answers) / len(rows)
+    return dict(rates, previews=len(rows))
+
+
+@torch.no_grad()
+def sampling_keep_rate(refiner, backbone, prompts, refine_steps=5, seed=0, batch_size=16):
+    """Refined sampling as a user runs it (K refinements, each from the last one's prompt): the
+    fraction of the refiner's rewrites that keep every attribute the user named (an unusable
+    answer keeps the current prompt and is not counted as a rewrite), and how many were made."""
+    kept = made = 0
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start:start + batch_size]
+        sample = promptloop.refined_sample(backbone, chunk, refiner, refine_steps,
+                                           generator=torch.Generator().manual_seed(seed + start))
+        for rewritten, out in zip(sample.prompts[1:], sample.refiner_outputs):
+            for user, prompt, fallback in zip(chunk, rewritten, out.fallback.tolist()):
+                if not fallback:
+                    made += 1
+                    kept += keeps_user_attributes(user, prompt)
+    return dict(keep_attributes_rate=kept / max(1, made), rewrites=made)
+
+
 def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr=3e-3, hidden=128, layers=2,
-                      heads=8, eval_prompts=24):
-    """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format; save it (model,
-    processor, chat template) to `out/toy-refiner`, then measure it sampled at temperature 1.
+                      heads=8, eval_prompts=24, describe_fraction=0.0, preview_prompts=16, vision_hidden=32, vision_depth=1,
+                      describe_images=0):
+    """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format (and, in a
+    `describe_fraction` of its states, on writing the prompt of the preview it sees); save it
+    (model, processor, chat template) to `out/toy-refiner`, then measure it sampled at temperature 1.
 
     config: the ToyConfig (its `seed`); out: the toy world folder, whose toy backbones
-    (`toy-sd15`, `toy-sdxl`, built first) provide the x0_hat previews. ~2-5 minutes on 2 CPU
-    cores. Returns the metrics (parse / keep rates, distinct prompts, final loss)."""
+    (`toy-sd15`, `toy-sdxl`, built first) provide the x0_hat previews. ~5-10 minutes on 2 CPU
+    cores. Returns the metrics: parse / keep rates of one refinement and of refined sampling,
+    distinct prompts, the perception probe, the base refiner's reward beside the scripted
+    refiners', final loss."""
     import random
 
     seed = config.seed
@@ -800,15 +890,21 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
     previews = []
     for folder in backbone_dirs:
         backbone = common.load_backbone(str(folder))
-        prompts = rng.sample(train_prompts, 16)
+        prompts = rng.sample(train_prompts, preview_prompts)
         previews += record_previews(backbone, prompts, 5, seed) + record_previews(backbone, prompts, 2, seed + 1)
     num_steps = previews[0][2]
+    describable = [state for state, shown in zip(previews, seen_attributes([p[0] for p in previews]))
+                   if describe_target(shown) is not None]
+    # and clean images of the toy data set, as an MLLM has seen captioned images before it refines
+    images = toy.toy_dataset(describe_images, seed=seed + 5, image_size=config.image_size)[0] if describe_images else []
+    describable += [(image, None, None) for image in images]
     previews += [(torch.full((3, 64, 64), 0.5), step, num_steps) for step in range(1, num_steps, 2)]
     log(f"refiner: {len(previews)} previews from {', '.join(f.name for f in backbone_dirs)} in {time.time() - start:.0f}s")
 
     processor = toy_refiner_processor()
     # 8 heads of 16 dims learn to copy the user's words from the state sooner than 4 of 32
-    model = toy.tiny_qwen_model(processor, hidden=hidden, layers=layers, heads=heads, seed=seed)
+    model = toy.tiny_qwen_model(processor, hidden=hidden, layers=layers, heads=heads, vision_hidden=vision_hidden,
+                                vision_depth=vision_depth, seed=seed)
     params = sum(p.numel() for p in model.parameters())
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, lr, total_steps=train_steps, pct_start=0.1)
@@ -819,6 +915,9 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
         # background (what else the image is good for is GRPO's to learn)
         states = []
         for _ in range(batch_size):
+            if describe_fraction and rng.random() < describe_fraction:  # (no draw when off: the old stream)
+                states.append((describable[rng.randrange(len(describable))][0], None, None, None, None))
+                continue
             preview, preview_step, preview_num_steps = previews[rng.randrange(len(previews))]
             states.append(refinement_state(preview, rng.choice(train_prompts), preview_step, preview_num_steps, rng))
         inputs, labels = sft_batch(processor, states, rng)
@@ -845,6 +944,11 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
     test_states = record_previews(backbone, test_prompts, 1, seed + 2)  # one refinement: one preview per prompt
     test_previews = torch.stack([state[0] for state in test_states])
     stats = refiner_sampling_stats(refiner, test_previews, test_prompts, test_states[0][1], test_states[0][2])
+    # what it sees: previews of held-out prompts at every refinement step of K = 5
+    probe_previews = torch.stack([state[0] for state in record_previews(backbone, test_prompts, 5, seed + 3)])
+    probe = perception_probe(refiner, probe_previews)
+    keep = sampling_keep_rate(refiner, backbone, toy.toy_prompts("test", n=64, seed=seed + 4), seed=seed + 4)
+    reward = preview_feedback_gain(backbone, config.eval_samples, seed=config.seed + 8, others=[("base", refiner)])
     size_mb = sum(f.stat().st_size for f in folder.iterdir()) / 2**20
     log(f"refiner: {params / 1e6:.2f}M parameters, {size_mb:.1f} MB, trained in {train_seconds:.0f}s | "
         f"held-out prompts x {stats['samples']} samples at temperature 1: parseable {stats['parse_rate']:.1%}, "
@@ -852,7 +956,14 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
         f"in the grammar {stats['grammatical_rate']:.1%}, "
         f"distinct prompts per user prompt {stats['distinct']:.2f} (partial prompts {stats['distinct_partial']:.2f}; "
         f"SFT targets {stats['distinct_targets']:.2f})")
-    return dict(stats, parameters=params, size_mb=round(size_mb, 2), train_steps=train_steps,
+    log(f"refiner: refined sampling (K = 5, {keep['rewrites']} rewrites) keeps the user's attributes in "
+        f"{keep['keep_attributes_rate']:.1%} | perception probe on {probe['previews']} held-out previews: background "
+        f"{probe['background']:.1%}, shape colour {probe['colour']:.1%}, size {probe['size']:.1%}, all three {probe['all']:.1%}")
+    log(f"refiner: toy aesthetic / faithfulness, prompts that leave the background free (K = 2) | plain "
+        f"{reward['plain']:.3f} / {reward['plain_faithful']:.3f} | base refiner {reward['base']:.3f} / {reward['base_faithful']:.3f} "
+        f"| seeing scripted refiner {reward['seeing']:.3f} / {reward['seeing_faithful']:.3f} "
+        f"(keeping the user's colour {reward['oracle']:.3f} / {reward['oracle_faithful']:.3f})")
+    return dict(stats, sampling=keep, perception=probe, reward=reward, parameters=params, size_mb=round(size_mb, 2), train_steps=train_steps,
                 final_loss=round(sum(losses[-50:]) / len(losses[-50:]), 4), train_seconds=round(train_seconds, 1))
 
 

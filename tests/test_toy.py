@@ -176,6 +176,9 @@ def test_scripted_refiners_keep_the_user_attributes():
     assert seeing == ["a large black circle on a white background", "a large white triangle on a black background"]
     # blind: the best colour on average over the backgrounds it could meet, the same for both previews
     assert blind == ["a large white circle", "a large white triangle"]
+    # the faithful oracle sees as well but keeps the colour the user named
+    faithful = build_toy_world.ScriptedRefiner(True, faithful=True).refine(previews, users, users, 1, 4).prompts
+    assert faithful == ["a large black circle on a white background", "a large red triangle on a black background"]
     users = ["a small red triangle on a white background"]  # a named background is known to both
     assert build_toy_world.ScriptedRefiner(False).refine(previews[:1], users, users, 1, 4).prompts == [
         "a small black triangle on a white background"]

@@ -68,6 +68,77 @@ def test_sft_batch_supervises_exactly_the_answer():
     assert inputs["attention_mask"].sum(1).max() < 200
 
 
+def test_seen_attributes_and_the_describe_target_read_the_preview():
+    image = toy.draw_toy_image("triangle", "red", "large", "blue")
+    shown = build_toy_world.seen_attributes([image, toy.draw_toy_image("circle", "white", "small", "black"),
+                                             torch.full((3, 32, 32), 0.5)])
+    assert shown[0] == dict(background="blue", shape="triangle", colour="red", size="large")
+    assert build_toy_world.describe_target(shown[0]) == "a large red triangle on a blue background"
+    assert build_toy_world.describe_target(shown[1]) == "a small white circle on a black background"
+    assert shown[2] is None and build_toy_world.describe_target(None) is None  # a blank preview shows nothing
+    # a preview without a shape yet shows its background only: nothing to describe
+    empty = build_toy_world.seen_attributes([torch.tensor(toy.TOY_COLOURS["green"]).view(3, 1, 1).expand(3, 32, 32)])[0]
+    assert empty == dict(background="green") and build_toy_world.describe_target(empty) is None
+
+
+def test_sft_batch_teaches_describing_the_preview():
+    processor = build_toy_world.toy_refiner_processor()
+    image = toy.draw_toy_image("square", "yellow", "small", "black")
+    inputs, labels = build_toy_world.sft_batch(processor, [(image, None, None, None, None)], random.Random(0))
+    answer = processor.tokenizer.decode(labels[0][labels[0] != -100], skip_special_tokens=True)
+    assert refiners.parse_answer(answer) == "a small yellow square on a black background"
+    assert build_toy_world.DESCRIBE_REQUEST in processor.tokenizer.decode(inputs["input_ids"][0])
+    with pytest.raises(ValueError, match="shows a shape"):  # a blank preview cannot be described
+        build_toy_world.sft_batch(processor, [(torch.full((3, 32, 32), 0.5), None, None, None, None)], random.Random(0))
+
+
+class ScriptedDescriber:
+    """A stand-in refiner for the probe: answers `answers` in order, through the real processor."""
+
+    def __init__(self, answers):
+        self.processor, self.preview_size, self.answers = build_toy_world.toy_refiner_processor(), None, answers
+
+    def generate(self, inputs):
+        assert inputs["input_ids"].shape[0] == len(self.answers)
+        ids = self.processor.tokenizer([refiners.format_answer(a) for a in self.answers], padding=True, return_tensors="pt")
+        return ids["input_ids"], None, None
+
+
+def test_perception_probe_scores_each_attribute_against_the_preview():
+    previews = torch.stack([toy.draw_toy_image("circle", "red", "large", "blue"),
+                            toy.draw_toy_image("square", "white", "small", "black"),
+                            torch.full((3, 32, 32), 0.5)])  # blank: not scored
+    right = ["a large red circle on a blue background", "a small white square on a black background"]
+    assert build_toy_world.perception_probe(ScriptedDescriber(right), previews) == dict(
+        background=1.0, colour=1.0, size=1.0, all=1.0, grammatical=1.0, previews=2)
+    wrong = ["a large red circle on a green background", "a large black square on a white background"]
+    probe = build_toy_world.perception_probe(ScriptedDescriber(wrong), previews)
+    assert probe["background"] == 0.0 and probe["colour"] == 0.5 and probe["size"] == 0.5 and probe["all"] == 0.0
+    probe = build_toy_world.perception_probe(ScriptedDescriber(["a circle", "no idea"]), previews)
+    assert probe["all"] == 0.0 and probe["grammatical"] == 0.5
+
+
+class OneAnswer:
+    """A stand-in refiner that rewrites every prompt to `answer` (None: an unusable answer)."""
+
+    def __init__(self, answer):
+        self.answer = answer
+
+    def refine(self, previews, user_prompts, current_prompts, step, num_steps):
+        if self.answer is None:
+            return refiners.RefinerOutput(list(current_prompts), ["?"] * len(current_prompts),
+                                          torch.ones(len(current_prompts), dtype=torch.bool))
+        return refiners.RefinerOutput.from_prompts([self.answer] * len(user_prompts))
+
+
+def test_sampling_keep_rate_counts_every_rewrite_against_the_user():
+    backbone = common.load_backbone("toy")
+    prompts = ["a circle", "a red circle", "a small circle", "a blue square"]
+    rate = build_toy_world.sampling_keep_rate(OneAnswer("a large red circle"), backbone, prompts, refine_steps=2)
+    assert rate == dict(keep_attributes_rate=0.5, rewrites=8)  # 2 of 4 users keep their attributes, at both refinements
+    assert build_toy_world.sampling_keep_rate(OneAnswer(None), backbone, prompts, refine_steps=2)["rewrites"] == 0
+
+
 def test_answer_loss_falls_when_fitting_one_batch():
     processor = build_toy_world.toy_refiner_processor()
     model = toy.tiny_qwen_model(processor, hidden=32, layers=1).train()
