@@ -714,21 +714,24 @@ class PreviewRecorder:
     step, num_steps) at every refinement of every sample."""
 
     def __init__(self):
-        self.states = []
+        self.states, self.users = [], []  # users[i]: the user prompt whose sampling showed states[i]
 
     def refine(self, previews, user_prompts, current_prompts, step, num_steps):
         self.states += [(preview, step, num_steps) for preview in previews]
+        self.users += list(user_prompts)
         return refiners.RefinerOutput.from_prompts(current_prompts)
 
 
-def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16):
+def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16, users=None):
     """x0_hat previews of `backbone` sampling `prompts` (its default steps, VAE previews), as
     promptloop.refined_sample shows them to a refiner: list of (preview, step, num_steps), grouped
-    by batch, then refinement, then prompt."""
+    by batch, then refinement, then prompt. `users` (a list), if given, gets each one's prompt."""
     recorder = PreviewRecorder()
     for start in range(0, len(prompts), batch_size):
         generator = torch.Generator().manual_seed(seed + start)
         promptloop.refined_sample(backbone, prompts[start:start + batch_size], recorder, refine_steps, generator=generator)
+    if users is not None:
+        users += recorder.users
     return recorder.states
 
 
@@ -865,7 +868,7 @@ def sampling_keep_rate(refiner, backbone, prompts, refine_steps=5, seed=0, batch
 
 def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr=3e-3, hidden=128, layers=2,
                       heads=8, eval_prompts=24, describe_fraction=0.0, preview_prompts=16, vision_hidden=32, vision_depth=1,
-                      describe_images=0):
+                      describe_images=0, matched_fraction=0.0):
     """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format (and, in a
     `describe_fraction` of its states, on writing the prompt of the preview it sees); save it
     (model, processor, chat template) to `out/toy-refiner`, then measure it sampled at temperature 1.
@@ -888,10 +891,11 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
     # grey ones (refined_sample's blank_preview ablation)
     start = time.time()
     previews = []
+    owners = []  # the user prompt each preview was sampled from
     for folder in backbone_dirs:
         backbone = common.load_backbone(str(folder))
         prompts = rng.sample(train_prompts, preview_prompts)
-        previews += record_previews(backbone, prompts, 5, seed) + record_previews(backbone, prompts, 2, seed + 1)
+        previews += record_previews(backbone, prompts, 5, seed, users=owners) + record_previews(backbone, prompts, 2, seed + 1, users=owners)
     num_steps = previews[0][2]
     describable = [state for state, shown in zip(previews, seen_attributes([p[0] for p in previews]))
                    if describe_target(shown) is not None]
@@ -917,6 +921,13 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
         for _ in range(batch_size):
             if describe_fraction and rng.random() < describe_fraction:  # (no draw when off: the old stream)
                 states.append((describable[rng.randrange(len(describable))][0], None, None, None, None))
+                continue
+            if matched_fraction and rng.random() < matched_fraction:
+                # the preview of the user's own prompt, as at inference: where the backbone drew
+                # something else than the user asked, the answer still keeps the user's words
+                i = rng.randrange(len(owners))
+                preview, preview_step, preview_num_steps = previews[i]
+                states.append(refinement_state(preview, owners[i], preview_step, preview_num_steps, rng))
                 continue
             preview, preview_step, preview_num_steps = previews[rng.randrange(len(previews))]
             states.append(refinement_state(preview, rng.choice(train_prompts), preview_step, preview_num_steps, rng))

@@ -92,6 +92,14 @@ def test_sft_batch_teaches_describing_the_preview():
         build_toy_world.sft_batch(processor, [(torch.full((3, 32, 32), 0.5), None, None, None, None)], random.Random(0))
 
 
+def test_record_previews_names_the_prompt_each_preview_came_from():
+    users = []
+    prompts = ["a red circle", "a blue square", "a triangle"]
+    states = build_toy_world.record_previews(common.load_backbone("toy"), prompts, 2, seed=0, batch_size=2, users=users)
+    assert len(states) == len(users) == 6
+    assert users == ["a red circle", "a blue square"] * 2 + ["a triangle"] * 2  # batch, then refinement, then prompt
+
+
 class ScriptedDescriber:
     """A stand-in refiner for the probe: answers `answers` in order, through the real processor."""
 
