@@ -38,7 +38,7 @@ import promptloop
 import refiners
 import runs
 import toy
-from toy import TOY_COLOURS, TOY_SIZES, TOY_WORDS, toy_caption
+from toy import TOY_COLOURS, TOY_SHAPES, TOY_SIZES, TOY_WORDS, toy_caption
 
 
 @dataclass
@@ -735,11 +735,31 @@ def record_previews(backbone, prompts, refine_steps, seed=0, batch_size=16, user
     return recorder.states
 
 
-def refinement_state(preview, user_prompt, step, num_steps, rng):
+def drifted(prompt, user_prompt, rng):
+    """`prompt` (a refinement of `user_prompt`) with one of the user's attributes changed to
+    another value or left out, as an earlier sampled refinement can go wrong; the shape is
+    always named (a prompt of the grammar needs one)."""
+    attributes = toy.parse_toy_prompt(prompt)
+    key = rng.choice(sorted(toy.parse_toy_prompt(user_prompt)))
+    if key != "shape" and rng.random() < 0.5:
+        del attributes[key]
+    else:  # another value (a colour neither the shape's nor the background's: the grammar never paints both alike)
+        values = {"shape": TOY_SHAPES, "size": TOY_SIZES}.get(key, TOY_COLOURS)
+        attributes[key] = rng.choice([v for v in values if v not in (attributes[key], attributes.get("colour"), attributes.get("background"))])
+    return toy_caption(**attributes)
+
+
+def refinement_state(preview, user_prompt, step, num_steps, rng, drift=0.0):
     """One training state as met at inference. The current prompt is the user's (first
     refinement) or an earlier refinement; half the time (step, num_steps) are rescaled to
-    another number of sampling steps, so the state text also covers e.g. 4-step or 50-step runs."""
+    another number of sampling steps, so the state text also covers e.g. 4-step or 50-step runs.
+
+    drift: the share of earlier refinements that went against the user (`drifted`); the answer
+    is still drawn from the user's prompt, so the refiner learns to restore what the user asked
+    for instead of copying the prompt in use."""
     current = user_prompt if rng.random() < 0.5 else refinement_target(user_prompt, rng)
+    if drift and current != user_prompt and rng.random() < drift:  # (no draw when off: the old stream)
+        current = drifted(current, user_prompt, rng)
     if rng.random() < 0.5:
         new_num_steps = rng.choice([4, 8, 30, 50])
         step = min(new_num_steps - 1, max(1, round(step * new_num_steps / num_steps)))
@@ -868,10 +888,13 @@ def sampling_keep_rate(refiner, backbone, prompts, refine_steps=5, seed=0, batch
 
 def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr=3e-3, hidden=128, layers=2,
                       heads=8, eval_prompts=24, describe_fraction=0.0, preview_prompts=16, vision_hidden=32, vision_depth=1,
-                      describe_images=0, matched_fraction=0.0):
+                      describe_images=0, matched_fraction=0.0, drift=0.0, describe_warmup=0):
     """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format (and, in a
-    `describe_fraction` of its states, on writing the prompt of the preview it sees); save it
-    (model, processor, chat template) to `out/toy-refiner`, then measure it sampled at temperature 1.
+    `describe_fraction` of its states and in all of the first `describe_warmup` steps, on writing
+    the prompt of the preview it sees); save it (model, processor, chat template) to
+    `out/toy-refiner`, then measure it sampled at temperature 1. In refinement states, a
+    `matched_fraction` shows the preview of the user's own prompt, and a `drift` share of the
+    earlier refinements went against the user (refinement_state).
 
     config: the ToyConfig (its `seed`); out: the toy world folder, whose toy backbones
     (`toy-sd15`, `toy-sdxl`, built first) provide the x0_hat previews. ~5-10 minutes on 2 CPU
@@ -919,7 +942,7 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
         # background (what else the image is good for is GRPO's to learn)
         states = []
         for _ in range(batch_size):
-            if describe_fraction and rng.random() < describe_fraction:  # (no draw when off: the old stream)
+            if step <= describe_warmup or (describe_fraction and rng.random() < describe_fraction):  # (no draw when off: the old stream)
                 states.append((describable[rng.randrange(len(describable))][0], None, None, None, None))
                 continue
             if matched_fraction and rng.random() < matched_fraction:
@@ -927,10 +950,10 @@ def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr
                 # something else than the user asked, the answer still keeps the user's words
                 i = rng.randrange(len(owners))
                 preview, preview_step, preview_num_steps = previews[i]
-                states.append(refinement_state(preview, owners[i], preview_step, preview_num_steps, rng))
+                states.append(refinement_state(preview, owners[i], preview_step, preview_num_steps, rng, drift))
                 continue
             preview, preview_step, preview_num_steps = previews[rng.randrange(len(previews))]
-            states.append(refinement_state(preview, rng.choice(train_prompts), preview_step, preview_num_steps, rng))
+            states.append(refinement_state(preview, rng.choice(train_prompts), preview_step, preview_num_steps, rng, drift))
         inputs, labels = sft_batch(processor, states, rng)
         loss = answer_loss(model, inputs, labels)
         optimizer.zero_grad(set_to_none=True)

@@ -36,6 +36,27 @@ def test_refinement_targets_keep_the_user_and_are_diverse():
     assert build_toy_world.refinement_target("a dog", rng) == "a dog"  # not a toy prompt: kept as is
 
 
+def test_drifted_prompts_go_against_the_user_once_and_drift_states_still_answer_for_the_user():
+    rng = random.Random(0)
+    for user in toy.toy_prompts("train")[:120]:
+        for _ in range(3):
+            current = build_toy_world.refinement_target(user, rng)
+            drifted = build_toy_world.drifted(current, user, rng)
+            assert build_toy_world.in_toy_grammar(drifted) and not build_toy_world.keeps_user_attributes(user, drifted)
+            before, after = toy.parse_toy_prompt(current), toy.parse_toy_prompt(drifted)
+            assert sum(before.get(key) != after.get(key) for key in before) == 1, (current, drifted)
+            assert after.get("colour") is None or after.get("colour") != after.get("background")
+    # with drift = 1 every earlier refinement in a state went against the user; the answer is the user's
+    states = [build_toy_world.refinement_state(None, "a red circle", 5, 20, rng, drift=1.0) for _ in range(200)]
+    later = [current for _, _, current, _, _ in states if current != "a red circle"]
+    assert len(later) > 60 and not any(build_toy_world.keeps_user_attributes("a red circle", c) for c in later)
+    processor = build_toy_world.toy_refiner_processor()
+    preview = torch.rand(3, 56, 56)
+    inputs, labels = build_toy_world.sft_batch(processor, [(preview, "a red circle", later[0], 5, 20)], rng)
+    answer = processor.tokenizer.decode(labels[0][labels[0] >= 0], skip_special_tokens=True)
+    assert build_toy_world.keeps_user_attributes("a red circle", refiners.parse_answer(answer))
+
+
 def test_keep_checks():
     assert build_toy_world.keeps_user_words("a red circle", "a large red circle on a blue background")
     assert not build_toy_world.keeps_user_words("a red circle", "a large blue circle")
