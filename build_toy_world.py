@@ -55,7 +55,7 @@ class ToyConfig:
     dataset_size: int = field(default=4000, metadata={"help": "procedural images the backbones are trained on"})
     vae_steps: int = field(default=600, metadata={"help": "VAE training steps (one VAE, shared by both backbones)"})
     unet_steps: int = field(default=3000, metadata={"help": "UNet + text encoder training steps per backbone"})
-    refiner_steps: int = field(default=900, metadata={"help": "supervised training steps of the toy refiner"})
+    refiner_steps: int = field(default=1800, metadata={"help": "supervised training steps of the toy refiner"})
     batch_size: int = field(default=32, metadata={"help": "training batch size"})
     lr: float = field(default=1.5e-3, metadata={"help": "peak learning rate (one-cycle schedule)"})
     caption_dropout: float = field(default=0.1, metadata={"help": "caption dropout, so that CFG works"})
@@ -605,8 +605,10 @@ def build_toy_pairs(config, out, log=print):
 # With describe_fraction > 0, that share of its states asks it instead to write the prompt of the
 # image it sees (background, shape, shape colour and size, read from the preview by
 # toy.toy_analyze), as an instruction-tuned MLLM can; perception_probe asks the same of held-out
-# previews. The committed refiner was built without it (describe_fraction = 0, the default): what
-# the option does to perception and to keeping the user's words is measured in docs/RESULTS.md.
+# previews; and a share of the earlier refinements in its states went against the user (drift),
+# so it learns to restore the user's words rather than copy the prompt in use. The committed
+# refiner is built with the defaults (30 % describe states, drift 0.5, 1800 steps); what each
+# option does to perception and to keeping the user's words is measured in docs/RESULTS.md.
 # So the supervised refiner writes well-formed prompts that keep the user's words, reads the
 # preview, and is uncommitted about what it adds; which additions raise the reward is GRPO's to learn.
 
@@ -887,8 +889,8 @@ def sampling_keep_rate(refiner, backbone, prompts, refine_steps=5, seed=0, batch
 
 
 def build_toy_refiner(config, out, log=print, train_steps=450, batch_size=32, lr=3e-3, hidden=128, layers=2,
-                      heads=8, eval_prompts=24, describe_fraction=0.0, preview_prompts=16, vision_hidden=32, vision_depth=1,
-                      describe_images=0, matched_fraction=0.0, drift=0.0, describe_warmup=0):
+                      heads=8, eval_prompts=24, describe_fraction=0.3, preview_prompts=96, vision_hidden=32, vision_depth=1,
+                      describe_images=1500, matched_fraction=0.0, drift=0.5, describe_warmup=0):
     """Build the toy refiner: SFT of a tiny Qwen2.5-VL on the refinement format (and, in a
     `describe_fraction` of its states and in all of the first `describe_warmup` steps, on writing
     the prompt of the preview it sees); save it (model, processor, chat template) to
