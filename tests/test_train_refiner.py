@@ -19,6 +19,7 @@ import torch
 from conftest import WORDS
 from safetensors.torch import load_file
 
+import build_toy_world
 import common
 import lrm
 import promptloop
@@ -373,6 +374,22 @@ def test_committed_toy_adapters_load_and_refine(name):
     previews, users = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)), ["a triangle", "a red square", "a circle", "a square"]
     answers = [r.refine(previews, users, users, 3, 20).prompts for r in (tuned, base)]
     assert answers[0] != answers[1]
+
+
+@pytest.mark.slow
+def test_committed_toy_adapters_keep_or_hack_the_users_words():
+    """The headline adapter (aesthetic + faithfulness) keeps every attribute the user named in most
+    of its sampled rewrites; the aesthetic-only one, the documented reward-hacking example, rewrites
+    them in most (docs/RESULTS.md, "How the recipe was found"; the base toy refiner keeps 99 %)."""
+    backbone, prompts = common.load_backbone("toy"), toy.toy_prompts("test", n=64, seed=10, kind="open")
+    rates = {}
+    for name in ("grpo-toy-composite", "grpo-toy-aesthetic"):
+        torch.manual_seed(0)
+        keep = build_toy_world.sampling_keep_rate(refiners.load_refiner(str(common.TOY_DIR / "adapters" / name)), backbone, prompts, seed=10)
+        assert keep["rewrites"] >= 300, keep
+        rates[name] = keep["keep_attributes_rate"]
+    # measured 0.878 and 0.331 (320 rewrites each, one thread)
+    assert rates["grpo-toy-composite"] >= 0.8 and rates["grpo-toy-aesthetic"] <= 0.5, rates
 
 
 def test_base_model_name_is_portable(tmp_path):
